@@ -1,0 +1,322 @@
+"""The action-unit graph of Eq. 6-8: candidate edges once, cheap selection per setting.
+
+Three edge rules join unit i (the one that aggregates) to a neighbour j != i:
+
+- **contextual**: ``tIoU(i, j) > theta_ctx`` (Eq. 4, 7);
+- **surrounding**: among the units disjoint from i (tIoU = 0; touching counts as disjoint) with
+  ``d(i, j) < theta_sur`` (Eq. 5), the ``k_sur`` nearest by d (``k_sur=None``: all of them).
+  The paper states only the threshold; since d lies in [0.5, 1) for every disjoint pair, its
+  theta_sur = 1 admits every disjoint unit, and the authors' code keeps the 2 nearest;
+- **semantic**: the ``l_sem`` units most cosine-similar to i among those disjoint from it
+  (``semantic_rule="disjoint-top"``, the authors' code), or, reading Eq. 6 literally, the
+  ``l_sem`` most similar of all units, kept if disjoint (``"knn-then-disjoint"``).
+
+Edges are directed and unique per (i, j); ``edge_type`` is a bit mask since one edge may satisfy
+several rules. ``weight`` is A_ij of Eq. 8: cosine similarity of the two units' features,
+clamped at 0 so that aggregation never subtracts a neighbour. Rankings break ties by the lower
+neighbour index, so graphs are deterministic.
+
+Preprocessing computes :func:`candidate_edges` once per video under loose
+:class:`CandidateCaps`; a grid over theta_ctx / theta_sur / k_sur / l_sem / edge types then
+calls :func:`select_edges`, which is a few masks over the candidates. :func:`build_graph` is
+exactly ``select_edges(candidate_edges(..., CandidateCaps.for_spec(spec)), spec)``. Pairwise
+work is done in row blocks (:func:`gcm_core.units.row_blocks`), never as one N x N allocation.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from gcm_core.units import DEFAULT_BLOCK_ELEMENTS, as_intervals, pairwise_geometry, row_blocks
+
+EDGE_TYPES: tuple[str, ...] = ("contextual", "surrounding", "semantic")
+#: Bit of each edge type in ``Graph.edge_type``.
+EDGE_BIT: dict[str, int] = {name: 1 << k for k, name in enumerate(EDGE_TYPES)}
+SemanticRule = Literal["disjoint-top", "knn-then-disjoint"]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The graph settings a run (or one trial of an ablation grid) uses; defaults are the paper's."""
+
+    theta_ctx: float = 0.7
+    theta_sur: float = 1.0
+    k_sur: int | None = 2
+    l_sem: int = 2
+    edge_types: tuple[str, ...] = EDGE_TYPES
+    semantic_rule: SemanticRule = "disjoint-top"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "edge_types", tuple(self.edge_types))
+        unknown = set(self.edge_types) - set(EDGE_TYPES)
+        if unknown:
+            raise ValueError(f"unknown edge types {sorted(unknown)}; choose from {EDGE_TYPES}")
+        if self.semantic_rule not in ("disjoint-top", "knn-then-disjoint"):
+            raise ValueError(f"unknown semantic_rule {self.semantic_rule!r}")
+        if (self.k_sur is not None and self.k_sur < 0) or self.l_sem < 0:
+            raise ValueError("k_sur and l_sem must be >= 0")
+
+
+@dataclass(frozen=True)
+class CandidateCaps:
+    """How loose the candidate set is: every GraphSpec within these caps can be selected from it.
+
+    ``min_ctx_tiou``: contextual candidates have tIoU > this; ``sur_k`` / ``sur_max_dist``: the
+    ``sur_k`` nearest disjoint units (None: all) with d < ``sur_max_dist``; ``sem_k``: the most
+    similar disjoint units; ``knn_k``: the most similar units overall (literal Eq. 6).
+    """
+
+    min_ctx_tiou: float = 0.5
+    sur_k: int | None = 8
+    sur_max_dist: float = 1.0
+    sem_k: int = 8
+    knn_k: int = 8
+
+    @classmethod
+    def for_spec(cls, spec: GraphSpec) -> "CandidateCaps":
+        """The tightest caps from which ``spec`` can be selected."""
+        literal = spec.semantic_rule == "knn-then-disjoint"
+        semantic = "semantic" in spec.edge_types
+        surrounding = "surrounding" in spec.edge_types
+        return cls(
+            min_ctx_tiou=spec.theta_ctx if "contextual" in spec.edge_types else 1.0,
+            sur_k=spec.k_sur if surrounding else 0,
+            sur_max_dist=spec.theta_sur if surrounding else 0.0,
+            sem_k=spec.l_sem if semantic and not literal else 0,
+            knn_k=spec.l_sem if semantic and literal else 0,
+        )
+
+    def check_covers(self, spec: GraphSpec) -> None:
+        """Raise ValueError if ``spec`` needs candidates these caps did not keep."""
+        problems = []
+        if "contextual" in spec.edge_types and spec.theta_ctx < self.min_ctx_tiou:
+            problems.append(f"theta_ctx={spec.theta_ctx} < min_ctx_tiou={self.min_ctx_tiou}")
+        if "surrounding" in spec.edge_types:
+            if spec.theta_sur > self.sur_max_dist:
+                problems.append(f"theta_sur={spec.theta_sur} > sur_max_dist={self.sur_max_dist}")
+            if self.sur_k is not None and (spec.k_sur is None or spec.k_sur > self.sur_k):
+                problems.append(f"k_sur={spec.k_sur} exceeds sur_k={self.sur_k}")
+        if "semantic" in spec.edge_types:
+            cap_name = "knn_k" if spec.semantic_rule == "knn-then-disjoint" else "sem_k"
+            if spec.l_sem > getattr(self, cap_name):
+                problems.append(f"l_sem={spec.l_sem} exceeds {cap_name}={getattr(self, cap_name)}")
+        if problems:
+            raise ValueError("graph settings outside the candidate caps: " + "; ".join(problems)
+                             + " (recompute candidates with looser CandidateCaps)")
+
+
+@dataclass
+class Graph:
+    """A sparse directed graph over the units of one video or of a batch of videos.
+
+    ``edge_index[0]`` aggregates ``edge_index[1]``. ``ptr`` [B + 1] delimits the videos of a batch:
+    video b owns nodes ``ptr[b]:ptr[b + 1]`` and no edge crosses videos.
+    """
+
+    num_nodes: int
+    edge_index: Tensor
+    edge_type: Tensor
+    weight: Tensor
+    ptr: Tensor = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.ptr is None:
+            self.ptr = torch.tensor([0, self.num_nodes], dtype=torch.long)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    @property
+    def num_videos(self) -> int:
+        return int(self.ptr.numel() - 1)
+
+    def has_type(self, name: str) -> Tensor:
+        """Boolean mask of the edges admitted by rule ``name``."""
+        return (self.edge_type & EDGE_BIT[name]) != 0
+
+    def to(self, device: torch.device | str) -> "Graph":
+        return Graph(self.num_nodes, self.edge_index.to(device), self.edge_type.to(device),
+                     self.weight.to(device), self.ptr.to(device))
+
+    @staticmethod
+    def batch(graphs: Sequence["Graph"]) -> "Graph":
+        """One block-diagonal graph of several videos' graphs, nodes concatenated in order."""
+        sizes = torch.tensor([g.num_nodes for g in graphs], dtype=torch.long)
+        ptr = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+        edge_index = torch.cat([g.edge_index + ptr[b] for b, g in enumerate(graphs)], dim=1)
+        return Graph(
+            num_nodes=int(ptr[-1]),
+            edge_index=edge_index,
+            edge_type=torch.cat([g.edge_type for g in graphs]),
+            weight=torch.cat([g.weight for g in graphs]),
+            ptr=ptr,
+        )
+
+
+@dataclass
+class CandidateEdges:
+    """Every edge any GraphSpec within ``caps`` may need, with the attributes to select it.
+
+    Per candidate (i, j): ``tiou`` and ``distance`` (float64, Eq. 4-5), ``cosine`` of the
+    features, and ``sur_rank`` / ``sem_rank`` / ``knn_rank``: the 0-based rank of j among i's
+    disjoint units by distance, among its disjoint units by similarity, and among all its units by
+    similarity (-1 where j is not within the cap). Sorted by (i, j).
+    """
+
+    num_nodes: int
+    caps: CandidateCaps
+    edge_index: Tensor
+    tiou: Tensor
+    distance: Tensor
+    cosine: Tensor
+    sur_rank: Tensor
+    sem_rank: Tensor
+    knn_rank: Tensor
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+    def columns(self) -> dict[str, Tensor]:
+        """The per-edge tensors by name (for storage), ``edge_index`` split into ``src``/``dst``."""
+        out = {"src": self.edge_index[0], "dst": self.edge_index[1]}
+        out.update({f.name: getattr(self, f.name) for f in fields(self)
+                    if f.name not in ("num_nodes", "caps", "edge_index")})
+        return out
+
+    @classmethod
+    def from_columns(cls, num_nodes: int, caps: CandidateCaps, cols: dict[str, Tensor]) -> "CandidateEdges":
+        """Inverse of :meth:`columns`."""
+        rest = {k: v for k, v in cols.items() if k not in ("src", "dst")}
+        return cls(num_nodes, caps, torch.stack([cols["src"], cols["dst"]]).long(), **rest)
+
+
+def _rank_smallest(values: Tensor, valid: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` smallest valid entries of each row (None: all valid), ties to the lower column.
+
+    Returns (row, col, rank) of the chosen entries, rank 0 being the smallest of its row.
+    """
+    n_cols = values.shape[1]
+    keyed = values.masked_fill(~valid, float("inf"))
+    if k is None or k >= n_cols:
+        chosen = valid
+    elif k == 0:
+        chosen = torch.zeros_like(valid)
+    else:
+        kth = keyed.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
+        chosen = (keyed <= kth) & valid
+        crowded = (chosen.sum(dim=1) > k).nonzero().squeeze(1)  # rows with ties at the k-th value
+        if crowded.numel():
+            sub, sub_kth = keyed[crowded], kth[crowded]
+            below = sub < sub_kth
+            tied = (sub == sub_kth) & valid[crowded]
+            room = k - below.sum(dim=1, keepdim=True)
+            chosen[crowded] = below | (tied & (tied.cumsum(dim=1) <= room))
+    row, col = chosen.nonzero(as_tuple=True)  # row-major: col ascending within a row
+    order = torch.argsort(keyed[row, col], stable=True)
+    order = order[torch.argsort(row[order], stable=True)]  # by (row, value, col)
+    row, col = row[order], col[order]
+    counts = torch.bincount(row, minlength=values.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(row.numel()) - starts[row]
+    return row, col, rank
+
+
+def _unit_features(features: Tensor, n: int) -> Tensor:
+    x = torch.as_tensor(features)
+    if not x.is_floating_point():
+        x = x.float()
+    if x.ndim != 2 or x.shape[0] != n:
+        raise ValueError(f"features must have shape [N={n}, d], got {tuple(x.shape)}")
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def candidate_edges(
+    intervals: Tensor,
+    features: Tensor,
+    caps: CandidateCaps = CandidateCaps(),
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> CandidateEdges:
+    """All candidate edges of one video within ``caps``, computed in bounded-memory row blocks.
+
+    ``intervals``: [N, 2] (start, end), any unit of time; ``features``: [N, d], the features whose
+    cosine similarity gives the semantic neighbours and the edge weights (Eq. 8).
+    """
+    iv = as_intervals(intervals)
+    n = iv.shape[0]
+    unit = _unit_features(features, n)
+    parts: dict[str, list[Tensor]] = {k: [] for k in
+                                      ("src", "dst", "tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")}
+    for rows in row_blocks(n, n, max_block_elements):
+        b = rows.stop - rows.start
+        local = torch.arange(b)
+        tiou, dist = pairwise_geometry(iv[rows], iv)
+        cos = unit[rows] @ unit.T
+        not_self = torch.ones(b, n, dtype=torch.bool)
+        not_self[local, local + rows.start] = False
+        disjoint = (tiou == 0) & not_self
+        keep = (tiou > caps.min_ctx_tiou) & not_self
+
+        ranked = {
+            "sur_rank": _rank_smallest(dist, disjoint & (dist < caps.sur_max_dist), caps.sur_k),
+            "sem_rank": _rank_smallest(-cos, disjoint, caps.sem_k),
+            "knn_rank": _rank_smallest(-cos, not_self, caps.knn_k),
+        }
+        for r, c, _ in ranked.values():
+            keep[r, c] = True
+        row, col = keep.nonzero(as_tuple=True)
+        key = row * n + col
+        parts["src"].append(row + rows.start)
+        parts["dst"].append(col)
+        parts["tiou"].append(tiou[row, col])
+        parts["distance"].append(dist[row, col])
+        parts["cosine"].append(cos[row, col])
+        for name, (r, c, rank) in ranked.items():
+            column = torch.full((row.numel(),), -1, dtype=torch.int32)
+            column[torch.searchsorted(key, r * n + c)] = rank.to(torch.int32)
+            parts[name].append(column)
+    if n == 0:
+        empty = {"src": torch.empty(0, dtype=torch.long), "dst": torch.empty(0, dtype=torch.long),
+                 "tiou": torch.empty(0, dtype=torch.float64), "distance": torch.empty(0, dtype=torch.float64),
+                 "cosine": torch.empty(0, dtype=unit.dtype)}
+        return CandidateEdges.from_columns(0, caps, {**empty, **{k: torch.empty(0, dtype=torch.int32)
+                                                               for k in ("sur_rank", "sem_rank", "knn_rank")}})
+    cols = {k: torch.cat(v) for k, v in parts.items()}
+    return CandidateEdges.from_columns(n, caps, cols)
+
+
+def select_edges(candidates: CandidateEdges, spec: GraphSpec) -> Graph:
+    """The graph of ``spec``, chosen from precomputed candidates by masks alone."""
+    candidates.caps.check_covers(spec)
+    c = candidates
+    edge_type = torch.zeros(c.num_edges, dtype=torch.uint8)
+    rules: dict[str, Tensor] = {}
+    if "contextual" in spec.edge_types:
+        rules["contextual"] = c.tiou > spec.theta_ctx
+    if "surrounding" in spec.edge_types:
+        near = (c.sur_rank >= 0) & (c.distance < spec.theta_sur)
+        rules["surrounding"] = near if spec.k_sur is None else near & (c.sur_rank < spec.k_sur)
+    if "semantic" in spec.edge_types:
+        if spec.semantic_rule == "knn-then-disjoint":
+            rules["semantic"] = (c.knn_rank >= 0) & (c.knn_rank < spec.l_sem) & (c.tiou == 0)
+        else:
+            rules["semantic"] = (c.sem_rank >= 0) & (c.sem_rank < spec.l_sem)
+    for name, mask in rules.items():
+        edge_type |= mask.to(torch.uint8) * EDGE_BIT[name]
+    keep = edge_type != 0
+    return Graph(
+        num_nodes=c.num_nodes,
+        edge_index=c.edge_index[:, keep],
+        edge_type=edge_type[keep],
+        weight=c.cosine[keep].clamp(min=0).float(),
+    )
+
+
+def build_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec()) -> Graph:
+    """The graph of one video's units under ``spec`` (Eq. 7) with cosine weights (Eq. 8)."""
+    return select_edges(candidate_edges(intervals, features, CandidateCaps.for_spec(spec)), spec)

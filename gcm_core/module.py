@@ -1,0 +1,207 @@
+"""The Graph Convolutional Module (Eq. 1, 2, 18) and the baselines of Tables 4, 6 and 8.
+
+Every module maps unit features ``x`` [N, d] of a batch of videos, held as one block-diagonal
+:class:`~gcm_core.graph.Graph`, to relation-aware features [N, d] (or to the rows ``nodes`` only),
+through K linear layers W^(k) (d x d, no bias, as Eq. 1) with ReLU and dropout between layers
+and the residual sum Y = X^(K) + X^(0) (Eq. 2):
+
+- ``gcm``: layer k computes ``x_i <- (mean_{j in S(i)} A_ij x_j + x_i) W^(k)``. In training S(i)
+  is a uniform sample of N_s neighbours drawn anew per layer, top-down from the units that are
+  asked for (Eq. 18, SAGE); in evaluation S(i) is the whole neighbourhood. Eq. 18 divides by
+  N_s; a unit with fewer than N_s neighbours takes all of them and is divided by their number,
+  so the sampled layer is an unbiased estimate of the full one and equals it once N_s covers
+  every degree (this is also the authors' code's degree normalisation at test time).
+  A_ij comes from the graph (``cos``, Eq. 8), from the cosine of a learned linear embedding of
+  X^(0) clamped at 0 (``embed-cos``), or is 1 (``binary``). ``self_add=False`` drops the
+  ``+ x_i`` term (Table 7's plain "cos-sim").
+- ``mlp``: the same layers with no aggregation (a GCM over a graph without edges).
+- ``mp``: the MLP, then mean pooling of each unit with its graph neighbours (Table 6).
+- ``attention``: the GCM layer with A replaced by learned scaled dot-product attention over all
+  units of the same video (the fully connected graph of Table 8).
+
+Messages are sparse matrix products over the edge index; no dense N x N adjacency is formed
+(``attention`` is dense per video by definition).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gcm_core.graph import Graph
+
+ModuleKind = Literal["gcm", "mlp", "mp", "attention"]
+EdgeWeighting = Literal["cos", "embed-cos", "binary"]
+
+
+class UnitModule(nn.Module):
+    """K bias-free d x d layers, ReLU + dropout between them, residual Y = X^(K) + X^(0)."""
+
+    def __init__(self, dim: int, num_layers: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError("num_layers must be >= 1")
+        self.dim = dim
+        self.layers = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(num_layers))
+        self.dropout = nn.Dropout(dropout)
+
+    def _transform(self, k: int, h: Tensor) -> Tensor:
+        h = self.layers[k](h)
+        if k < len(self.layers) - 1:
+            h = self.dropout(F.relu(h))
+        return h
+
+    # Subclasses define forward(x [N, d], graph, nodes=None) -> features of ``nodes`` (default: all).
+
+    @staticmethod
+    def _rows(x: Tensor, nodes: Tensor | None) -> Tensor:
+        return x if nodes is None else x[nodes]
+
+
+class MLP(UnitModule):
+    """No relations: every unit on its own (the 'MLP' rows of Tables 4 and 9)."""
+
+    def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
+        x0 = self._rows(x, nodes)
+        h = x0
+        for k in range(len(self.layers)):
+            h = self._transform(k, h)
+        return h + x0
+
+
+def _sparse_mean(src: Tensor, dst: Tensor, weight: Tensor, n_out: int, h: Tensor) -> Tensor:
+    """``out[i] = sum_{e: src_e = i} weight_e h[dst_e] / #edges of i`` (0 for a unit with none)."""
+    count = torch.bincount(src, minlength=n_out).clamp_(min=1).to(h.dtype)
+    values = weight.to(h.dtype) / count[src]
+    adj = torch.sparse_coo_tensor(torch.stack([src, dst]), values, (n_out, h.shape[0]), check_invariants=False)
+    return torch.sparse.mm(adj, h)
+
+
+def _sample_per_node(src: Tensor, num_samples: int) -> Tensor:
+    """Indices of at most ``num_samples`` uniformly chosen edges per source node, without replacement."""
+    if src.numel() == 0:
+        return src.new_empty(0)
+    keys = src.to(torch.float64) + torch.rand(src.numel(), dtype=torch.float64, device=src.device)
+    order = torch.argsort(keys)
+    sorted_src = src[order]
+    first = torch.ones_like(sorted_src, dtype=torch.bool)
+    first[1:] = sorted_src[1:] != sorted_src[:-1]
+    group_start = torch.cummax(torch.where(first, torch.arange(src.numel(), device=src.device), 0), 0).values
+    rank = torch.arange(src.numel(), device=src.device) - group_start
+    return order[rank < num_samples]
+
+
+class GCM(UnitModule):
+    """Graph convolution over the unit graph (Eq. 1, 2; sampled as Eq. 18 in training)."""
+
+    def __init__(self, dim: int, num_layers: int = 2, dropout: float = 0.0, num_samples: int | None = 4,
+                 weighting: EdgeWeighting = "cos", self_add: bool = True, embed_dim: int = 256) -> None:
+        super().__init__(dim, num_layers, dropout)
+        if weighting not in ("cos", "embed-cos", "binary"):
+            raise ValueError(f"unknown edge weighting {weighting!r}")
+        self.num_samples = num_samples
+        self.weighting = weighting
+        self.self_add = self_add
+        self.embed = nn.Linear(dim, embed_dim, bias=False) if weighting == "embed-cos" else None
+
+    def _edge_weights(self, x0: Tensor, graph: Graph) -> Tensor:
+        if self.weighting == "binary":
+            return torch.ones(graph.num_edges, dtype=x0.dtype, device=x0.device)
+        if self.embed is None:
+            return graph.weight
+        z = F.normalize(self.embed(x0), dim=1)
+        src, dst = graph.edge_index
+        return (z[src] * z[dst]).sum(dim=1).clamp(min=0)
+
+    def _layer_plan(self, graph: Graph, nodes: Tensor | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """The units read at the input, and per layer k = 1..K (units computed, edges aggregated).
+
+        Top-down: the last layer computes ``nodes``; each layer below also computes the
+        neighbours sampled for the layer above.
+        """
+        src, dst = graph.edge_index
+        sampling = self.training and self.num_samples is not None
+        need = torch.ones(graph.num_nodes, dtype=torch.bool, device=src.device)
+        if nodes is not None:
+            need = torch.zeros_like(need)
+            need[nodes] = True
+        plan: list[tuple[Tensor, Tensor]] = []
+        for _ in self.layers:
+            edges = need[src].nonzero().squeeze(1)
+            if sampling:
+                edges = edges[_sample_per_node(src[edges], self.num_samples)]
+            plan.append((need.nonzero().squeeze(1), edges))
+            need = need.clone()
+            need[dst[edges]] = True
+        return need.nonzero().squeeze(1), plan[::-1]
+
+    def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
+        weight = self._edge_weights(x, graph)
+        inputs, plan = self._layer_plan(graph, nodes)
+        position = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
+        h = x[inputs]
+        for k, (units, edges) in enumerate(plan):
+            position[inputs] = torch.arange(inputs.numel(), device=x.device)
+            out_position = torch.full_like(position, -1)
+            out_position[units] = torch.arange(units.numel(), device=x.device)
+            src, dst = graph.edge_index[:, edges]
+            agg = _sparse_mean(out_position[src], position[dst], weight[edges], units.numel(), h)
+            if self.self_add:
+                agg = agg + h[position[units]]
+            h = self._transform(k, agg)
+            inputs = units
+        if nodes is None:
+            return h + x
+        return h[out_position[nodes]] + x[nodes]
+
+
+class MeanPool(UnitModule):
+    """MLP, then each unit averaged with its graph neighbours (Table 6's 'MP')."""
+
+    def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
+        h = x
+        for k in range(len(self.layers)):
+            h = self._transform(k, h)
+        h = h + x
+        src, dst = graph.edge_index
+        ones = torch.ones(graph.num_edges, dtype=h.dtype, device=h.device)
+        degree = torch.bincount(src, minlength=graph.num_nodes).to(h.dtype)
+        pooled = (_sparse_mean(src, dst, ones, graph.num_nodes, h) * degree[:, None] + h) / (degree[:, None] + 1)
+        return self._rows(pooled, nodes)
+
+
+class Attention(UnitModule):
+    """Learned scaled dot-product weights over all units of each video (Table 8)."""
+
+    def __init__(self, dim: int, num_layers: int = 2, dropout: float = 0.0, key_dim: int = 256) -> None:
+        super().__init__(dim, num_layers, dropout)
+        self.query = nn.ModuleList(nn.Linear(dim, key_dim, bias=False) for _ in range(num_layers))
+        self.key = nn.ModuleList(nn.Linear(dim, key_dim, bias=False) for _ in range(num_layers))
+
+    def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
+        h = x
+        bounds = graph.ptr.tolist()
+        for k in range(len(self.layers)):
+            q, key = self.query[k](h), self.key[k](h)
+            mixed = torch.cat([
+                F.scaled_dot_product_attention(q[None, a:b], key[None, a:b], h[None, a:b])[0]
+                for a, b in zip(bounds[:-1], bounds[1:])
+            ])
+            h = self._transform(k, mixed + h)
+        return self._rows(h + x, nodes)
+
+
+def make_module(kind: ModuleKind, dim: int, *, num_layers: int = 2, dropout: float = 0.0,
+                num_samples: int | None = 4, weighting: EdgeWeighting = "cos", self_add: bool = True) -> UnitModule:
+    """The module of one detector branch by name, so that Tables 4, 6, 8 are configurations."""
+    if kind == "gcm":
+        return GCM(dim, num_layers, dropout, num_samples, weighting, self_add)
+    if kind == "mlp":
+        return MLP(dim, num_layers, dropout)
+    if kind == "mp":
+        return MeanPool(dim, num_layers, dropout)
+    if kind == "attention":
+        return Attention(dim, num_layers, dropout)
+    raise ValueError(f"unknown module kind {kind!r}; choose gcm, mlp, mp or attention")
