@@ -196,35 +196,59 @@ class CandidateEdges:
         return cls(num_nodes, caps, torch.stack([cols["src"], cols["dst"]]).long(), **rest)
 
 
-def _rank_smallest(values: Tensor, valid: Tensor, k: int | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``k`` smallest valid entries of each row (None: all valid), ties to the lower column.
+def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` smallest finite entries of each row (None: all), ties to the lower column.
 
-    Returns (row, col, rank) of the chosen entries, rank 0 being the smallest of its row.
+    ``keyed`` holds +inf where an entry is not eligible; ``chosen`` is a bool buffer of its
+    shape. Returns (row, col, rank) of the chosen entries, rank 0 the smallest of its row.
     """
-    n_cols = values.shape[1]
-    keyed = values.masked_fill(~valid, float("inf"))
+    n_cols = keyed.shape[1]
     if k is None or k >= n_cols:
-        chosen = valid
+        torch.lt(keyed, float("inf"), out=chosen)
     elif k == 0:
-        chosen = torch.zeros_like(valid)
+        chosen.zero_()
     else:
-        kth = keyed.topk(k, dim=1, largest=False, sorted=True).values[:, -1:]
-        chosen = (keyed <= kth) & valid
-        crowded = (chosen.sum(dim=1) > k).nonzero().squeeze(1)  # rows with ties at the k-th value
+        smallest = keyed.topk(k + 1, dim=1, largest=False, sorted=True).values
+        kth = smallest[:, k - 1:k]
+        torch.le(keyed, kth, out=chosen)
+        chosen &= torch.isfinite(kth)
+        # rows whose (k+1)-th value ties the k-th: only the lowest columns of the tie fit
+        crowded = ((smallest[:, k] == smallest[:, k - 1]) & torch.isfinite(kth[:, 0])).nonzero().squeeze(1)
         if crowded.numel():
             sub, sub_kth = keyed[crowded], kth[crowded]
             below = sub < sub_kth
-            tied = (sub == sub_kth) & valid[crowded]
+            tied = sub == sub_kth
             room = k - below.sum(dim=1, keepdim=True)
             chosen[crowded] = below | (tied & (tied.cumsum(dim=1) <= room))
+        # a row with fewer than k finite entries has kth = inf: keep only its finite ones
+        short = (~torch.isfinite(kth)).squeeze(1).nonzero().squeeze(1)
+        if short.numel():
+            chosen[short] = torch.isfinite(keyed[short])
     row, col = chosen.nonzero(as_tuple=True)  # row-major: col ascending within a row
     order = torch.argsort(keyed[row, col], stable=True)
     order = order[torch.argsort(row[order], stable=True)]  # by (row, value, col)
     row, col = row[order], col[order]
-    counts = torch.bincount(row, minlength=values.shape[0])
+    counts = torch.bincount(row, minlength=keyed.shape[0])
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(row.numel()) - starts[row]
     return row, col, rank
+
+
+class _BlockBuffers:
+    """Reusable [rows, N] buffers for the blocked pass (see units.py on allocator churn)."""
+
+    def __init__(self, rows: int, n: int, feature_dtype: torch.dtype) -> None:
+        self.geometry = tuple(torch.empty(rows, n, dtype=torch.float64) for _ in range(3))
+        self.cos = torch.empty(rows, n, dtype=feature_dtype)
+        self.keyed_distance = self.geometry[2]  # the geometry scratch is free once tIoU/distance are out
+        self.keyed_similarity = torch.empty(rows, n, dtype=feature_dtype)
+        self.disjoint, self.mask, self.chosen = (torch.empty(rows, n, dtype=torch.bool) for _ in range(3))
+
+    def view(self, b: int) -> "_BlockBuffers":
+        out = object.__new__(_BlockBuffers)
+        for name, value in vars(self).items():
+            setattr(out, name, tuple(t[:b] for t in value) if isinstance(value, tuple) else value[:b])
+        return out
 
 
 def _unit_features(features: Tensor, n: int) -> Tensor:
@@ -250,23 +274,32 @@ def candidate_edges(
     iv = as_intervals(intervals)
     n = iv.shape[0]
     unit = _unit_features(features, n)
-    parts: dict[str, list[Tensor]] = {k: [] for k in
-                                      ("src", "dst", "tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")}
-    for rows in row_blocks(n, n, max_block_elements):
+    unit_t = unit.T.contiguous()
+    names = ("src", "dst", "tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")
+    parts: dict[str, list[Tensor]] = {k: [] for k in names}
+    blocks = list(row_blocks(n, n, max_block_elements))
+    full = _BlockBuffers(blocks[0].stop - blocks[0].start, n, unit.dtype) if blocks else None
+    inf = float("inf")
+    for rows in blocks:
         b = rows.stop - rows.start
-        local = torch.arange(b)
-        tiou, dist = pairwise_geometry(iv[rows], iv)
-        cos = unit[rows] @ unit.T
-        not_self = torch.ones(b, n, dtype=torch.bool)
-        not_self[local, local + rows.start] = False
-        disjoint = (tiou == 0) & not_self
-        keep = (tiou > caps.min_ctx_tiou) & not_self
+        buf = full.view(b)
+        diagonal = (torch.arange(b), torch.arange(rows.start, rows.stop))
+        tiou, dist = pairwise_geometry(iv[rows], iv, out=buf.geometry)
+        torch.mm(unit[rows], unit_t, out=buf.cos)
+        torch.eq(tiou, 0, out=buf.disjoint)  # never i itself: a unit overlaps itself
 
-        ranked = {
-            "sur_rank": _rank_smallest(dist, disjoint & (dist < caps.sur_max_dist), caps.sur_k),
-            "sem_rank": _rank_smallest(-cos, disjoint, caps.sem_k),
-            "knn_rank": _rank_smallest(-cos, not_self, caps.knn_k),
-        }
+        ranked = {}
+        torch.lt(dist, caps.sur_max_dist, out=buf.mask).logical_and_(buf.disjoint)
+        keyed = buf.keyed_distance.copy_(dist).masked_fill_(torch.logical_not(buf.mask, out=buf.chosen), inf)
+        ranked["sur_rank"] = _rank_smallest(keyed, caps.sur_k, buf.chosen)
+        negated = torch.neg(buf.cos, out=buf.keyed_similarity)
+        negated[diagonal] = inf
+        ranked["knn_rank"] = _rank_smallest(negated, caps.knn_k, buf.chosen)
+        negated.masked_fill_(torch.logical_not(buf.disjoint, out=buf.chosen), inf)
+        ranked["sem_rank"] = _rank_smallest(negated, caps.sem_k, buf.chosen)
+
+        keep = torch.gt(tiou, caps.min_ctx_tiou, out=buf.mask)
+        keep[diagonal] = False
         for r, c, _ in ranked.values():
             keep[r, c] = True
         row, col = keep.nonzero(as_tuple=True)
@@ -275,19 +308,16 @@ def candidate_edges(
         parts["dst"].append(col)
         parts["tiou"].append(tiou[row, col])
         parts["distance"].append(dist[row, col])
-        parts["cosine"].append(cos[row, col])
+        parts["cosine"].append(buf.cos[row, col])
         for name, (r, c, rank) in ranked.items():
             column = torch.full((row.numel(),), -1, dtype=torch.int32)
             column[torch.searchsorted(key, r * n + c)] = rank.to(torch.int32)
             parts[name].append(column)
     if n == 0:
-        empty = {"src": torch.empty(0, dtype=torch.long), "dst": torch.empty(0, dtype=torch.long),
-                 "tiou": torch.empty(0, dtype=torch.float64), "distance": torch.empty(0, dtype=torch.float64),
-                 "cosine": torch.empty(0, dtype=unit.dtype)}
-        return CandidateEdges.from_columns(0, caps, {**empty, **{k: torch.empty(0, dtype=torch.int32)
-                                                               for k in ("sur_rank", "sem_rank", "knn_rank")}})
-    cols = {k: torch.cat(v) for k, v in parts.items()}
-    return CandidateEdges.from_columns(n, caps, cols)
+        dtypes = dict(src=torch.long, dst=torch.long, tiou=torch.float64, distance=torch.float64,
+                      cosine=unit.dtype, sur_rank=torch.int32, sem_rank=torch.int32, knn_rank=torch.int32)
+        return CandidateEdges.from_columns(0, caps, {k: torch.empty(0, dtype=t) for k, t in dtypes.items()})
+    return CandidateEdges.from_columns(n, caps, {k: torch.cat(v) for k, v in parts.items()})
 
 
 def select_edges(candidates: CandidateEdges, spec: GraphSpec) -> Graph:

@@ -40,34 +40,52 @@ def as_intervals(intervals: Tensor | object, dtype: torch.dtype = torch.float64)
     return t
 
 
-def _span(a: Tensor, b: Tensor) -> Tensor:
-    return torch.maximum(a[:, None, 1], b[None, :, 1]) - torch.minimum(a[:, None, 0], b[None, :, 0])
+# The formulas below write into ``out`` / ``scratch`` buffers when given (blocked callers reuse
+# them, so that walking a large N x N in blocks does not churn the allocator) and allocate otherwise.
+
+def _span(a: Tensor, b: Tensor, out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
+    out = torch.maximum(a[..., 1], b[..., 1], out=out)
+    return out.sub_(torch.minimum(a[..., 0], b[..., 0], out=scratch))
 
 
-def _tiou(a: Tensor, b: Tensor, span: Tensor) -> Tensor:
-    inter = torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])
+def _tiou(a: Tensor, b: Tensor, span: Tensor, out: Tensor | None = None, scratch: Tensor | None = None) -> Tensor:
+    inter = torch.minimum(a[..., 1], b[..., 1], out=out)
+    inter.sub_(torch.maximum(a[..., 0], b[..., 0], out=scratch))
     return inter.clamp_(min=0).div_(span)
 
 
-def _distance(a: Tensor, b: Tensor, span: Tensor) -> Tensor:
-    gap = ((a[:, None, 0] + a[:, None, 1]) - (b[None, :, 0] + b[None, :, 1])).abs_()
+def _distance(a: Tensor, b: Tensor, span: Tensor, out: Tensor | None = None) -> Tensor:
+    gap = torch.sub(a[..., 0] + a[..., 1], b[..., 0] + b[..., 1], out=out).abs_()
     return gap.div_(span).div_(2)
 
 
-def pairwise_tiou(a: Tensor, b: Tensor) -> Tensor:
-    """tIoU (Eq. 4) of every unit of ``a`` [N, 2] with every unit of ``b`` [M, 2]: ``[N, M]``."""
+def tiou(a: Tensor, b: Tensor) -> Tensor:
+    """tIoU (Eq. 4) of intervals ``a`` [..., 2] and ``b`` [..., 2], broadcast against each other."""
     return _tiou(a, b, _span(a, b))
 
 
-def pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Distance of Eq. 5, ``|c_i - c_j| / U``, for every pair of ``a`` [N, 2] x ``b`` [M, 2]."""
+def distance(a: Tensor, b: Tensor) -> Tensor:
+    """Distance of Eq. 5, ``|c_a - c_b| / U``, of ``a`` [..., 2] and ``b`` [..., 2], broadcast."""
     return _distance(a, b, _span(a, b))
 
 
-def pairwise_geometry(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """tIoU and Eq. 5 distance of every pair, sharing one span computation: two ``[N, M]``."""
-    span = _span(a, b)
-    return _tiou(a, b, span), _distance(a, b, span)
+def pairwise_tiou(a: Tensor, b: Tensor) -> Tensor:
+    """tIoU of every unit of ``a`` [N, 2] with every unit of ``b`` [M, 2]: ``[N, M]``."""
+    return tiou(a[:, None], b[None, :])
+
+
+def pairwise_geometry(a: Tensor, b: Tensor, out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """tIoU and Eq. 5 distance of every pair of ``a`` [N, 2] x ``b`` [M, 2].
+
+    ``out``: three [N, M] float buffers (tIoU, distance, scratch) to write into; the first two
+    are returned.
+    """
+    if out is None:
+        out = tuple(torch.empty(a.shape[0], b.shape[0], dtype=a.dtype, device=a.device) for _ in range(3))
+    tiou_out, dist_out, span = out
+    a, b = a[:, None], b[None, :]
+    _span(a, b, out=span, scratch=tiou_out)
+    return _tiou(a, b, span, out=tiou_out, scratch=dist_out), _distance(a, b, span, out=dist_out)
 
 
 def row_blocks(n_rows: int, n_cols: int, max_elements: int = DEFAULT_BLOCK_ELEMENTS) -> Iterator[slice]:

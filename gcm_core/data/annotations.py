@@ -1,0 +1,225 @@
+"""Readers of ground-truth annotations in the field's formats, into ``dict[str, Video]``.
+
+- official ActivityNet JSON (``database`` + ``taxonomy``) and the ActionFormer / OpenTAD JSON
+  (``database`` entries with ``fps`` and ``label_id``);
+- the BSN/BMN ``anet_anno_action.json`` (video -> ``duration_second``, ``annotations``), merged
+  with a ``video_info_new.csv`` beside it (subset, fps) when one is there;
+- the THUMOS'14 per-class folder (``<Class>_<subset>.txt``: ``video start end``, with
+  ``Ambiguous_<subset>.txt``), merged with ``<subset>_durations.txt`` beside the folder;
+- CSVs: G-TAD's ``video,type,type_idx,start,end,...`` and the THUMOS-style
+  ``video-name,t-init,t-end,...,label-idx`` (label -1 = Ambiguous; integer labels need a card).
+
+Every reader checks what it reads and raises :class:`FormatError` naming the file, the line or
+field, and the video.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from gcm_core.data.cards import DatasetCard
+from gcm_core.data.model import FormatError, Instance, Video
+
+THUMOS_SUBSETS = {"val": "validation", "validation": "validation", "test": "test"}
+
+
+def read_annotations(path: str | Path, card: DatasetCard | None = None) -> dict[str, Video]:
+    """Ground truth of every video in ``path`` (file or THUMOS'14 folder), format detected.
+
+    With a ``card``, every label must be one of its classes (integer labels are mapped to names).
+    """
+    path = Path(path)
+    if path.is_dir():
+        videos = _read_thumos_folder(path)
+    elif not path.is_file():
+        raise FormatError(path, "no such file or folder")
+    elif path.suffix == ".json":
+        videos = _read_json(path)
+    elif path.suffix == ".csv":
+        videos = _read_csv(path, card)
+    else:
+        raise FormatError(path, "unknown annotation format (expected a .json, a .csv or a THUMOS'14 folder)")
+    if card is not None:
+        for video in videos.values():
+            for k, inst in enumerate(video.instances):
+                if not card.is_class(inst.label):
+                    raise FormatError(path, f"label {inst.label!r} is not a class of card {card.name!r}",
+                                      video=video.id, field=f"annotations[{k}].label")
+    return videos
+
+
+def _segment(path: Path, video: str, value: Any, where: dict[str, Any]) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise FormatError(path, f"segment must be two numbers, got {value!r}", video=video, **where) from None
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise FormatError(path, f"segment {value!r} is not finite", video=video, **where)
+    return start, end
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FormatError(path, f"malformed JSON: {err.msg}", line=err.lineno) from None
+
+
+def _read_json(path: Path) -> dict[str, Video]:
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise FormatError(path, "expected a JSON object")
+    if "database" in data:
+        entries, duration_key = data["database"], "duration"
+    else:  # BSN/BMN anet_anno_action.json: {video: {duration_second, annotations, ...}}
+        entries, duration_key = data, "duration_second"
+    if not isinstance(entries, dict):
+        raise FormatError(path, "'database' must map video ids to entries", field="database")
+    videos: dict[str, Video] = {}
+    for vid, entry in entries.items():
+        if not isinstance(entry, dict):
+            raise FormatError(path, "entry must be an object", video=vid)
+        instances = []
+        for k, ann in enumerate(entry.get("annotations") or []):
+            where = {"field": f"annotations[{k}]"}
+            if not isinstance(ann, dict) or "segment" not in ann or "label" not in ann:
+                raise FormatError(path, "annotation needs 'segment' and 'label'", video=vid, **where)
+            start, end = _segment(path, vid, ann["segment"], where)
+            instances.append(Instance(str(ann["label"]), start, end))
+        duration = entry.get(duration_key)
+        n_frames = entry.get("duration_frame")
+        videos[vid] = Video(
+            id=vid,
+            duration=None if duration is None else float(duration),
+            fps=None if entry.get("fps") is None else float(entry["fps"]),
+            n_frames=None if n_frames is None else int(n_frames),
+            subset=None if entry.get("subset") is None else str(entry["subset"]).lower(),
+            instances=instances,
+        )
+    info = path.with_name("video_info_new.csv")
+    if "database" not in data and info.is_file():
+        _merge_bsn_info(info, videos)
+    return videos
+
+
+def _merge_bsn_info(path: Path, videos: dict[str, Video]) -> None:
+    """Subset, fps and frame count from BSN's ``video_info_new.csv``."""
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            video = videos.get(row.get("video", ""))
+            if video is None:
+                continue
+            try:
+                video.subset = row["subset"]
+                video.fps = float(row["fps"])
+                video.n_frames = int(row["numFrame"])
+            except (KeyError, ValueError) as err:
+                raise FormatError(path, f"bad video info row ({err})", video=video.id, line=line) from None
+
+
+def _read_thumos_folder(folder: Path) -> dict[str, Video]:
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise FormatError(folder, "no <Class>_<subset>.txt files in this folder")
+    videos: dict[str, Video] = {}
+    subsets = set()
+    for file in files:
+        label, _, suffix = file.stem.rpartition("_")
+        if not label or suffix not in THUMOS_SUBSETS:
+            raise FormatError(file, "file name must be <Class>_<val|test>.txt")
+        subsets.add(THUMOS_SUBSETS[suffix])
+        for line_no, line in enumerate(file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 3:
+                raise FormatError(file, f"expected 'video start end', got {line.strip()!r}", line=line_no)
+            vid = parts[0]
+            try:
+                start, end = float(parts[1]), float(parts[2])
+            except ValueError:
+                raise FormatError(file, f"start/end are not numbers: {line.strip()!r}", video=vid,
+                                  line=line_no) from None
+            video = videos.setdefault(vid, Video(vid, subset=THUMOS_SUBSETS[suffix]))
+            if label == "Ambiguous":
+                video.ambiguous.append((start, end))
+            else:
+                video.instances.append(Instance(label, start, end))
+    for subset in subsets:
+        short = "val" if subset == "validation" else subset
+        for durations in (folder.parent / f"{subset}_durations.txt", folder.parent / f"{short}_durations.txt"):
+            if durations.is_file():
+                _merge_durations(durations, videos)
+                break
+    return videos
+
+
+def _merge_durations(path: Path, videos: dict[str, Video]) -> None:
+    """THUMOS'14 ``*_durations.txt``: a ``video_xxx.mp4`` line, then its duration in seconds."""
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(lines) % 2:
+        raise FormatError(path, "expected pairs of lines (video name, duration)", line=len(lines))
+    for k in range(0, len(lines), 2):
+        vid = Path(lines[k]).stem
+        if vid in videos:
+            try:
+                videos[vid].duration = float(lines[k + 1])
+            except ValueError:
+                raise FormatError(path, f"duration is not a number: {lines[k + 1]!r}", video=vid,
+                                  line=k + 2) from None
+
+
+def _read_csv(path: Path, card: DatasetCard | None) -> dict[str, Video]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or ())
+        rows = list(enumerate(reader, start=2))
+    if {"video", "type", "start", "end"} <= columns:
+        return _rows_to_videos(path, rows, "video", "start", "end", lambda row: row["type"], ambiguous="Ambiguous")
+    if {"video-name", "t-init", "t-end", "label-idx"} <= columns:
+        if card is None:
+            raise FormatError(path, "integer labels (label-idx) need a dataset card to name the classes")
+        convention = "official" if card.official_index is not None else "zero_based"
+
+        def label(row: dict[str, str]) -> str:
+            if row["label-idx"].strip() == "-1":
+                return "Ambiguous"
+            return card.classes[card.class_index(row["label-idx"], convention)]
+
+        videos = _rows_to_videos(path, rows, "video-name", "t-init", "t-end", label, ambiguous="Ambiguous")
+        for line, row in rows:
+            video = videos[row["video-name"]]
+            video.duration = _number(path, row, "video-duration", line)
+            video.fps = _number(path, row, "frame-rate", line)
+            video.n_frames = int(_number(path, row, "video-frames", line))
+        return videos
+    raise FormatError(path, f"unknown CSV columns {sorted(columns)}")
+
+
+def _number(path: Path, row: dict[str, str], column: str, line: int) -> float:
+    try:
+        return float(row[column])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(path, f"{column} is not a number: {row.get(column)!r}", line=line, field=column) from None
+
+
+def _rows_to_videos(path: Path, rows, video_col: str, start_col: str, end_col: str, label_of,
+                    ambiguous: str) -> dict[str, Video]:
+    videos: dict[str, Video] = {}
+    for line, row in rows:
+        vid = row[video_col]
+        try:
+            label = label_of(row)
+        except ValueError as err:
+            raise FormatError(path, str(err), video=vid, line=line) from None
+        start = _number(path, row, start_col, line)
+        end = _number(path, row, end_col, line)
+        video = videos.setdefault(vid, Video(vid))
+        if label == ambiguous:
+            video.ambiguous.append((start, end))
+        else:
+            video.instances.append(Instance(label, start, end))
+    return videos

@@ -1,0 +1,146 @@
+"""Dataset cards: what a dataset is (classes, subsets, streams, protocol) and where its files lie.
+
+Cards are YAML files; the shipped ones live in the repository's ``datasets/`` folder and are
+found by name (``load_card("thumos14")``), any other by path. Paths inside a card are relative
+to a data root given by ``--data-root`` or the ``GCM_DATA_ROOT`` environment variable.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CARD_DIR = Path(__file__).resolve().parents[2] / "datasets"
+LABEL_CONVENTIONS = ("name", "zero_based", "one_based", "official")
+
+
+class CardError(ValueError):
+    """A card that cannot be used, or a label it does not know."""
+
+
+@dataclass(frozen=True)
+class DatasetCard:
+    name: str
+    classes: tuple[str, ...]
+    official_index: tuple[int, ...] | None
+    subsets: dict[str, str]
+    streams: tuple[str, ...]
+    stream_fusion: dict[str, float]
+    snippets: dict[str, Any]
+    evaluation: dict[str, Any]
+    units_per_video_test: int
+    paths: dict[str, Any]
+    source: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def protocol(self) -> str:
+        return self.evaluation["protocol"]
+
+    @property
+    def tiou(self) -> tuple[float, ...]:
+        return tuple(float(t) for t in self.evaluation["tiou"])
+
+    def class_index(self, label: str | int, convention: str = "name") -> int:
+        """0-based class index of ``label`` read under ``convention`` (see LABEL_CONVENTIONS)."""
+        try:
+            if convention == "name":
+                return self._by_name[str(label)]
+            value = int(label)
+            if convention == "zero_based" and 0 <= value < self.num_classes:
+                return value
+            if convention == "one_based" and 1 <= value <= self.num_classes:
+                return value - 1
+            if convention == "official" and self.official_index is not None:
+                return self.official_index.index(value)
+        except (KeyError, ValueError):
+            pass
+        if convention not in LABEL_CONVENTIONS:
+            raise CardError(f"unknown label convention {convention!r}; choose from {LABEL_CONVENTIONS}")
+        raise CardError(f"label {label!r} is not a class of card {self.name!r} ({convention} convention)")
+
+    def label_code(self, index: int, convention: str) -> int | str:
+        """The label of 0-based class ``index`` under ``convention`` (inverse of class_index)."""
+        if convention == "official" and self.official_index is None:
+            raise CardError(f"card {self.name!r} has no official class indices")
+        codes = {"name": lambda: self.classes[index], "zero_based": lambda: index,
+                 "one_based": lambda: index + 1, "official": lambda: self.official_index[index]}
+        if convention not in codes:
+            raise CardError(f"unknown label convention {convention!r}; choose from {LABEL_CONVENTIONS}")
+        return codes[convention]()
+
+    def is_class(self, label: str | int, convention: str = "name") -> bool:
+        try:
+            self.class_index(label, convention)
+        except CardError:
+            return False
+        return True
+
+    @cached_property
+    def _by_name(self) -> dict[str, int]:
+        return {name: k for k, name in enumerate(self.classes)}
+
+    def path(self, key: str, data_root: str | Path | None = None, **fields: str) -> Path:
+        """Absolute path of ``paths.<key>`` (dotted keys for nested entries) under the data root."""
+        entry: Any = self.paths
+        for part in key.split("."):
+            if not isinstance(entry, dict) or part not in entry:
+                raise CardError(f"card {self.name!r} has no path {key!r}")
+            entry = entry[part]
+        return data_root_path(data_root) / str(entry).format(**fields)
+
+
+def data_root_path(data_root: str | Path | None = None) -> Path:
+    """The data root: the argument, else ``GCM_DATA_ROOT``, else the working directory."""
+    return Path(data_root or os.environ.get("GCM_DATA_ROOT", ".")).expanduser()
+
+
+def load_card(name_or_path: str | Path) -> DatasetCard:
+    """A card by shipped name (``thumos14``) or by path to a YAML file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CARD_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in CARD_DIR.glob("*.yaml"))
+        raise CardError(f"no dataset card {str(name_or_path)!r} (shipped cards: {shipped})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CardError(f"{path}: not valid YAML: {err}") from None
+    return card_from_dict(raw, source=path)
+
+
+def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCard:
+    where = source or "card"
+    required = ("name", "classes", "subsets", "streams", "evaluation", "paths")
+    missing = [k for k in required if k not in (raw or {})]
+    if missing:
+        raise CardError(f"{where}: missing fields {missing}")
+    entries = [c if isinstance(c, dict) else {"name": c} for c in raw["classes"]]
+    names = tuple(str(c["name"]) for c in entries)
+    if len(set(names)) != len(names):
+        raise CardError(f"{where}: duplicate class names")
+    official = tuple(int(c["official_index"]) for c in entries) if all("official_index" in c for c in entries) else None
+    known = set(required) | {"stream_fusion", "snippets", "units_per_video_test"}
+    return DatasetCard(
+        name=str(raw["name"]),
+        classes=names,
+        official_index=official,
+        subsets=dict(raw["subsets"]),
+        streams=tuple(raw["streams"]),
+        stream_fusion={k: float(v) for k, v in (raw.get("stream_fusion") or {}).items()},
+        snippets=dict(raw.get("snippets") or {}),
+        evaluation=dict(raw["evaluation"]),
+        units_per_video_test=int(raw.get("units_per_video_test", 100)),
+        paths=dict(raw["paths"]),
+        source=source,
+        extra={k: v for k, v in raw.items() if k not in known},
+    )

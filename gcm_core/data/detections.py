@@ -1,0 +1,127 @@
+"""Detections read and written as ActivityNet result JSON or THUMOS'14 text.
+
+- ActivityNet result JSON: ``{"version", "results": {video: [{"label", "score", "segment"}]},
+  "external_data"}``, labels by class name;
+- THUMOS'14 text: one ``video start end class_index score`` line per detection, class indices
+  under a card's convention (the official 7...97 for THUMOS'14). Reversed intervals are kept as
+  they are: the THUMOS'14 protocol re-orders them at evaluation.
+
+Writers go through a temporary file and a rename, so a crash never leaves half a file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gcm_core.data.cards import CardError, DatasetCard
+from gcm_core.data.model import Detections, FormatError
+
+
+def read_detections(path: str | Path, card: DatasetCard | None = None, convention: str = "official") -> Detections:
+    """Detections from an ActivityNet result JSON (``.json``) or THUMOS'14 text (other suffixes).
+
+    THUMOS text needs ``card`` to map class indices (``convention``) to names; detections whose
+    index is not a class of the card are kept with the label ``"#<index>"`` so protocols can
+    ignore them, as the official evaluator does.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    if path.suffix == ".json":
+        return _read_result_json(path)
+    if card is None:
+        raise FormatError(path, "THUMOS detection text has class indices: a dataset card is needed to name them")
+    return _read_thumos_text(path, card, convention)
+
+
+def _read_result_json(path: Path) -> Detections:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FormatError(path, f"malformed JSON: {err.msg}", line=err.lineno) from None
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise FormatError(path, "expected an object with a 'results' mapping", field="results")
+    video, label, start, end, score = [], [], [], [], []
+    for vid, items in results.items():
+        for k, item in enumerate(items):
+            try:
+                s, e = item["segment"]
+                start.append(float(s))
+                end.append(float(e))
+                score.append(float(item["score"]))
+                label.append(str(item["label"]))
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(path, "detection needs 'label', 'score' and a two-number 'segment'",
+                                  video=vid, field=f"results[{k}]") from None
+            video.append(vid)
+    return Detections(video, label, np.array(start), np.array(end), np.array(score))
+
+
+def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detections:
+    video, label, start, end, score = [], [], [], [], []
+    names = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 5:
+            raise FormatError(path, f"expected 'video start end class_index score', got {line.strip()!r}",
+                              line=line_no)
+        try:
+            s, e, idx, sc = float(parts[1]), float(parts[2]), int(parts[3]), float(parts[4])
+        except ValueError:
+            raise FormatError(path, f"not numbers: {line.strip()!r}", video=parts[0], line=line_no) from None
+        if idx not in names:
+            try:
+                names[idx] = card.classes[card.class_index(idx, convention)]
+            except CardError:
+                names[idx] = f"#{idx}"
+        video.append(parts[0])
+        label.append(names[idx])
+        start.append(s)
+        end.append(e)
+        score.append(sc)
+    return Detections(video, label, np.array(start), np.array(end), np.array(score))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_result_json(path: str | Path, detections: Detections, version: str = "VERSION 1.3") -> None:
+    """ActivityNet result JSON, videos in first-seen order, detections in input order."""
+    results: dict[str, list[dict]] = {}
+    for v, lab, s, e, sc in zip(detections.video, detections.label, detections.start, detections.end,
+                                detections.score):
+        results.setdefault(v, []).append({"label": lab, "score": float(sc), "segment": [float(s), float(e)]})
+    atomic_write_text(path, json.dumps({"version": version, "results": results, "external_data": {}}))
+
+
+def write_thumos_text(path: str | Path, detections: Detections, card: DatasetCard,
+                      convention: str = "official") -> None:
+    """THUMOS'14 text with class indices under ``convention``."""
+    codes = {name: card.label_code(k, convention) for k, name in enumerate(card.classes)}
+    lines = [f"{v} {_fmt(s)} {_fmt(e)} {codes[lab]} {_fmt(sc)}"
+             for v, lab, s, e, sc in zip(detections.video, detections.label, detections.start,
+                                         detections.end, detections.score)]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x)) if math.isfinite(x) else str(x)

@@ -1,0 +1,85 @@
+"""The internal data model: videos, their instances, unit proposals and detections, in seconds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class FormatError(ValueError):
+    """Bad input, located: the file, the video and the line or field at fault."""
+
+    def __init__(self, path: str | Path, problem: str, *, video: str | None = None,
+                 line: int | None = None, field: str | None = None) -> None:
+        where = [str(path)]
+        if line is not None:
+            where.append(f"line {line}")
+        if video is not None:
+            where.append(f"video {video}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(f"{', '.join(where)}: {problem}")
+        self.path, self.video, self.line, self.field = Path(path), video, line, field
+
+
+@dataclass
+class Instance:
+    """One annotated action: a class name and its extent in seconds."""
+
+    label: str
+    start: float
+    end: float
+
+
+@dataclass
+class Video:
+    """An annotated video. ``ambiguous`` segments are excluded from evaluation (THUMOS'14)."""
+
+    id: str
+    duration: float | None = None
+    fps: float | None = None
+    n_frames: int | None = None
+    subset: str | None = None
+    instances: list[Instance] = field(default_factory=list)
+    ambiguous: list[tuple[float, float]] = field(default_factory=list)
+
+
+@dataclass
+class Proposals:
+    """The action units of one video: extents in seconds and a score per unit."""
+
+    start: np.ndarray
+    end: np.ndarray
+    score: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.start = np.asarray(self.start, dtype=np.float64)
+        self.end = np.asarray(self.end, dtype=np.float64)
+        self.score = np.asarray(self.score, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    @property
+    def intervals(self) -> np.ndarray:
+        return np.stack([self.start, self.end], axis=1)
+
+
+@dataclass
+class Detections:
+    """Scored, labelled segments of many videos as parallel columns (class names, seconds)."""
+
+    video: list[str]
+    label: list[str]
+    start: np.ndarray
+    end: np.ndarray
+    score: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.start = np.asarray(self.start, dtype=np.float64)
+        self.end = np.asarray(self.end, dtype=np.float64)
+        self.score = np.asarray(self.score, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.video)

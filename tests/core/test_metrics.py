@@ -1,0 +1,219 @@
+"""Metrics against plain-loop implementations of the official algorithms, and on real results."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from gcm_core.metrics import Segments, activitynet_ap, average_recall, thumos14_ap
+
+
+def loop_tiou(a, b):
+    a, b = sorted(a), sorted(b)
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def loop_activitynet_ap(gt, det, thr, num_classes):
+    """The official eval_detection.py loop, detection by detection (stable sorts, first-listed ties)."""
+    ap = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        gts = [(v, s, e, k) for k, (v, l, s, e) in enumerate(gt) if l == c]
+        if not gts:
+            continue
+        dets = sorted([d for d in det if d[1] == c], key=lambda d: -d[4])  # Python's sort is stable
+        locked = set()
+        tp = []
+        for v, _, s, e, _ in dets:
+            cands = [(loop_tiou((s, e), (gs, ge)), k) for gv, gs, ge, k in gts if gv == v]
+            cands.sort(key=lambda t: -t[0])  # stable: first-listed ground truth wins ties
+            hit = 0
+            for iou, k in cands:
+                if iou < thr:
+                    break
+                if k in locked:
+                    continue
+                locked.add(k)
+                hit = 1
+                break
+            tp.append(hit)
+        tp = np.array(tp, dtype=float)
+        if not len(tp):
+            ap[c] = 0.0
+            continue
+        cum = np.cumsum(tp)
+        rec = cum / len(gts)
+        prec = cum / np.arange(1, len(tp) + 1)
+        mprec = np.concatenate([[0], prec, [0]])
+        mrec = np.concatenate([[0], rec, [1]])
+        for i in range(len(mprec) - 2, -1, -1):
+            mprec[i] = max(mprec[i], mprec[i + 1])
+        idx = np.where(mrec[1:] != mrec[:-1])[0] + 1
+        ap[c] = np.sum((mrec[idx] - mrec[idx - 1]) * mprec[idx])
+    return ap
+
+
+def loop_thumos_ap(gt, det, thr, num_classes, ambiguous):
+    """TH14evalDet.m, transcribed: per video, each ground truth takes its best free detection."""
+    ap = np.zeros(num_classes)
+    for c in range(num_classes):
+        rows = []  # (score, is_tp) of the detections that count
+        videos = sorted({d[0] for d in det if d[1] == c} | {g[0] for g in gt if g[1] == c})
+        for v in videos:
+            gts = [(s, e) for gv, l, s, e in gt if gv == v and l == c]
+            dets = sorted([d for d in det if d[0] == v and d[1] == c], key=lambda d: -d[4])
+            free = [True] * len(dets)
+            for gs, ge in gts:
+                best, best_k = -1.0, None
+                for k, d in enumerate(dets):
+                    if free[k]:
+                        iou = loop_tiou((gs, ge), (d[2], d[3]))
+                        if iou > best:
+                            best, best_k = iou, k
+                if best_k is not None and best > thr:
+                    free[best_k] = False
+            for k, d in enumerate(dets):
+                amb = any(min(max(d[2], d[3]), ae) - max(min(d[2], d[3]), as_) > 0
+                          for av, as_, ae in ambiguous if av == v)
+                if not free[k]:
+                    rows.append((d[4], d[5], 1))
+                elif not amb:
+                    rows.append((d[4], d[5], 0))
+        rows.sort(key=lambda r: (-r[0], r[1]))  # by score, ties in input order
+        npos = sum(1 for g in gt if g[1] == c)
+        tp = fp = 0
+        total = 0.0
+        for _, _, hit in rows:
+            tp += hit
+            fp += 1 - hit
+            if hit:
+                total += tp / (tp + fp)
+        ap[c] = total / max(npos, 1)
+    return ap
+
+
+def to_segments(rows, scored):
+    cols = list(zip(*rows)) if rows else [[]] * (5 if scored else 4)
+    return Segments(cols[0], cols[1], cols[2], cols[3], cols[4] if scored else None)
+
+
+@st.composite
+def detection_problems(draw):
+    n_videos = draw(st.integers(1, 4))
+    n_classes = draw(st.integers(1, 3))
+    grid = st.integers(0, 20).map(float)  # coarse grid: equal tIoUs and touching segments happen
+    gt = []
+    for _ in range(draw(st.integers(0, 10))):
+        s = draw(grid)
+        gt.append((draw(st.integers(0, n_videos - 1)), draw(st.integers(0, n_classes - 1)), s,
+                   s + draw(st.integers(1, 6))))
+    det = []
+    for k in range(draw(st.integers(0, 25))):
+        s = draw(grid)
+        e = s + draw(st.integers(-2, 6).filter(lambda x: x != 0))  # some reversed
+        det.append((draw(st.integers(0, n_videos - 1)), draw(st.integers(0, n_classes - 1)), s, e,
+                    draw(st.sampled_from([0.1, 0.5, 0.5, 0.9])), k))  # tied scores on purpose
+    amb = [(draw(st.integers(0, n_videos - 1)), s, s + 2.0) for s in draw(st.lists(grid, max_size=2))]
+    return gt, det, amb, n_classes
+
+
+@given(problem=detection_problems(), thr=st.sampled_from([0.1, 0.3, 0.5, 0.7]))
+def test_activitynet_ap_equals_the_official_loop(problem, thr):
+    gt, det, _, n_classes = problem
+    got = activitynet_ap(to_segments(gt, False), to_segments([d[:5] for d in det], True), [thr], n_classes)
+    expected = loop_activitynet_ap(gt, [(v, l, min(s, e), max(s, e), sc) for v, l, s, e, sc, _ in det], thr,
+                                   n_classes)
+    np.testing.assert_allclose(got.ap[0].numpy(), expected, atol=1e-12)
+
+
+@given(problem=detection_problems(), thr=st.sampled_from([0.1, 0.3, 0.5, 0.7]))
+def test_thumos14_ap_equals_the_official_loop(problem, thr):
+    gt, det, amb, n_classes = problem
+    got = thumos14_ap(to_segments(gt, False), to_segments([d[:5] for d in det], True), [thr], n_classes,
+                      to_segments([(v, -1, s, e) for v, s, e in amb], False))
+    np.testing.assert_allclose(got.ap[0].numpy(), loop_thumos_ap(gt, det, thr, n_classes, amb), atol=1e-12)
+
+
+def test_thresholds_at_once_equal_one_at_a_time():
+    rng = np.random.default_rng(0)
+    gt = Segments(rng.integers(0, 5, 60), rng.integers(0, 4, 60), s := rng.uniform(0, 100, 60), s + rng.uniform(1, 9, 60))
+    det = Segments(rng.integers(0, 5, 400), rng.integers(0, 4, 400), d := rng.uniform(0, 100, 400),
+                   d + rng.uniform(1, 9, 400), rng.uniform(size=400))
+    thresholds = [0.1, 0.3, 0.5, 0.7]
+    for fn in (activitynet_ap, thumos14_ap):
+        together = fn(gt, det, thresholds, 4).ap
+        for k, t in enumerate(thresholds):
+            torch.testing.assert_close(together[k], fn(gt, det, [t], 4).ap[0])
+
+
+def test_perfect_detections_score_100_and_duplicates_are_false_positives():
+    gt = Segments([0, 0], [0, 0], [0.0, 10.0], [5.0, 15.0])
+    det = Segments([0, 0, 0], [0, 0, 0], [0.0, 10.0, 0.0], [5.0, 15.0, 5.0], [0.9, 0.8, 0.1])
+    assert activitynet_ap(gt, det, [0.5], 1).map.item() == pytest.approx(1.0)
+    # THUMOS: non-interpolated; the duplicate comes last, so precision at both TPs is 1
+    assert thumos14_ap(gt, det, [0.5], 1).map.item() == pytest.approx(1.0)
+    # a higher-scored duplicate costs precision: TPs at ranks 2 and 3 -> (1/2 + 2/3) / 2
+    det = Segments([0, 0, 0], [0, 0, 0], [0.0, 0.0, 10.0], [5.0, 5.0, 15.0], [0.9, 0.95, 0.8])
+    assert thumos14_ap(gt, det, [0.5], 1).map.item() == pytest.approx((1 + 2 / 3) / 2)
+
+
+def test_cbr_published_map_with_the_thumos14_protocol(shared_data):
+    """Real detections of CBR (BMVC 2017) give its published 60.1/56.7/50.1/41.3/31.0 (+-0.1)."""
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.formats import read_annotations, read_detections
+    from gcm_core.evaluation import evaluate_detections
+
+    card = load_card("thumos14")
+    gt = read_annotations(shared_data / "thumos14/annotations/temporal_annotations_test", card)
+    published = {0.1: 60.1, 0.2: 56.7, 0.3: 50.1, 0.4: 41.3, 0.5: 31.0}
+    for t, expected in published.items():
+        det = read_detections(shared_data / f"thumos14/results/CBR/CBR_THUMOS-14_IoU{t}.txt", card)
+        result = evaluate_detections(gt, det, card.classes, "thumos14", [t])
+        assert 100 * result.map.item() == pytest.approx(expected, abs=0.1), t
+
+
+def test_cbr_with_the_activitynet_protocol_differs_as_documented(shared_data):
+    """The same detections under the ActivityNet evaluator: about 31.35 at 0.5 (data README)."""
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.formats import read_annotations, read_detections
+    from gcm_core.evaluation import evaluate_detections
+
+    card = load_card("thumos14")
+    gt = {k: v for k, v in read_annotations(shared_data / "thumos14/annotations/thumos14.json", card).items()
+          if v.subset == "test"}
+    det = read_detections(shared_data / "thumos14/results/CBR/CBR_THUMOS-14_IoU0.5.txt", card)
+    result = evaluate_detections(gt, det, card.classes, "activitynet", [0.5])
+    assert 100 * result.map.item() == pytest.approx(31.35, abs=0.05)
+
+
+def loop_average_recall(gt, props, an, thr):
+    videos = sorted({g[0] for g in gt})
+    total = sum(1 for p in props if p[0] in videos)
+    hits = 0
+    for v in videos:
+        mine = sorted([p for p in props if p[0] == v], key=lambda p: -p[3])
+        keep = min(int(len(mine) * an * len(videos) / total), len(mine))
+        for g in (g for g in gt if g[0] == v):
+            hits += any(loop_tiou((g[1], g[2]), (p[1], p[2])) >= thr for p in mine[:keep])
+    return hits / len(gt)
+
+
+@given(seed=st.integers(0, 1000), an=st.sampled_from([1, 2, 5, 10]), thr=st.sampled_from([0.5, 0.7]))
+def test_average_recall_equals_loop(seed, an, thr):
+    rng = np.random.default_rng(seed)
+    gt = [(int(rng.integers(0, 3)), float(s), float(s + rng.integers(1, 8))) for s in rng.integers(0, 30, 8)]
+    props = [(int(rng.integers(0, 4)), float(s), float(s + rng.integers(1, 8)), float(rng.choice([0.2, 0.5])))
+             for s in rng.integers(0, 30, 30)]
+    g = Segments(*zip(*[(v, 0, s, e) for v, s, e in gt]))
+    p = Segments(*zip(*[(v, 0, s, e) for v, s, e, _ in props]), [sc for *_, sc in props])
+    got = average_recall(g, p, [an], [thr])
+    assert got.item() == pytest.approx(loop_average_recall(gt, props, an, thr))
+
+
+def test_threshold_boundary_differs_between_protocols():
+    """tIoU exactly at the threshold: a hit for ActivityNet (>=), a miss for THUMOS'14 (>)."""
+    gt = Segments([0], [0], [0.0], [4.0])
+    det = Segments([0], [0], [0.0], [2.0], [1.0])  # tIoU = 2 / 4 = 0.5
+    assert activitynet_ap(gt, det, [0.5], 1).map.item() == 1.0
+    assert thumos14_ap(gt, det, [0.5], 1).map.item() == 0.0

@@ -1,0 +1,80 @@
+"""NMS and Soft-NMS against brute-force loops written here, class by class."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from gcm_core.postprocess import nms, soft_nms
+
+
+def iou(a, b):
+    a, b = sorted(a), sorted(b)
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def brute_nms(dets, thr, top_k):
+    kept = []
+    for k in sorted(range(len(dets)), key=lambda k: -dets[k][2]):  # stable
+        if all(dets[j][3] != dets[k][3] or iou(dets[j][:2], dets[k][:2]) <= thr for j in kept):
+            kept.append(k)
+    return kept[:top_k]
+
+
+def brute_soft_nms(dets, method, sigma, thr, min_score, top_k):
+    scores = [d[2] for d in dets]
+    left = list(range(len(dets)))
+    out = []
+    while left and len(out) < top_k:
+        best = max(left, key=lambda k: (scores[k], -k))
+        if scores[best] < min_score:
+            break
+        out.append((best, scores[best]))
+        left.remove(best)
+        for k in left:
+            if dets[k][3] != dets[best][3]:
+                continue
+            o = iou(dets[k][:2], dets[best][:2])
+            if method == "linear":
+                scores[k] *= (1 - o) if o > thr else 1.0
+            else:
+                scores[k] *= math.exp(-o * o / sigma)
+    return out
+
+
+dets_strategy = st.lists(
+    st.tuples(st.integers(0, 30), st.integers(1, 10), st.sampled_from([0.2, 0.5, 0.7, 0.9, 0.95]),
+              st.integers(0, 2)).map(lambda t: (float(t[0]), float(t[0] + t[1]), t[2], t[3])),
+    max_size=40)
+
+
+def tensors(dets):
+    if not dets:
+        return torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    arr = np.array(dets)
+    return torch.tensor(arr[:, :2]), torch.tensor(arr[:, 2]), torch.tensor(arr[:, 3]).long()
+
+
+@given(dets=dets_strategy, thr=st.sampled_from([0.0, 0.3, 0.5, 0.7]), top_k=st.sampled_from([3, 100]))
+def test_nms_equals_brute_force(dets, thr, top_k):
+    seg, score, label = tensors(dets)
+    assert nms(seg, score, label, thr, top_k).tolist() == brute_nms(dets, thr, top_k)
+
+
+@given(dets=dets_strategy, method=st.sampled_from(["linear", "gaussian"]), top_k=st.sampled_from([5, 100]))
+def test_soft_nms_equals_brute_force(dets, method, top_k):
+    seg, score, label = tensors(dets)
+    idx, new_scores = soft_nms(seg, score, label, method, sigma=0.5, iou_threshold=0.3, min_score=0.05, top_k=top_k)
+    expected = brute_soft_nms(dets, method, 0.5, 0.3, 0.05, top_k)
+    assert idx.tolist() == [k for k, _ in expected]
+    np.testing.assert_allclose(new_scores.numpy(), [s for _, s in expected], rtol=1e-9)
+
+
+def test_nms_keeps_overlaps_of_different_classes():
+    seg = torch.tensor([[0.0, 10.0], [0.0, 10.0], [1.0, 10.0]])
+    kept = nms(seg, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 0]), iou_threshold=0.5)
+    assert kept.tolist() == [0, 1]

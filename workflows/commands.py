@@ -1,0 +1,64 @@
+"""The subcommands of ``gcm``: their arguments and the stage each one calls."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from workflows.tables import markdown_table
+
+
+def _add_eval_detections(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", required=True, choices=["thumos14", "activitynet"],
+                   help="thumos14: the challenge's official protocol (older literature); "
+                        "activitynet: the official ActivityNet evaluator (ActionFormer/OpenTAD)")
+    p.add_argument("--ground-truth", required=True, type=Path,
+                   help="THUMOS'14 per-class folder, ActivityNet/ActionFormer JSON or annotation CSV")
+    p.add_argument("--detections", required=True, type=Path,
+                   help="ActivityNet result JSON, or THUMOS text 'video start end class_index score'")
+    p.add_argument("--tiou", type=float, nargs="+", help="tIoU thresholds (default: the card's)")
+    p.add_argument("--card", help="dataset card name or YAML path (default: thumos14 for that protocol)")
+    p.add_argument("--subset", help="evaluate the ground-truth videos of this subset only "
+                                    "(default: the card's test subset when the file holds several)")
+    p.add_argument("--label-convention", default="official",
+                   choices=["official", "zero_based", "one_based"], help="class indices in THUMOS text")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _run_eval_detections(args: argparse.Namespace) -> int:
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.formats import read_annotations, read_detections
+    from gcm_core.evaluation import evaluate_detections, select_subset
+    from gcm_core.metrics import ACTIVITYNET_TIOU, THUMOS14_TIOU
+
+    thumos_inputs = args.protocol == "thumos14" or args.detections.suffix != ".json"
+    card = load_card(args.card or "thumos14") if (args.card or thumos_inputs) else None
+    videos = read_annotations(args.ground_truth, card)
+    subset = args.subset
+    if subset is None and len({v.subset for v in videos.values()}) > 1:
+        if card is None:
+            raise ValueError(f"{args.ground_truth} holds several subsets: choose one with --subset")
+        subset = card.subsets["test"]
+    videos = select_subset(videos, subset)
+    detections = read_detections(args.detections, card, args.label_convention)
+    classes = card.classes if card else sorted({i.label for v in videos.values() for i in v.instances})
+    tiou = args.tiou or (card.tiou if card else (THUMOS14_TIOU if args.protocol == "thumos14" else ACTIVITYNET_TIOU))
+    result = evaluate_detections(videos, detections, classes, args.protocol, tiou)
+    if args.json:
+        print(json.dumps(result.as_dict(classes)))
+        return 0
+    summary = result.as_dict(classes)
+    n_inst = sum(len(v.instances) for v in videos.values())
+    print(f"protocol {args.protocol}: {len(videos)} videos{f' ({subset})' if subset else ''}, "
+          f"{n_inst} instances, {len(detections)} detections")
+    headers = ["tIoU", *(f"{t:g}" for t in tiou), "average"]
+    print(markdown_table(headers, [["mAP (%)", *summary["mAP"], summary["average"]]]))
+    return 0
+
+
+Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+REGISTRY: dict[str, Command] = {
+    "eval-detections": ("score detections against ground truth under an official protocol",
+                        _add_eval_detections, _run_eval_detections),
+}
