@@ -57,8 +57,26 @@ def _run_eval_detections(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shared-data", type=Path, default=Path("../shared/data"),
+                   help="folder holding the real THUMOS'14 files (thumos14/...)")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    root = args.shared_data / "thumos14"
+    print("gcm demo: the Ray pipeline (synthetic data -> preprocess -> train -> evaluate) is not built yet;")
+    print("meanwhile, the evaluation of the real CBR detections on THUMOS'14 test (official protocol):")
+    for t in (0.1, 0.2, 0.3, 0.4, 0.5):
+        _run_eval_detections(argparse.Namespace(
+            protocol="thumos14", ground_truth=root / "annotations/temporal_annotations_test",
+            detections=root / f"results/CBR/CBR_THUMOS-14_IoU{t}.txt", tiou=[t], card=None, subset=None,
+            label_convention="official", json=False))
+    return 0
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 REGISTRY: dict[str, Command] = {
     "eval-detections": ("score detections against ground truth under an official protocol",
                         _add_eval_detections, _run_eval_detections),
+    "demo": ("run the main job end to end on the embedded default", _add_demo, _run_demo),
 }
