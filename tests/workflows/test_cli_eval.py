@@ -1,0 +1,39 @@
+"""`gcm eval-detections` as a user runs it: real files in, a table or JSON out, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from workflows.cli import main
+
+
+def test_eval_detections_json_on_real_cbr_results(shared_data, capsys):
+    th = shared_data / "thumos14"
+    rc = main(["eval-detections", "--protocol", "thumos14",
+               "--ground-truth", str(th / "annotations/temporal_annotations_test"),
+               "--detections", str(th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt"), "--tiou", "0.5", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "thumos14" and out["tiou"] == [0.5]
+    assert out["mAP"][0] == pytest.approx(31.0, abs=0.1)
+    assert len(out["per_class"]) == 20
+    assert out["average"] == pytest.approx(sum(v[0] for v in out["per_class"].values()) / 20, abs=1e-3)
+
+
+def test_eval_detections_picks_the_test_subset_of_a_json_holding_two(shared_data, capsys):
+    th = shared_data / "thumos14"
+    rc = main(["eval-detections", "--protocol", "activitynet",
+               "--ground-truth", str(th / "annotations/thumos14.json"),
+               "--detections", str(th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt"), "--tiou", "0.5"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "212 videos (test)" in out  # thumos14.json omits the Ambiguous-only video and "31.35" in out
+
+
+def test_missing_file_is_one_clear_error(tmp_path, capsys):
+    rc = main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(tmp_path / "nope"),
+               "--detections", str(tmp_path / "d.txt")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "Traceback" not in err
