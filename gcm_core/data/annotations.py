@@ -72,10 +72,8 @@ def _read_json(path: Path) -> dict[str, Video]:
     data = _load_json(path)
     if not isinstance(data, dict):
         raise FormatError(path, "expected a JSON object")
-    if "database" in data:
-        entries, duration_key = data["database"], "duration"
-    else:  # BSN/BMN anet_anno_action.json: {video: {duration_second, annotations, ...}}
-        entries, duration_key = data, "duration_second"
+    # official/ActionFormer: {"database": {video: entry}}; BSN/BMN anet_anno_action.json: {video: entry}
+    entries = data["database"] if "database" in data else data
     if not isinstance(entries, dict):
         raise FormatError(path, "'database' must map video ids to entries", field="database")
     videos: dict[str, Video] = {}
@@ -89,7 +87,7 @@ def _read_json(path: Path) -> dict[str, Video]:
                 raise FormatError(path, "annotation needs 'segment' and 'label'", video=vid, **where)
             start, end = _segment(path, vid, ann["segment"], where)
             instances.append(Instance(str(ann["label"]), start, end))
-        duration = entry.get(duration_key)
+        duration = entry.get("duration", entry.get("duration_second"))
         n_frames = entry.get("duration_frame")
         videos[vid] = Video(
             id=vid,
@@ -157,19 +155,67 @@ def _read_thumos_folder(folder: Path) -> dict[str, Video]:
     return videos
 
 
+def read_video_info(path: str | Path) -> dict[str, Video]:
+    """Per-video facts without instances: fps, duration, frame count, subset.
+
+    Reads mmtad's ``TH14_video_info.json`` (``{video: {fps, duration, num_frame, subset}}``),
+    CBR's ``video duration_s num_frames`` text, and THUMOS'14's ``*_durations.txt`` (a
+    ``video.mp4`` line, then its duration).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    if path.suffix == ".json":
+        data = _load_json(path)
+        try:
+            return {vid: Video(vid, duration=float(e["duration"]), fps=float(e["fps"]),
+                               n_frames=int(e["num_frame"]), subset=e.get("subset"))
+                    for vid, e in data.items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise FormatError(path, f"expected {{video: {{fps, duration, num_frame}}}} ({err})") from None
+    lines = [(k, line.split()) for k, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    videos: dict[str, Video] = {}
+    if lines and len(lines[0][1]) == 1:  # THUMOS'14 durations: name line, duration line
+        if len(lines) % 2:
+            raise FormatError(path, "expected pairs of lines (video name, duration)", line=lines[-1][0])
+        for (_, name), (line, value) in zip(lines[::2], lines[1::2]):
+            vid = Path(name[0]).stem
+            videos[vid] = Video(vid, duration=_float_field(path, value[0], vid, line))
+        return videos
+    for line, parts in lines:
+        if len(parts) != 3:
+            raise FormatError(path, f"expected 'video duration_s num_frames', got {' '.join(parts)!r}", line=line)
+        duration = _float_field(path, parts[1], parts[0], line)
+        n_frames = int(_float_field(path, parts[2], parts[0], line))
+        videos[parts[0]] = Video(parts[0], duration=duration, n_frames=n_frames, fps=n_frames / duration)
+    return videos
+
+
+def _float_field(path: Path, text: str, vid: str, line: int) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise FormatError(path, f"not a number: {text!r}", video=vid, line=line) from None
+
+
 def _merge_durations(path: Path, videos: dict[str, Video]) -> None:
-    """THUMOS'14 ``*_durations.txt``: a ``video_xxx.mp4`` line, then its duration in seconds."""
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if len(lines) % 2:
-        raise FormatError(path, "expected pairs of lines (video name, duration)", line=len(lines))
-    for k in range(0, len(lines), 2):
-        vid = Path(lines[k]).stem
+    for vid, info in read_video_info(path).items():
         if vid in videos:
-            try:
-                videos[vid].duration = float(lines[k + 1])
-            except ValueError:
-                raise FormatError(path, f"duration is not a number: {lines[k + 1]!r}", video=vid,
-                                  line=k + 2) from None
+            videos[vid].duration = info.duration
+
+
+def read_avoid_list(path: str | Path) -> list[tuple[str, str]]:
+    """THUMOS'14 ``*_avoid_videos.txt``: (video, class) pairs with known-bad labels."""
+    path = Path(path)
+    pairs = []
+    for line, text in enumerate(path.read_text().splitlines(), start=1):
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise FormatError(path, f"expected 'video ClassName', got {text.strip()!r}", line=line)
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 def _read_csv(path: Path, card: DatasetCard | None) -> dict[str, Video]:
@@ -182,7 +228,7 @@ def _read_csv(path: Path, card: DatasetCard | None) -> dict[str, Video]:
     if {"video-name", "t-init", "t-end", "label-idx"} <= columns:
         if card is None:
             raise FormatError(path, "integer labels (label-idx) need a dataset card to name the classes")
-        convention = "official" if card.official_index is not None else "zero_based"
+        convention = _label_convention(path, card, [row["label-idx"] for _, row in rows])
 
         def label(row: dict[str, str]) -> str:
             if row["label-idx"].strip() == "-1":
@@ -197,6 +243,19 @@ def _read_csv(path: Path, card: DatasetCard | None) -> dict[str, Video]:
             video.n_frames = int(_number(path, row, "video-frames", line))
         return videos
     raise FormatError(path, f"unknown CSV columns {sorted(columns)}")
+
+
+def _label_convention(path: Path, card: DatasetCard, labels: list[str]) -> str:
+    """The convention of a file's integer labels: 0-based if they all fit it, else the official one.
+
+    (The public THUMOS'14 CSVs use both: G-TAD's ``label-idx`` is 0-based, ``type_idx`` official.)
+    """
+    values = {int(v) for v in labels if v.strip() not in ("", "-1")}
+    for convention in ("zero_based", "official"):
+        if all(card.is_class(v, convention) for v in values):
+            return convention
+    raise FormatError(path, f"integer labels {sorted(values)[:5]}... fit neither the 0-based nor the official "
+                            f"class indices of card {card.name!r}", field="label-idx")
 
 
 def _number(path: Path, row: dict[str, str], column: str, line: int) -> float:

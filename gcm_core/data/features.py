@@ -1,0 +1,57 @@
+"""Snippet features of one video and stream: ``[T, C]`` float32, loaded without unpickling.
+
+Accepted files: ``.npy`` (``allow_pickle=False``), ``.npz`` (array ``feats``, or its only
+array), ``.pt`` (a tensor, ``weights_only=True``). Every load checks dtype, shape and finiteness
+and names the file and video when something is wrong.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gcm_core.data.model import FormatError
+
+
+def load_features(path: str | Path, video: str | None = None) -> np.ndarray:
+    """The ``[T, C]`` float32 features in ``path``; FormatError names what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "feature file missing", video=video)
+    try:
+        if path.suffix == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                key = "feats" if "feats" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise FormatError(path, f"no 'feats' array among {keys}", video=video)
+                array = archive[key]
+        elif path.suffix == ".pt":
+            loaded = torch.load(path, weights_only=True, map_location="cpu")
+            if not isinstance(loaded, torch.Tensor):
+                raise FormatError(path, f"expected a tensor, found {type(loaded).__name__}", video=video)
+            array = loaded.numpy()
+        else:
+            raise FormatError(path, "unknown feature format (expected .npy, .npz or .pt)", video=video)
+    except FormatError:
+        raise
+    except ValueError as err:  # numpy refuses object arrays without pickle
+        raise FormatError(path, f"cannot be read without unpickling ({err})", video=video) from None
+    except Exception as err:  # truncated or corrupt archives
+        raise FormatError(path, f"unreadable feature file ({type(err).__name__}: {err})", video=video) from None
+    return check_features(array, path, video)
+
+
+def check_features(array: np.ndarray, path: str | Path, video: str | None = None) -> np.ndarray:
+    """``array`` as C-contiguous float32 [T, C] after checking dtype, ndim, size and values."""
+    if array.dtype.kind != "f":
+        raise FormatError(path, f"features must be floating point, got dtype {array.dtype}", video=video)
+    if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise FormatError(path, f"features must have shape [T, C] with T, C > 0, got {array.shape}", video=video)
+    if not np.isfinite(array).all():
+        t = int(np.argwhere(~np.isfinite(array))[0, 0])
+        raise FormatError(path, f"non-finite value (NaN or inf) at snippet {t}", video=video)
+    return np.ascontiguousarray(array, dtype=np.float32)

@@ -1,0 +1,260 @@
+"""Readers of action-unit proposals, into ``dict[str, Proposals]`` in seconds.
+
+- SSN / P-GCN proposal lists (``.txt`` starting with ``# 0``), frame-based (THUMOS'14 TAG) or
+  normalized (ActivityNet TAG): blocks of ``# idx``, video path, frame count, multiplier, the
+  ground-truth count and lines, the proposal count and ``label best_iou overlap start end``
+  lines. The lists carry no proposal score (their two overlaps are training labels computed from
+  the ground truth, not predictions), so every score is 1 and the list order is kept;
+- ``video start end [score]`` text (TURN style), in frames (``time_unit="frames"``, as TURN's
+  public file) or seconds;
+- BSN / BMN CSVs: a folder of ``<video>.csv`` with normalized ``xmin, xmax, score`` columns, or one
+  CSV with a ``video`` (or ``video-name``) column and either normalized ``xmin, xmax`` or
+  ``t-start, t-end`` in seconds.
+
+Converting frames or fractions to seconds needs each video's fps or duration: pass the
+annotations as ``videos``. Proposals must have end > start and lie inside the video; proposal
+generators overshoot the last frame a little (the real THUMOS'14 TAG lists by up to 6 frames),
+so ends up to ``tolerance`` seconds past the end are clipped to it, and anything further is an
+error.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gcm_core.data.model import FormatError, Proposals, Video
+
+DEFAULT_TOLERANCE_S = 1.0
+
+
+def read_proposals(path: str | Path, videos: dict[str, Video] | None = None, *, time_unit: str = "frames",
+                   tolerance: float = DEFAULT_TOLERANCE_S, skip_unknown: bool = False) -> dict[str, Proposals]:
+    """Proposals of every video in ``path`` (file or folder of CSVs), format detected.
+
+    ``videos`` gives fps / duration for the conversion to seconds and the range check;
+    ``time_unit`` applies to ``video start end [score]`` text only. A video of an SSN list that
+    ``videos`` does not annotate is an error, or skipped with ``skip_unknown``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_bsn_folder(path, videos, tolerance)
+    if not path.is_file():
+        raise FormatError(path, "no such file or folder")
+    if path.suffix == ".csv":
+        return _read_bsn_csv(path, videos, tolerance)
+    with path.open() as f:
+        first = f.readline()
+    if first.startswith("#"):
+        return _read_ssn_list(path, videos, tolerance, skip_unknown)
+    if time_unit not in ("frames", "seconds"):
+        raise ValueError(f"time_unit must be 'frames' or 'seconds', got {time_unit!r}")
+    return _read_plain_text(path, videos, time_unit, tolerance)
+
+
+def _video_info(path: Path, videos: dict[str, Video] | None, vid: str, need: str) -> Video:
+    video = (videos or {}).get(vid)
+    if video is None:
+        raise FormatError(path, f"no annotation for this video: its {need} is needed to place its proposals "
+                                "in seconds (pass the annotations)", video=vid)
+    return video
+
+
+def _fps(path: Path, videos: dict[str, Video] | None, vid: str, n_frames: int | None = None) -> float:
+    video = _video_info(path, videos, vid, "fps")
+    if video.fps:
+        return video.fps
+    if n_frames and video.duration:
+        return n_frames / video.duration
+    raise FormatError(path, "the annotation gives neither fps nor duration", video=vid)
+
+
+def _duration(path: Path, videos: dict[str, Video] | None, vid: str) -> float:
+    video = _video_info(path, videos, vid, "duration")
+    if not video.duration:
+        raise FormatError(path, "the annotation gives no duration", video=vid)
+    return video.duration
+
+
+def _finish(path: Path, vid: str, rows: list[tuple[float, float, float, int]], duration: float | None,
+            tolerance: float) -> Proposals:
+    """Check rows of (start, end, score, line) in seconds, clip small overshoots, build Proposals."""
+    arr = np.array([r[:3] for r in rows], dtype=np.float64).reshape(-1, 3)
+    lines = [r[3] for r in rows]
+    bad = ~np.isfinite(arr).all(axis=1) | (arr[:, 1] <= arr[:, 0])
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise FormatError(path, f"proposal ({arr[k, 0]:g}, {arr[k, 1]:g}) must have end > start", video=vid,
+                          line=lines[k])
+    if duration is not None:
+        outside = (arr[:, 0] < -tolerance) | (arr[:, 1] > duration + tolerance) | (arr[:, 0] >= duration)
+        if outside.any():
+            k = int(np.argmax(outside))
+            raise FormatError(path, f"proposal ({arr[k, 0]:g}, {arr[k, 1]:g}) s lies outside the video "
+                                    f"(0, {duration:g}) s", video=vid, line=lines[k])
+        arr[:, 0] = np.clip(arr[:, 0], 0, duration)
+        arr[:, 1] = np.clip(arr[:, 1], 0, duration)
+    return Proposals(arr[:, 0], arr[:, 1], arr[:, 2])
+
+
+def _int(path: Path, text: str, line: int, what: str, vid: str | None = None) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise FormatError(path, f"{what} must be an integer, got {text.strip()!r}", video=vid, line=line) from None
+
+
+@dataclass
+class SsnBlock:
+    """One video's block of an SSN / P-GCN proposal list, in the list's own units.
+
+    ``gt``: (label 1..K, start, end) rows; ``proposals``: (start, end, line number) rows; units are
+    frames, or fractions of the video when ``normalized``.
+    """
+
+    video: str
+    n_frames: int
+    normalized: bool
+    gt: list[tuple[int, float, float]]
+    proposals: list[tuple[float, float, int]]
+
+
+def read_ssn_blocks(path: str | Path) -> list[SsnBlock]:
+    """Parse an SSN / P-GCN proposal list without converting it (see the module docstring)."""
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    blocks: list[SsnBlock] = []
+    seen: set[str] = set()
+    i = 0
+    while i < len(lines):
+        if not lines[i].strip():
+            i += 1
+            continue
+        if not lines[i].startswith("#"):
+            raise FormatError(path, f"expected a '# <index>' block header, got {lines[i]!r}", line=i + 1)
+        if i + 5 > len(lines):
+            raise FormatError(path, "truncated block header", line=i + 1)
+        vid = lines[i + 1].strip().rstrip("/").split("/")[-1]
+        if vid in seen:
+            raise FormatError(path, "duplicate video id", video=vid, line=i + 2)
+        seen.add(vid)
+        frames = _int(path, lines[i + 2], i + 3, "frame count", vid)
+        try:
+            multiplier = float(lines[i + 3])
+        except ValueError:
+            raise FormatError(path, "multiplier must be a number", video=vid, line=i + 4) from None
+        n_gt = _int(path, lines[i + 4], i + 5, "ground-truth count", vid)
+        gt = [_numbers(path, lines, k, vid, 3, "label start end") for k in range(i + 5, min(i + 5 + n_gt, len(lines)))]
+        i += 5 + n_gt
+        if i >= len(lines):
+            raise FormatError(path, "truncated block: the proposal count is missing", video=vid, line=i)
+        n_prop = _int(path, lines[i], i + 1, "proposal count", vid)
+        if i + 1 + n_prop > len(lines):
+            raise FormatError(path, f"truncated block: {n_prop} proposals announced, "
+                                    f"{len(lines) - i - 1} lines left", video=vid, line=len(lines))
+        proposals = [(*_numbers(path, lines, k, vid, 5, "label best_iou overlap start end")[3:], k + 1)
+                     for k in range(i + 1, i + 1 + n_prop)]
+        i += 1 + n_prop
+        n_frames = int(frames * multiplier)
+        blocks.append(SsnBlock(vid, n_frames, n_frames == 1, [(int(l), s, e) for l, s, e in gt], proposals))
+    return blocks
+
+
+def _numbers(path: Path, lines: list[str], k: int, vid: str, count: int, layout: str) -> list[float]:
+    parts = lines[k].split()
+    try:
+        if len(parts) != count:
+            raise ValueError
+        return [float(p) for p in parts]
+    except ValueError:
+        raise FormatError(path, f"expected '{layout}', got {lines[k]!r}", video=vid, line=k + 1) from None
+
+
+def _read_ssn_list(path: Path, videos: dict[str, Video] | None, tolerance: float,
+                   skip_unknown: bool) -> dict[str, Proposals]:
+    out: dict[str, Proposals] = {}
+    for block in read_ssn_blocks(path):
+        if skip_unknown and block.video not in (videos or {}):
+            continue
+        if block.normalized:
+            duration = _duration(path, videos, block.video)
+            scale = duration
+        else:
+            fps = _fps(path, videos, block.video, block.n_frames)
+            duration = videos[block.video].duration or block.n_frames / fps
+            scale = 1 / fps
+        rows = [(s * scale, e * scale, 1.0, line) for s, e, line in block.proposals]
+        out[block.video] = _finish(path, block.video, rows, duration, tolerance)
+    return out
+
+
+def _read_plain_text(path: Path, videos: dict[str, Video] | None, time_unit: str,
+                     tolerance: float) -> dict[str, Proposals]:
+    grouped: dict[str, list[tuple[float, float, float, int]]] = {}
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) not in (3, 4):
+            raise FormatError(path, f"expected 'video start end [score]', got {line.strip()!r}", line=line_no)
+        try:
+            values = [float(p) for p in parts[1:]]
+        except ValueError:
+            raise FormatError(path, f"not numbers: {line.strip()!r}", video=parts[0], line=line_no) from None
+        score = values[2] if len(values) == 3 else 1.0
+        grouped.setdefault(parts[0], []).append((values[0], values[1], score, line_no))
+    out = {}
+    for vid, rows in grouped.items():
+        if time_unit == "frames":
+            fps = _fps(path, videos, vid)
+            rows = [(s / fps, e / fps, sc, ln) for s, e, sc, ln in rows]
+        out[vid] = _finish(path, vid, rows, _known_duration(videos, vid), tolerance)
+    return out
+
+
+def _csv_rows(path: Path, video: str | None, videos: dict[str, Video] | None) -> dict[str, list]:
+    """Rows of a BSN-style CSV as {video: [(start_s, end_s, score, line)]}."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = set(reader.fieldnames or ())
+        rows = list(enumerate(reader, start=2))
+    video_col = next((c for c in ("video", "video-name") if c in columns), None)
+    normalized = {"xmin", "xmax"} <= columns
+    if not (normalized or {"t-start", "t-end"} <= columns) or (video is None and video_col is None):
+        raise FormatError(path, f"unknown proposal CSV columns {sorted(columns)}")
+    grouped: dict[str, list] = {}
+    for line, row in rows:
+        vid = video or row[video_col]
+        try:
+            s, e = (float(row["xmin"]), float(row["xmax"])) if normalized else (float(row["t-start"]), float(row["t-end"]))
+            score = float(row.get("score") or 1.0)
+        except ValueError:
+            raise FormatError(path, "start/end/score are not numbers", video=vid, line=line) from None
+        if normalized:
+            duration = _duration(path, videos, vid)
+            s, e = s * duration, e * duration
+        grouped.setdefault(vid, []).append((s, e, score, line))
+    return grouped
+
+
+def _read_bsn_csv(path: Path, videos: dict[str, Video] | None, tolerance: float) -> dict[str, Proposals]:
+    return {vid: _finish(path, vid, rows, _known_duration(videos, vid), tolerance)
+            for vid, rows in _csv_rows(path, None, videos).items()}
+
+
+def _read_bsn_folder(folder: Path, videos: dict[str, Video] | None, tolerance: float) -> dict[str, Proposals]:
+    files = sorted(folder.glob("*.csv"))
+    if not files:
+        raise FormatError(folder, "no <video>.csv proposal files in this folder")
+    out = {}
+    for file in files:
+        rows = _csv_rows(file, file.stem, videos).get(file.stem, [])
+        out[file.stem] = _finish(file, file.stem, rows, _known_duration(videos, file.stem), tolerance)
+    return out
+
+
+def _known_duration(videos: dict[str, Video] | None, vid: str) -> float | None:
+    video = (videos or {}).get(vid)
+    return video.duration if video else None
