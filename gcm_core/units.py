@@ -74,6 +74,13 @@ def pairwise_tiou(a: Tensor, b: Tensor) -> Tensor:
     return tiou(a[:, None], b[None, :])
 
 
+def pairwise_overlap(a: Tensor, b: Tensor) -> Tensor:
+    """Share of each unit of ``a`` [N, 2] covered by each unit of ``b`` [M, 2] (|a n b| / |a|)."""
+    a_, b_ = a[:, None], b[None, :]
+    inter = torch.minimum(a_[..., 1], b_[..., 1]) - torch.maximum(a_[..., 0], b_[..., 0])
+    return inter.clamp_(min=0) / (a[:, 1] - a[:, 0])[:, None]
+
+
 def pairwise_geometry(a: Tensor, b: Tensor, out: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """tIoU and Eq. 5 distance of every pair of ``a`` [N, 2] x ``b`` [M, 2].
 

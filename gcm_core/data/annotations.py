@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard
 from gcm_core.data.model import FormatError, Instance, Video
 
@@ -61,11 +62,27 @@ def _segment(path: Path, video: str, value: Any, where: dict[str, Any]) -> tuple
     return start, end
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _load_json(path: Path) -> Any:
+    """Parsed JSON; a key given twice (a duplicate video id) is an error, not a silent overwrite."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise FormatError(path, f"malformed JSON: {err.msg}", line=err.lineno) from None
+    except _DuplicateKey as err:
+        raise FormatError(path, f"duplicate key (video id) {err.args[0]!r}", video=err.args[0]) from None
 
 
 def _read_json(path: Path) -> dict[str, Video]:
@@ -282,3 +299,19 @@ def _rows_to_videos(path: Path, rows, video_col: str, start_col: str, end_col: s
         else:
             video.instances.append(Instance(label, start, end))
     return videos
+
+
+def write_annotations_json(path: str | Path, videos: dict[str, Video], classes: list[str] | tuple[str, ...],
+                           version: str = "gcm-tal") -> None:
+    """ActionFormer-style JSON (``database`` with ``fps``, ``label_id``, ``segment(frames)``)."""
+    index = {c: k for k, c in enumerate(classes)}
+    database = {}
+    for v in videos.values():
+        entry: dict[str, Any] = {"subset": v.subset, "duration": v.duration, "fps": v.fps, "annotations": [
+            {"label": i.label, "segment": [i.start, i.end], "label_id": index[i.label],
+             **({"segment(frames)": [round(i.start * v.fps, 1), round(i.end * v.fps, 1)]} if v.fps else {})}
+            for i in v.instances]}
+        if v.n_frames is not None:
+            entry["duration_frame"] = v.n_frames
+        database[v.id] = entry
+    atomic_write_text(path, json.dumps({"version": version, "database": database}))

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import CardError, DatasetCard
 from gcm_core.data.model import Detections, FormatError
 
@@ -88,20 +87,6 @@ def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detecti
         end.append(e)
         score.append(sc)
     return Detections(video, label, np.array(start), np.array(end), np.array(score))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_result_json(path: str | Path, detections: Detections, version: str = "VERSION 1.3") -> None:

@@ -4,16 +4,16 @@ The internal model is in seconds: :class:`Video` (with its :class:`Instance` lis
 ``ambiguous`` segments), :class:`Proposals` per video, and :class:`Detections`. Readers raise
 :class:`FormatError` naming the file, the video and the line or field at fault.
 """
-from gcm_core.data.annotations import read_annotations, read_avoid_list, read_video_info
-from gcm_core.data.detections import (
-    atomic_write_text, read_detections, write_result_json, write_thumos_text,
-)
+from gcm_core.data.annotations import read_annotations, read_avoid_list, read_video_info, write_annotations_json
+from gcm_core.data.atomic import atomic_save_npy, atomic_write_text
+from gcm_core.data.detections import read_detections, write_result_json, write_thumos_text
 from gcm_core.data.features import check_features, load_features
 from gcm_core.data.model import Detections, FormatError, Instance, Proposals, Video
-from gcm_core.data.proposals import SsnBlock, read_proposals, read_ssn_blocks
+from gcm_core.data.proposals import SsnBlock, read_proposals, read_ssn_blocks, write_ssn_list
 
 __all__ = [
-    "Detections", "FormatError", "Instance", "Proposals", "SsnBlock", "Video", "atomic_write_text",
+    "Detections", "FormatError", "Instance", "Proposals", "SsnBlock", "Video", "atomic_save_npy", "atomic_write_text",
     "check_features", "load_features", "read_annotations", "read_avoid_list", "read_detections",
-    "read_proposals", "read_ssn_blocks", "read_video_info", "write_result_json", "write_thumos_text",
+    "read_proposals", "read_ssn_blocks", "read_video_info", "write_annotations_json", "write_result_json",
+    "write_ssn_list", "write_thumos_text",
 ]

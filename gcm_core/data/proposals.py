@@ -24,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.model import FormatError, Proposals, Video
+from gcm_core.units import pairwise_overlap, pairwise_tiou
 
 DEFAULT_TOLERANCE_S = 1.0
 
@@ -258,3 +261,32 @@ def _read_bsn_folder(folder: Path, videos: dict[str, Video] | None, tolerance: f
 def _known_duration(videos: dict[str, Video] | None, vid: str) -> float | None:
     video = (videos or {}).get(vid)
     return video.duration if video else None
+
+
+def write_ssn_list(path: str | Path, videos: dict[str, Video], proposals: dict[str, Proposals],
+                   classes: list[str] | tuple[str, ...]) -> None:
+    """An SSN / P-GCN proposal list in frames, with each proposal's best tIoU and self-overlap.
+
+    Labels are 1-based in ``classes`` order (0 = background), as the authors' lists.
+    """
+    index = {c: k + 1 for k, c in enumerate(classes)}
+    out = []
+    for k, (vid, props) in enumerate(proposals.items()):
+        video = videos[vid]
+        fps = video.fps
+        gt = torch.tensor([(i.start, i.end) for i in video.instances], dtype=torch.float64).reshape(-1, 2)
+        units = torch.tensor(props.intervals, dtype=torch.float64).reshape(-1, 2)
+        if gt.shape[0]:
+            ious = pairwise_tiou(units, gt)
+            best_iou, best = ious.max(dim=1)
+            overlap = pairwise_overlap(units, gt).max(dim=1).values
+            labels = [index[video.instances[b].label] if iou > 0 else 0 for b, iou in zip(best.tolist(), best_iou.tolist())]
+        else:
+            best_iou = overlap = torch.zeros(units.shape[0], dtype=torch.float64)
+            labels = [0] * units.shape[0]
+        out += [f"# {k}", vid, str(video.n_frames or round(video.duration * fps)), "1", str(len(video.instances))]
+        out += [f"{index[i.label]} {round(i.start * fps)} {round(i.end * fps)}" for i in video.instances]
+        out.append(str(units.shape[0]))
+        out += [f"{lab} {iou:.4f} {ov:.4f} {round(s * fps)} {max(round(e * fps), round(s * fps) + 1)}"
+                for lab, iou, ov, (s, e) in zip(labels, best_iou.tolist(), overlap.tolist(), units.tolist())]
+    atomic_write_text(path, "\n".join(out) + "\n")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gcm_core.units import pairwise_tiou
+from gcm_core.units import pairwise_overlap, pairwise_tiou
 
 BACKGROUND, FOREGROUND, INCOMPLETE, IGNORED = 0, 1, 2, 3
 ROLE_NAMES = {FOREGROUND: "foreground", INCOMPLETE: "incomplete", BACKGROUND: "background", IGNORED: "ignored"}
@@ -103,9 +103,7 @@ def label_units(units: Tensor, gt: Tensor, gt_labels: Tensor, duration: float,
     else:
         ious = pairwise_tiou(units, gt)
         tiou, best = ious.max(dim=1)
-        inter = (torch.minimum(units[:, None, 1], gt[None, :, 1])
-                 - torch.maximum(units[:, None, 0], gt[None, :, 0])).clamp(min=0)
-        overlap = (inter / (units[:, 1] - units[:, 0])[:, None]).max(dim=1).values
+        overlap = pairwise_overlap(units, gt).max(dim=1).values
         label = gt_labels.long()[best] + 1
         reg = regression_targets(units, gt[best])
     coverage = (units[:, 1] - units[:, 0]) / duration

@@ -1,0 +1,90 @@
+"""One subset of a dataset described by a card: its videos, proposals and feature files, checked.
+
+This is what preprocessing walks video by video: :meth:`DatasetSource.load` reads one video's
+snippet features for every stream and checks them against the video (every stream present,
+same T, enough snippets for its duration), raising :class:`FormatError` with the file and video.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gcm_core.data.annotations import read_annotations
+from gcm_core.data.cards import DatasetCard, data_root_path
+from gcm_core.data.features import load_features
+from gcm_core.data.model import FormatError, Proposals, Video
+from gcm_core.data.pooling import SnippetGrid
+from gcm_core.data.proposals import read_proposals
+
+ROLES = ("train", "test")
+
+
+@dataclass
+class VideoInputs:
+    """Everything preprocessing needs of one video."""
+
+    video: Video
+    proposals: Proposals
+    features: dict[str, np.ndarray]
+    grid: SnippetGrid
+
+
+class DatasetSource:
+    """The videos of one role (``train`` or ``test``) of a card's dataset under a data root."""
+
+    def __init__(self, card: DatasetCard, data_root: str | Path | None, role: str) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.card, self.role = card, role
+        self.root = data_root_path(data_root)
+        subset = card.subsets[role]
+        annotated = read_annotations(card.path("annotations", self.root), card)
+        self.videos = {k: v for k, v in annotated.items() if (v.subset or "").lower() == subset.lower()}
+        if not self.videos:
+            raise FormatError(card.path("annotations", self.root), f"no video of subset {subset!r}")
+        self.proposals = read_proposals(card.path(f"proposals.{role}", self.root), self.videos)
+        missing = sorted(set(self.videos) - set(self.proposals))
+        if missing:
+            raise FormatError(card.path(f"proposals.{role}", self.root),
+                              f"no proposals for {len(missing)} annotated videos", video=missing[0])
+
+    @property
+    def video_ids(self) -> list[str]:
+        return sorted(self.videos)
+
+    def feature_path(self, video: str, stream: str) -> Path:
+        return self.card.path("features", self.root, stream=stream, video=video)
+
+    def grid(self, video: Video, num_snippets: int) -> SnippetGrid:
+        snippets = self.card.snippets
+        fps = snippets.get("fps", "native")
+        return SnippetGrid(
+            convention=snippets.get("convention", "i3d"), num_snippets=num_snippets, duration=video.duration,
+            fps=float(video.fps if fps == "native" else fps),
+            stride_frames=int(snippets.get("stride_frames", 8)), clip_frames=int(snippets.get("clip_frames", 64)))
+
+    def load(self, video_id: str) -> VideoInputs:
+        """One video's proposals and features of every stream, checked against each other."""
+        video = self.videos[video_id]
+        if not video.duration:
+            raise FormatError(self.card.path("annotations", self.root), "no duration", video=video_id, field="duration")
+        features = {s: load_features(self.feature_path(video_id, s), video_id) for s in self.card.streams}
+        lengths = {s: f.shape[0] for s, f in features.items()}
+        if len(set(lengths.values())) > 1:
+            raise FormatError(self.feature_path(video_id, self.card.streams[0]),
+                              f"streams disagree on the number of snippets: {lengths}", video=video_id)
+        dims = self.card.snippets.get("dim")
+        for s, f in features.items():
+            if dims and f.shape[1] != int(dims):
+                raise FormatError(self.feature_path(video_id, s), f"features are {f.shape[1]}-d, the card says {dims}",
+                                  video=video_id)
+        grid = self.grid(video, next(iter(lengths.values())))
+        slack = grid.clip_frames / grid.fps if grid.convention != "rescaled" else 0.0
+        if grid.covered_until() < 0.9 * video.duration - slack:
+            stream = self.card.streams[0]
+            raise FormatError(self.feature_path(video_id, stream),
+                              f"T={grid.num_snippets} snippets cover only {grid.covered_until():.1f} s of the "
+                              f"{video.duration:.1f} s video", video=video_id)
+        return VideoInputs(video, self.proposals[video_id], features, grid)

@@ -1,0 +1,138 @@
+"""Bad input: one clear error per case, naming the file, the video and the line or field."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+
+from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.formats import FormatError, read_annotations, read_detections, read_proposals
+from gcm_core.data.synthetic import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A tiny synthetic dataset laid out as real data; tests break copies of its files."""
+    root = tmp_path_factory.mktemp("synthetic")
+    generate_dataset(root, load_card("synthetic"), "small", seed=3)
+    return root
+
+
+@pytest.fixture()
+def broken(dataset, tmp_path):
+    import shutil
+    shutil.copytree(dataset, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def first_video(root, role="train"):
+    source = DatasetSource(load_card(root / "card.yaml"), root, role)
+    return source, source.video_ids[0]
+
+
+def expect(call, *fragments):
+    with pytest.raises(FormatError) as err:
+        call()
+    for fragment in fragments:
+        assert str(fragment) in str(err.value), err.value
+    return err.value
+
+
+def test_missing_feature_file(broken):
+    source, vid = first_video(broken)
+    source.feature_path(vid, "flow").unlink()
+    expect(lambda: source.load(vid), "feature file missing", vid, f"flow/{vid}.npy")
+
+
+def test_too_few_snippets_for_the_duration(broken):
+    source, vid = first_video(broken)
+    for stream in ("rgb", "flow"):
+        path = source.feature_path(vid, stream)
+        np.save(path, np.load(path)[:5])
+    expect(lambda: source.load(vid), "T=5 snippets cover only", vid, "rgb")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_features(broken, value):
+    source, vid = first_video(broken)
+    path = source.feature_path(vid, "rgb")
+    feats = np.load(path)
+    feats[7, 3] = value
+    np.save(path, feats)
+    expect(lambda: source.load(vid), "non-finite value", "snippet 7", vid)
+
+
+@pytest.mark.parametrize("array,problem", [(np.zeros((10, 128), dtype=np.int32), "dtype int32"),
+                                           (np.zeros((10, 4, 32), dtype=np.float32), "shape [T, C]")])
+def test_wrong_dtype_or_ndim(broken, array, problem):
+    source, vid = first_video(broken)
+    np.save(source.feature_path(vid, "rgb"), array)
+    expect(lambda: source.load(vid), problem, vid)
+
+
+def test_pickled_npy_is_refused(broken):
+    source, vid = first_video(broken)
+    np.save(source.feature_path(vid, "rgb"), np.array([{"feats": 1}], dtype=object), allow_pickle=True)
+    expect(lambda: source.load(vid), "without unpickling", vid)
+
+
+def test_proposal_with_end_before_start(broken):
+    path = broken / "proposals/test_proposal_list.txt"
+    lines = path.read_text().splitlines()
+    k = next(i for i, line in enumerate(lines) if len(line.split()) == 5)  # first proposal line
+    label, iou, ov, s, e = lines[k].split()
+    lines[k] = f"{label} {iou} {ov} {e} {s}"
+    path.write_text("\n".join(lines) + "\n")
+    expect(lambda: DatasetSource(load_card(broken / "card.yaml"), broken, "test"), "end > start", f"line {k + 1}")
+
+
+def test_proposal_outside_the_video(broken):
+    videos = read_annotations(broken / "annotations.json")
+    vid = next(iter(videos))
+    text = broken / "turn.txt"
+    text.write_text(f"{vid} 10 {int(videos[vid].duration + 50)} 0.5\n")
+    expect(lambda: read_proposals(text, videos, time_unit="seconds"), "outside the video", vid, "line 1")
+
+
+def test_label_not_in_the_card(broken):
+    data = json.loads((broken / "annotations.json").read_text())
+    vid = next(iter(data["database"]))
+    data["database"][vid]["annotations"][0]["label"] = "Juggling"
+    (broken / "annotations.json").write_text(json.dumps(data))
+    expect(lambda: read_annotations(broken / "annotations.json", load_card("synthetic")),
+           "'Juggling' is not a class", vid, "annotations[0].label")
+
+
+def test_duplicate_video_ids(broken):
+    text = (broken / "annotations.json").read_text()
+    data = json.loads(text)
+    vid, entry = next(iter(data["database"].items()))
+    doubled = text.replace('"database": {', '"database": {' + json.dumps(vid) + ": " + json.dumps(entry) + ", ", 1)
+    (broken / "annotations.json").write_text(doubled)
+    expect(lambda: read_annotations(broken / "annotations.json"), "duplicate", vid)
+
+
+def test_malformed_json(broken):
+    path = broken / "annotations.json"
+    path.write_text(path.read_text()[:-40])
+    expect(lambda: read_annotations(path), "malformed JSON", "line 1")
+
+
+def test_truncated_lines(tmp_path):
+    card = load_card("thumos14")
+    det = tmp_path / "dets.txt"
+    det.write_text("video_test_0000004 1.0 2.0 7 0.5\nvideo_test_0000004 3.0 4.0\n")
+    expect(lambda: read_detections(det, card), "line 2", "expected 'video start end class_index score'")
+    ssn = tmp_path / "list.txt"
+    ssn.write_text("# 0\nvideo_a\n300\n1\n0\n5\n0 0.1 0.1 10 20\n")
+    expect(lambda: read_proposals(ssn, {}), "truncated block", "video_a")
+
+
+def test_unreadable_pickle_in_pt_file(tmp_path):
+    from gcm_core.data.features import load_features
+    path = tmp_path / "v.pt"
+    path.write_bytes(pickle.dumps({"x": 1}))
+    expect(lambda: load_features(path, "v"), "unreadable", "v.pt")

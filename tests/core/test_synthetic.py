@@ -1,0 +1,100 @@
+"""The synthetic benchmark: real-data layout, determinism, calibration and its knobs."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.formats import read_annotations, read_proposals
+from gcm_core.data.synthetic import Relations, generate_dataset, measure_structure
+from workflows.cli import main
+
+
+def digest(root):
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_written_as_real_data_and_read_back(tmp_path):
+    assert main(["synth", "--out", str(tmp_path), "--scale", "small", "--seed", "1"]) == 0
+    card = load_card(tmp_path / "card.yaml")
+    assert card.snippets["dim"] == 128 and card.extra["generated"]["videos"] == {"test": 16, "validation": 24}
+    for role, n in (("train", 24), ("test", 16)):
+        source = DatasetSource(card, tmp_path, role)
+        assert len(source.videos) == n
+        inputs = source.load(source.video_ids[0])
+        assert inputs.features["rgb"].shape == inputs.features["flow"].shape
+        assert inputs.features["rgb"].shape[1] == 128 and len(inputs.proposals) > 20
+
+
+def test_deterministic_for_a_seed(tmp_path):
+    card = load_card("synthetic")
+    generate_dataset(tmp_path / "a", card, "small", seed=5)
+    generate_dataset(tmp_path / "b", card, "small", seed=5)
+    generate_dataset(tmp_path / "c", card, "small", seed=6)
+    assert digest(tmp_path / "a") == digest(tmp_path / "b") != digest(tmp_path / "c")
+
+
+def test_structure_is_calibrated_to_thumos(tmp_path, shared_data):
+    """Sampled videos reproduce the measured THUMOS'14 statistics written in the card."""
+    card = load_card("synthetic")
+    generate_dataset(tmp_path, card, "medium", seed=0)
+    videos = read_annotations(tmp_path / "annotations.json", card)
+    measured = measure_structure(videos, list(card.classes))
+    target = card.extra["structure"]
+    assert measured["foreground_fraction"][0] == pytest.approx(target["foreground_fraction"][0], abs=0.04)
+    assert measured["second_class_probability"] == pytest.approx(target["second_class_probability"], abs=0.06)
+    lengths = np.array(measured["class_log_length"])[:, 0]
+    assert np.corrcoef(lengths, np.array(target["class_log_length"])[:, 0])[0, 1] > 0.9
+    # and the card's numbers are what the real files give
+    thumos = load_card("thumos14")
+    real = {}
+    for folder in ("temporal_annotations_validation", "temporal_annotations_test"):
+        real.update(read_annotations(shared_data / "thumos14/annotations" / folder, thumos))
+    again = measure_structure(real, list(thumos.classes))
+    assert again["foreground_fraction"] == target["foreground_fraction"]
+    assert again["class_log_length"] == target["class_log_length"]
+
+
+def test_relation_knobs_show_in_the_features(tmp_path):
+    """Background snippets of videos sharing a home scene look alike, unless the control is asked."""
+    card = load_card("synthetic")
+
+    def scene_separation(root, control):
+        generate_dataset(root, card, "small", seed=2, control=control)
+        source = DatasetSource(load_card(root / "card.yaml"), root, "train")
+        means, scenes = [], []
+        for vid in source.video_ids:
+            v = source.videos[vid]
+            feats = source.load(vid).features["rgb"]
+            means.append(feats.mean(0) / np.linalg.norm(feats.mean(0)))
+            scenes.append(card.classes.index(v.instances[0].label) % 5)
+        sim = np.array(means) @ np.array(means).T
+        same = np.equal.outer(scenes, scenes) & ~np.eye(len(scenes), dtype=bool)
+        return sim[same].mean() - sim[~same & ~np.eye(len(scenes), dtype=bool)].mean()
+
+    assert scene_separation(tmp_path / "rel", False) > 0.2
+    assert abs(scene_separation(tmp_path / "ctl", True)) < 0.1
+    assert all(v == 0 for v in vars(Relations.control()).values())
+
+
+def test_structure_from_real_annotation_and_proposals(tmp_path, shared_data):
+    th = shared_data / "thumos14"
+    rc = main(["synth", "--out", str(tmp_path), "--structure-from", str(th / "annotations/temporal_annotations_test"),
+               "--proposals", str(th / "proposals/tag_test_proposal_list.txt")])
+    assert rc == 0
+    card = load_card(tmp_path / "card.yaml")
+    videos = read_annotations(tmp_path / "annotations.json", card)
+    assert len(videos) == 212 and sum(len(v.instances) for v in videos.values()) == 3358
+    props = read_proposals(tmp_path / "proposals/test_proposal_list.txt", videos)
+    real = read_proposals(th / "proposals/tag_test_proposal_list.txt",
+                          read_annotations(th / "annotations/temporal_annotations_test", load_card("thumos14")))
+    vid = "video_test_0000004"
+    assert len(props[vid]) == len(real[vid])
+    np.testing.assert_allclose(props[vid].start, real[vid].start, atol=1 / 30 + 1e-6)
