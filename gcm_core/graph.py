@@ -230,19 +230,20 @@ def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor
     row, col = row[order], col[order]
     counts = torch.bincount(row, minlength=keyed.shape[0])
     starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(row.numel()) - starts[row]
+    rank = torch.arange(row.numel(), device=row.device) - starts[row]
     return row, col, rank
 
 
 class _BlockBuffers:
     """Reusable [rows, N] buffers for the blocked pass (see units.py on allocator churn)."""
 
-    def __init__(self, rows: int, n: int, feature_dtype: torch.dtype) -> None:
-        self.geometry = tuple(torch.empty(rows, n, dtype=torch.float64) for _ in range(3))
-        self.cos = torch.empty(rows, n, dtype=feature_dtype)
+    def __init__(self, rows: int, n: int, feature_dtype: torch.dtype, device: torch.device) -> None:
+        self.geometry = tuple(torch.empty(rows, n, dtype=torch.float64, device=device) for _ in range(3))
+        self.cos = torch.empty(rows, n, dtype=feature_dtype, device=device)
         self.keyed_distance = self.geometry[2]  # the geometry scratch is free once tIoU/distance are out
-        self.keyed_similarity = torch.empty(rows, n, dtype=feature_dtype)
-        self.disjoint, self.mask, self.chosen = (torch.empty(rows, n, dtype=torch.bool) for _ in range(3))
+        self.keyed_similarity = torch.empty(rows, n, dtype=feature_dtype, device=device)
+        self.disjoint, self.mask, self.chosen = (torch.empty(rows, n, dtype=torch.bool, device=device)
+                                                 for _ in range(3))
 
     def view(self, b: int) -> "_BlockBuffers":
         out = object.__new__(_BlockBuffers)
@@ -278,12 +279,14 @@ def candidate_edges(
     names = ("src", "dst", "tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")
     parts: dict[str, list[Tensor]] = {k: [] for k in names}
     blocks = list(row_blocks(n, n, max_block_elements))
-    full = _BlockBuffers(blocks[0].stop - blocks[0].start, n, unit.dtype) if blocks else None
+    device = iv.device
+    unit = unit.to(device)
+    full = _BlockBuffers(blocks[0].stop - blocks[0].start, n, unit.dtype, device) if blocks else None
     inf = float("inf")
     for rows in blocks:
         b = rows.stop - rows.start
         buf = full.view(b)
-        diagonal = (torch.arange(b), torch.arange(rows.start, rows.stop))
+        diagonal = (torch.arange(b, device=device), torch.arange(rows.start, rows.stop, device=device))
         tiou, dist = pairwise_geometry(iv[rows], iv, out=buf.geometry)
         torch.mm(unit[rows], unit_t, out=buf.cos)
         torch.eq(tiou, 0, out=buf.disjoint)  # never i itself: a unit overlaps itself
@@ -310,7 +313,7 @@ def candidate_edges(
         parts["distance"].append(dist[row, col])
         parts["cosine"].append(buf.cos[row, col])
         for name, (r, c, rank) in ranked.items():
-            column = torch.full((row.numel(),), -1, dtype=torch.int32)
+            column = torch.full((row.numel(),), -1, dtype=torch.int32, device=device)
             column[torch.searchsorted(key, r * n + c)] = rank.to(torch.int32)
             parts[name].append(column)
     if n == 0:
@@ -324,7 +327,7 @@ def select_edges(candidates: CandidateEdges, spec: GraphSpec) -> Graph:
     """The graph of ``spec``, chosen from precomputed candidates by masks alone."""
     candidates.caps.check_covers(spec)
     c = candidates
-    edge_type = torch.zeros(c.num_edges, dtype=torch.uint8)
+    edge_type = torch.zeros(c.num_edges, dtype=torch.uint8, device=c.edge_index.device)
     rules: dict[str, Tensor] = {}
     if "contextual" in spec.edge_types:
         rules["contextual"] = c.tiou > spec.theta_ctx

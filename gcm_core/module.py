@@ -15,7 +15,7 @@ and the residual sum Y = X^(K) + X^(0) (Eq. 2):
   X^(0) clamped at 0 (``embed-cos``), or is 1 (``binary``). ``self_add=False`` drops the
   ``+ x_i`` term (Table 7's plain "cos-sim").
 - ``mlp``: the same layers with no aggregation (a GCM over a graph without edges).
-- ``mp``: the MLP, then mean pooling of each unit with its graph neighbours (Table 6).
+- ``mp``: the MLP, then each unit plus the plain mean of its graph neighbours (Table 6).
 - ``attention``: the GCM layer with A replaced by learned scaled dot-product attention over all
   units of the same video (the fully connected graph of Table 8).
 
@@ -158,18 +158,34 @@ class GCM(UnitModule):
 
 
 class MeanPool(UnitModule):
-    """MLP, then each unit averaged with its graph neighbours (Table 6's 'MP')."""
+    """Table 6's 'MP': the MLP, then each unit plus the plain mean of its graph neighbours.
+
+    The same aggregation as a GCM layer's (self + neighbourhood mean), but parameter-free, with
+    uniform weights and full neighbourhoods, applied once after the MLP instead of inside it.
+    """
 
     def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
-        h = x
+        src, dst = graph.edge_index
+        if nodes is None:
+            needed = torch.arange(graph.num_nodes, device=x.device)
+            edges = torch.arange(graph.num_edges, device=x.device)
+        else:
+            out_needed = torch.zeros(graph.num_nodes, dtype=torch.bool, device=x.device)
+            out_needed[nodes] = True
+            edges = out_needed[src].nonzero().squeeze(1)
+            needed = torch.unique(torch.cat([nodes, dst[edges]]))
+        h = x[needed]
         for k in range(len(self.layers)):
             h = self._transform(k, h)
-        h = h + x
-        src, dst = graph.edge_index
-        ones = torch.ones(graph.num_edges, dtype=h.dtype, device=h.device)
-        degree = torch.bincount(src, minlength=graph.num_nodes).to(h.dtype)
-        pooled = (_sparse_mean(src, dst, ones, graph.num_nodes, h) * degree[:, None] + h) / (degree[:, None] + 1)
-        return self._rows(pooled, nodes)
+        h_all = torch.zeros_like(x).index_copy_(0, needed, h + x[needed])
+        targets = needed if nodes is None else nodes
+        out_position = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
+        unique_targets = torch.unique(targets)
+        out_position[unique_targets] = torch.arange(unique_targets.numel(), device=x.device)
+        ones = torch.ones(edges.numel(), dtype=h.dtype, device=h.device)
+        mean = _sparse_mean(out_position[src[edges]], dst[edges], ones, unique_targets.numel(), h_all)
+        pooled = h_all[unique_targets] + mean
+        return pooled[out_position[targets]]
 
 
 class Attention(UnitModule):

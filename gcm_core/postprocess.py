@@ -1,16 +1,19 @@
-"""Duplicate removal for the detections of one video: per-class 1-D NMS and Soft-NMS.
+"""From unit outputs to a video's detections: scores, regression, stream fusion, external video
+labels, and duplicate removal by per-class 1-D NMS or Soft-NMS.
 
-Both run on all classes at once: each class's segments are shifted along the time axis by a
+NMS and Soft-NMS run on all classes at once: each class's segments are shifted along the time axis by a
 multiple of the video's span, so segments of different classes never overlap and one greedy
 pass treats them independently. Scores are visited in descending order, ties in input order.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from gcm_core.data.sampling import apply_regression
 from gcm_core.units import tiou
 
 
@@ -75,3 +78,68 @@ def soft_nms(segments: Tensor, scores: Tensor, labels: Tensor | None = None,
             decay = torch.exp(-overlap.square() / sigma)
         current = torch.where(remaining, current * decay, current)
     return torch.tensor(picked, dtype=torch.long), torch.tensor(picked_scores, dtype=scores.dtype)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """From unit outputs to detections (the authors' test settings where the paper is silent)."""
+
+    candidates_per_video: int = 2000    # best (unit, class) pairs kept before NMS
+    nms: Literal["nms", "soft-nms"] = "nms"
+    nms_threshold: float = 0.35
+    soft_nms_sigma: float = 0.5
+    top_k: int = 200                    # detections per video
+    fusion: tuple[tuple[str, float], ...] = (("rgb", 2.0), ("flow", 3.0))
+
+
+@dataclass
+class UnitScores:
+    """One video's per-unit, per-class detection scores [N, K] and refined extents [N, K, 2]."""
+
+    scores: Tensor
+    segments: Tensor
+
+
+def unit_scores(intervals: Tensor, logits: Tensor, completeness: Tensor | None, offsets: Tensor) -> UnitScores:
+    """Score = P(class) x exp(completeness) (the authors' test rule), extents = regressed units.
+
+    ``offsets`` are denormalised Eq. 15 offsets [N, K, 2]; heads without completeness use P alone.
+    """
+    prob = torch.softmax(logits.to(torch.float64), dim=1)[:, 1:]
+    score = prob if completeness is None else prob * torch.exp(completeness.to(torch.float64))
+    return UnitScores(score, apply_regression(intervals.to(torch.float64)[:, None, :], offsets.to(torch.float64)))
+
+
+def fuse_streams(per_stream: dict[str, UnitScores], weights: dict[str, float]) -> UnitScores:
+    """Late fusion of streams over the same units: weighted mean of scores and of extents."""
+    total = sum(weights.get(s, 1.0) for s in per_stream)
+    scores = sum(weights.get(s, 1.0) * u.scores for s, u in per_stream.items()) / total
+    segments = sum(weights.get(s, 1.0) * u.segments for s, u in per_stream.items()) / total
+    return UnitScores(scores, segments)
+
+
+def detect(units: UnitScores, duration: float, config: InferenceConfig = InferenceConfig()) -> tuple[Tensor, Tensor, Tensor]:
+    """Detections of one video: (segments [D, 2], labels [D] 0-based, scores [D]), best first."""
+    n, k = units.scores.shape
+    flat = units.scores.reshape(-1)
+    keep = torch.argsort(-flat, stable=True)[:config.candidates_per_video]
+    unit, label = keep // k, keep % k
+    segments = units.segments[unit, label].clamp(0, duration)
+    valid = segments[:, 1] > segments[:, 0]
+    segments, label, scores = segments[valid], label[valid], flat[keep][valid]
+    if config.nms == "nms":
+        chosen = nms(segments, scores, label, config.nms_threshold, config.top_k)
+        return segments[chosen], label[chosen], scores[chosen]
+    chosen, decayed = soft_nms(segments, scores, label, "gaussian", config.soft_nms_sigma, top_k=config.top_k)
+    return segments[chosen], label[chosen], decayed.to(scores.dtype)
+
+
+def apply_video_labels(labels: Tensor, scores: Tensor, video_scores: Tensor, top: int = 2) -> tuple[Tensor, Tensor]:
+    """External video-level classification (UntrimmedNet-style): keep the detections of the video's
+    ``top`` classes and multiply their scores by the video's score of that class.
+
+    Returns (kept indices, new scores).
+    """
+    best = torch.topk(video_scores, min(top, video_scores.numel())).indices
+    kept = torch.isin(labels, best).nonzero().squeeze(1)
+    return kept, scores[kept] * video_scores.to(scores.dtype)[labels[kept]]

@@ -40,3 +40,29 @@ def read_tag_proposals_frames(path: Path, n_videos: int) -> dict[str, list[tuple
         out[video] = [(int(r[3]), int(r[4])) for r in rows]
         i += 1 + n_prop
     return out
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """The small synthetic benchmark written to disk once per test session."""
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("small_synthetic")
+    generate_dataset(root, load_card("synthetic"), "small", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_prepared(small_dataset):
+    """The small benchmark's videos prepared for training (train) and inference (test)."""
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.dataset import DatasetSource
+    from gcm_core.data.prepared import prepare_video
+
+    card = load_card(small_dataset / "card.yaml")
+    out = {"card": card}
+    for role in ("train", "test"):
+        source = DatasetSource(card, small_dataset, role)
+        out[role] = [prepare_video(source.load(v), card.classes, role == "train") for v in source.video_ids]
+    return out

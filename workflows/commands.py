@@ -111,6 +111,46 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_detect(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by gcm train")
+    p.add_argument("--features", required=True, type=Path, nargs="+",
+                   help="snippet features of the video, one file per stream in the checkpoint's order (rgb flow)")
+    p.add_argument("--proposals", required=True, type=Path, help="text with one 'start end [score]' (seconds) per line")
+    p.add_argument("--out", type=Path, help="ActivityNet result JSON to write (default: print it)")
+    p.add_argument("--video-id", default=None, help="name of the video in the output (default: the features' stem)")
+    p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
+    p.add_argument("--duration", type=float, help="duration in seconds (default: what the snippets cover)")
+
+
+def _run_detect(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from gcm_core.checkpoint import detect_video, load_checkpoint
+    from gcm_core.data.formats import load_features, write_result_json
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    streams = list(checkpoint.streams)
+    if len(args.features) != len(streams):
+        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order")
+    video_id = args.video_id or args.features[0].stem
+    features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
+    rows = [line.split() for line in args.proposals.read_text().splitlines() if line.strip()]
+    try:
+        intervals = np.array([(float(r[0]), float(r[1])) for r in rows]).reshape(-1, 2)
+    except (ValueError, IndexError):
+        raise ValueError(f"{args.proposals}: expected 'start end [score]' lines in seconds") from None
+    detections = detect_video(checkpoint, features, intervals, video_id, args.fps, args.duration)
+    if args.out:
+        write_result_json(args.out, detections)
+        print(f"wrote {len(detections)} detections of {video_id} to {args.out}")
+    else:
+        results = {video_id: [{"label": lab, "score": float(sc), "segment": [float(s), float(e)]}
+                              for lab, s, e, sc in zip(detections.label, detections.start, detections.end,
+                                                       detections.score)]}
+        print(json.dumps({"version": "VERSION 1.3", "results": results, "external_data": {}}))
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-data", type=Path, default=Path("../shared/data"),
                    help="folder holding the real THUMOS'14 files (thumos14/...)")
@@ -133,5 +173,6 @@ REGISTRY: dict[str, Command] = {
     "eval-detections": ("score detections against ground truth under an official protocol",
                         _add_eval_detections, _run_eval_detections),
     "synth": ("write a synthetic THUMOS'14-like benchmark in the layout of real data", _add_synth, _run_synth),
+    "detect": ("detect actions in one new video with a trained checkpoint", _add_detect, _run_detect),
     "demo": ("run the main job end to end on the embedded default", _add_demo, _run_demo),
 }

@@ -86,7 +86,7 @@ class SnippetGrid:
         first, last = first.clamp(0, top).long(), last.clamp(0, top).long()
         empty = last < first
         if bool(empty.any()):
-            nearest = torch.bucketize((start + end) / 2, self._midpoints())
+            nearest = torch.bucketize((start + end) / 2, self._midpoints().to(start.device))
             first = torch.where(empty, nearest, first)
             last = torch.where(empty, nearest, last)
         return first, last

@@ -8,6 +8,8 @@ that the Graph Convolutional Module is meant to exploit:
 - **structure** (card ``structure``, measured from the real THUMOS'14 annotations by
   :func:`measure_structure`): video durations, per-class action lengths, foreground fraction
   (about 29%, so 71% background), a second co-occurring class in about 15% of videos;
+- **class coherence** (``class_coherence``): the instances of a video belong to its one or two
+  classes (as in THUMOS'14), rather than to any class: disjoint instances inform each other;
 - **scene** (``scene_tie``, ``scene_in_action``): every video has a scene, a vector shared by its
   background and (weakly) its actions; each class has a home scene it occurs in with probability
   ``scene_tie``. Background units around an action tell its scene: surrounding edges;
@@ -48,6 +50,7 @@ FPS, STRIDE, CLIP = 30.0, 8, 64
 class Relations:
     """Strength of each relation carried by the features (0 everywhere: the control)."""
 
+    class_coherence: float = 1.0
     scene_tie: float = 0.9
     scene_in_action: float = 0.3
     confusion: float = 0.85
@@ -82,7 +85,7 @@ class Scale:
     max_duration: float
 
 
-SCALES = {"small": Scale(24, 16, 128, 120.0),
+SCALES = {"small": Scale(48, 24, 128, 120.0),
           "medium": Scale(200, 213, 256, 900.0),
           "full": Scale(200, 213, 1024, 1800.0)}
 
@@ -152,6 +155,8 @@ def sample_video(rng: np.random.Generator, vid: str, subset: str, classes: list[
     spans, total = [], 0.0
     while total < target or not spans:
         label = labels[int(rng.integers(len(labels)))]
+        if rng.random() >= relations.class_coherence:  # an instance unrelated to the video's classes
+            label = int(rng.integers(len(classes)))
         mu, sigma = structure.class_log_length[label]
         length = float(np.clip(np.exp(rng.normal(mu, sigma)), 0.4, 0.5 * duration))
         if total + length > 0.95 * duration:
@@ -237,7 +242,12 @@ def render_features(rng: np.random.Generator, video: Video, latent: dict[str, An
     dim = directions.scene.shape[1]
     scene = directions.scene[latent["scene"]] + 0.5 * rng.standard_normal(dim) / np.sqrt(dim)  # per-video look
     x = x + scene_weight[:, None] * (scene / np.linalg.norm(scene))
-    x = x + profile.noise * rng.standard_normal((windows.shape[0], dim))
+    # noise of each 8-frame block, averaged over the 8 blocks of a snippet's 64 frames: consecutive
+    # snippets share 7/8 of their frames, and of their noise, as real I3D snippets do
+    blocks = CLIP // STRIDE
+    block_noise = rng.standard_normal((windows.shape[0] + blocks - 1, dim))
+    smooth = np.lib.stride_tricks.sliding_window_view(block_noise, blocks, axis=0).sum(-1) / np.sqrt(blocks)
+    x = x + (profile.noise / np.sqrt(dim)) * smooth  # |noise| ~ profile.noise per snippet
     return x.astype(np.float32)
 
 

@@ -1,0 +1,116 @@
+"""Self-contained checkpoints: weights of every stream's head, the resolved configuration, the
+regression statistics and the class list. Loading needs nothing else (no Ray, no dataset, no
+pickled objects: plain types and tensors, read with ``weights_only=True``).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gcm_core.data.atomic import atomic_write
+from gcm_core.data.dataset import VideoInputs
+from gcm_core.data.model import Detections, Proposals, Video
+from gcm_core.data.pooling import SnippetGrid
+from gcm_core.data.prepared import prepare_video
+from gcm_core.data.sampling import RegressionStats
+from gcm_core.detectors.base import ModelConfig, build_detector
+from gcm_core.engine import UnitDataset, detections_of, predict
+from gcm_core.graph import CandidateCaps, GraphSpec
+from gcm_core.postprocess import InferenceConfig
+
+FORMAT = "gcm-tal/checkpoint/1"
+
+
+@dataclass
+class StreamModel:
+    model: nn.Module
+    stats: RegressionStats
+
+
+@dataclass
+class Checkpoint:
+    classes: list[str]
+    model_config: ModelConfig
+    graph: GraphSpec
+    inference: InferenceConfig
+    snippets: dict[str, Any]
+    streams: dict[str, StreamModel]
+    extra: dict[str, Any] = field(default_factory=dict)   # resolved run config, metrics, epoch
+
+
+def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` atomically."""
+    payload = {
+        "format": FORMAT,
+        "classes": list(checkpoint.classes),
+        "model_config": asdict(checkpoint.model_config),
+        "graph": asdict(checkpoint.graph),
+        "inference": asdict(checkpoint.inference),
+        "snippets": dict(checkpoint.snippets),
+        "streams": {s: {"state": m.model.state_dict(), "regression": m.stats.as_dict(),
+                        "dim": _input_dim(m.model)} for s, m in checkpoint.streams.items()},
+        "extra": checkpoint.extra,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
+    """A checkpoint written by :func:`save_checkpoint`, models rebuilt and in eval mode."""
+    payload = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a gcm-tal checkpoint")
+    model_config = ModelConfig(**payload["model_config"])
+    inference = payload["inference"]
+    inference["fusion"] = tuple(tuple(x) for x in inference["fusion"])
+    streams = {}
+    for stream, entry in payload["streams"].items():
+        model = build_detector(model_config, entry["dim"], len(payload["classes"]))
+        model.load_state_dict(entry["state"])
+        streams[stream] = StreamModel(model.to(device).eval(), RegressionStats.from_dict(entry["regression"]))
+    return Checkpoint(payload["classes"], model_config, GraphSpec(**payload["graph"]), InferenceConfig(**inference),
+                      payload["snippets"], streams, payload.get("extra", {}))
+
+
+def _input_dim(model: nn.Module) -> int:
+    return int(model.classifier.in_features)
+
+
+def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray,
+                 video_id: str = "video", fps: float | None = None, duration: float | None = None) -> Detections:
+    """Detections of one new video from its snippet features (per stream) and proposals (seconds).
+
+    The snippet grid is the checkpoint's; ``fps`` defaults to the checkpoint's (30 if it says
+    'native'), ``duration`` to the time the snippets cover.
+    """
+    missing = set(checkpoint.streams) - set(features)
+    if missing:
+        raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
+                         f"features missing for {sorted(missing)}")
+    snippets = checkpoint.snippets
+    rate = fps or (30.0 if snippets.get("fps", "native") == "native" else float(snippets["fps"]))
+    t = next(iter(features.values())).shape[0]
+    grid = SnippetGrid(snippets.get("convention", "i3d"), t, 1.0, rate, int(snippets.get("stride_frames", 8)),
+                       int(snippets.get("clip_frames", 64)))
+    length = duration or grid.covered_until()
+    grid = SnippetGrid(grid.convention, t, length, rate, grid.stride_frames, grid.clip_frames)
+    video = Video(video_id, duration=length, fps=rate)
+    iv = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
+    inputs = VideoInputs(video, Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv))),
+                         {s: features[s] for s in checkpoint.streams}, grid)
+    spec = checkpoint.graph
+    parts = ("body", checkpoint.model_config.comp_input)
+    prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts)
+    per_stream = {}
+    for stream, entry in checkpoint.streams.items():
+        data = UnitDataset([prepared], stream, spec, checkpoint.model_config.comp_input
+                           if checkpoint.model_config.detector == "ssn" else None)
+        per_stream[stream] = predict(entry.model, data, entry.stats)
+    return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)

@@ -1,0 +1,103 @@
+"""One-stage D-SSAD + GCM (section 3.5): snippet clip -> base 1-D convolutions -> multi-scale
+temporal feature maps -> anchors at every cell, with decoupled classification and localisation
+branches. A GCM with surrounding and semantic edges only (cells of one map do not overlap) can be
+inserted on the maps of 1, 2 or 3 scales (Tables 11, 12); its units are the cells, with their
+temporal extents, and its graph is rebuilt for every clip from the cells' current features.
+
+Where the papers are silent (layer widths, anchor ratios, matching thresholds) the choices are
+SSAD-like and written in :class:`DSSADConfig`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from gcm_core.graph import Graph, GraphSpec, build_graph
+from gcm_core.module import GCM
+
+
+@dataclass(frozen=True)
+class DSSADConfig:
+    hidden: int = 256
+    clip_snippets: int = 512
+    window_stride: int = 256              # sliding windows over longer videos
+    num_scales: int = 3                   # feature maps at 1/4, 1/8, 1/16 of the snippet rate
+    anchor_ratios: tuple[float, ...] = (1.0, 2.0, 3.0)   # anchor length / cell length
+    gcm_scales: tuple[int, ...] = ()      # indices of the scales that get a GCM (0 = finest)
+    graph: GraphSpec = field(default_factory=lambda: GraphSpec(edge_types=("surrounding", "semantic")))
+    num_samples: int | None = 4
+    dropout: float = 0.1
+
+
+def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Module:
+    return nn.Sequential(nn.Conv1d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU())
+
+
+class DSSAD(nn.Module):
+    """D-SSAD with optional GCMs; ``forward`` returns per-anchor logits and offsets of every clip."""
+
+    def __init__(self, config: DSSADConfig, dim: int, num_classes: int) -> None:
+        super().__init__()
+        if any(not 0 <= s < config.num_scales for s in config.gcm_scales):
+            raise ValueError(f"gcm_scales {config.gcm_scales} outside 0..{config.num_scales - 1}")
+        if "contextual" in config.graph.edge_types:
+            raise ValueError("cells of a feature map never overlap: use surrounding and semantic edges only")
+        h, a = config.hidden, len(config.anchor_ratios)
+        self.config, self.num_classes = config, num_classes
+        self.base = nn.Sequential(_conv(dim, h), _conv(h, h, stride=2), nn.Dropout(config.dropout))
+        self.down = nn.ModuleList(_conv(h, h, stride=2) for _ in range(config.num_scales))
+        self.gcms = nn.ModuleDict({str(s): GCM(h, num_samples=config.num_samples) for s in config.gcm_scales})
+        self.cls_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * (num_classes + 1), 3, padding=1))
+                                        for _ in range(config.num_scales))
+        self.loc_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * 2, 3, padding=1))
+                                        for _ in range(config.num_scales))
+
+    def cells(self, scale: int) -> int:
+        """Number of cells of a clip's map at ``scale``."""
+        return self.config.clip_snippets // (4 << scale)
+
+    def anchors(self, cell_seconds: float) -> Tensor:
+        """[A, 2] anchors of a clip starting at 0 s, scales then cells then ratios (model order)."""
+        out = []
+        for s in range(self.config.num_scales):
+            n, length = self.cells(s), cell_seconds * (4 << s)
+            centre = (torch.arange(n, dtype=torch.float64) + 0.5) * length
+            ratios = torch.tensor(self.config.anchor_ratios, dtype=torch.float64)
+            half = ratios[None, :] * length / 2
+            out.append(torch.stack([centre[:, None] - half, centre[:, None] + half], -1).reshape(-1, 2))
+        return torch.cat(out)
+
+    def _relate(self, scale: int, x: Tensor, cell_seconds: float) -> Tensor:
+        """GCM over the cells of every clip of the batch: x [B, H, n] -> [B, H, n]."""
+        b, h, n = x.shape
+        length = cell_seconds * (4 << scale)
+        edges = torch.arange(n + 1, dtype=torch.float64) * length
+        intervals = torch.stack([edges[:-1], edges[1:]], dim=1)
+        units = x.transpose(1, 2).reshape(b * n, h)
+        detached = units.detach().float().cpu()
+        graph = Graph.batch([build_graph(intervals, detached[k * n:(k + 1) * n], self.config.graph)
+                             for k in range(b)]).to(x.device)
+        return self.gcms[str(scale)](units, graph).reshape(b, n, h).transpose(1, 2)
+
+    def forward(self, clips: Tensor, cell_seconds: float) -> tuple[Tensor, Tensor]:
+        """``clips`` [B, L, C] snippet features -> logits [B, A, K + 1] and offsets [B, A, 2]."""
+        x = self.base(clips.transpose(1, 2))
+        logits, offsets = [], []
+        for s, down in enumerate(self.down):
+            x = down(x)
+            y = self._relate(s, x, cell_seconds) if str(s) in self.gcms else x
+            b, _, n = y.shape
+            logits.append(self.cls_branch[s](y).view(b, -1, self.num_classes + 1, n).permute(0, 3, 1, 2)
+                          .reshape(b, -1, self.num_classes + 1))
+            offsets.append(self.loc_branch[s](y).view(b, -1, 2, n).permute(0, 3, 1, 2).reshape(b, -1, 2))
+        return torch.cat(logits, 1), torch.cat(offsets, 1)
+
+
+def pad_clip(features: Tensor, length: int) -> Tensor:
+    """Zero-pad (or cut) a [T, C] snippet sequence to ``length`` snippets."""
+    if features.shape[0] >= length:
+        return features[:length]
+    return F.pad(features, (0, 0, 0, length - features.shape[0]))

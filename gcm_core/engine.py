@@ -1,0 +1,197 @@
+"""Training and inference of the two-stage heads as plain functions of (model, data, config).
+
+One process, any device; the Ray workflows call these. Training follows Algorithm 1: every
+iteration samples a batch of videos, the training units of each (fg : incomplete : bg), and the
+GCM aggregates sampled neighbourhoods of those units only (Eq. 18); evaluation runs every unit of a
+video with full neighbourhoods. The default optimiser is the paper's: SGD (momentum 0.9, weight
+decay 5e-4) with the learning rate divided by 10 every 15 epochs.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gcm_core.data.model import Detections
+from gcm_core.data.prepared import PreparedVideo
+from gcm_core.data.sampling import RegressionStats, SamplingConfig, sample_units
+from gcm_core.detectors.base import ModelConfig, UnitBatch, UnitOutputs, build_detector
+from gcm_core.evaluation import evaluate_detections
+from gcm_core.graph import Graph, GraphSpec
+from gcm_core.losses import LossWeights, ssn_loss
+from gcm_core.metrics import MapResult
+from gcm_core.postprocess import InferenceConfig, UnitScores, detect, fuse_streams, unit_scores
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 45
+    batch_videos: int = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step_epochs: int = 15
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = 20.0
+    seed: int = 0
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    loss: LossWeights = field(default_factory=LossWeights)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from, for deterministic CPU runs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class UnitDataset:
+    """Prepared videos seen through one stream and one graph setting, batched for a head."""
+
+    def __init__(self, videos: Sequence[PreparedVideo], stream: str, spec: GraphSpec,
+                 comp_input: str | None = "three_part") -> None:
+        self.videos, self.stream, self.spec, self.comp_input = list(videos), stream, spec, comp_input
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    @property
+    def dim(self) -> int:
+        return int(self.videos[0].features[self.stream]["body"].shape[1])
+
+    def batch(self, indices: Sequence[int], sampling: SamplingConfig | None = None,
+              generator: torch.Generator | None = None) -> UnitBatch:
+        """The units of videos ``indices``; with ``sampling``, targets for sampled training units."""
+        videos = [self.videos[i] for i in indices]
+        feats = [v.features[self.stream] for v in videos]
+        body = torch.cat([f["body"] for f in feats])
+        comp = torch.cat([f[self.comp_input] for f in feats]) if self.comp_input else None
+        graph = Graph.batch([v.graph(self.stream, self.spec) for v in videos])
+        if sampling is None:
+            return UnitBatch(body, comp, graph)
+        offsets = graph.ptr[:-1].tolist()
+        nodes = torch.cat([sample_units(v.labels.role, sampling, generator) + o for v, o in zip(videos, offsets)])
+        role = torch.cat([v.labels.role for v in videos])[nodes]
+        label = torch.cat([v.labels.label for v in videos])[nodes]
+        target = torch.cat([v.labels.reg_target for v in videos])[nodes]
+        return UnitBatch(body, comp, graph, nodes, role, label, target)
+
+    def regression_stats(self) -> RegressionStats:
+        """Normalisation statistics of the regression targets of every training foreground."""
+        return RegressionStats.fit(torch.cat([v.labels.reg_target for v in self.videos]))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+    elif config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    return opt, torch.optim.lr_scheduler.StepLR(opt, config.lr_step_epochs, config.lr_gamma)
+
+
+def _video_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[list[int]]:
+    order = torch.randperm(n, generator=generator).tolist()
+    for start in range(0, n, batch):
+        yield order[start:start + batch]
+
+
+def train_one_epoch(model: nn.Module, data: UnitDataset, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    stats: RegressionStats, generator: torch.Generator,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """One pass over the training videos; returns the mean of each loss term."""
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    for indices in _video_batches(len(data), config.batch_videos, generator):
+        batch = data.batch(indices, config.sampling, generator)
+        if batch.nodes.numel() == 0:
+            continue
+        batch = batch.to(device)
+        out: UnitOutputs = model(batch)
+        target = stats.normalize(batch.reg_target).nan_to_num(0.0)
+        terms = ssn_loss(out.logits, out.completeness, out.offsets, batch.role, batch.label, target, config.loss)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if config.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        optimizer.step()
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach())
+        steps += 1
+    return {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: UnitDataset, stats: RegressionStats, device: torch.device | str = "cpu",
+            batch_videos: int = 8) -> list[UnitScores]:
+    """Per-unit scores and refined extents of every video, full neighbourhoods (no sampling)."""
+    model.eval()
+    out: list[UnitScores] = []
+    for start in range(0, len(data), batch_videos):
+        indices = list(range(start, min(start + batch_videos, len(data))))
+        batch = data.batch(indices).to(device)
+        result: UnitOutputs = model(batch)
+        ptr = batch.graph.ptr.tolist()
+        for k, i in enumerate(indices):
+            a, b = ptr[k], ptr[k + 1]
+            offsets = stats.denormalize(result.offsets[a:b].double().cpu())
+            comp = None if result.completeness is None else result.completeness[a:b].cpu()
+            out.append(unit_scores(data.videos[i].intervals, result.logits[a:b].cpu(), comp, offsets))
+    return out
+
+
+def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[UnitScores]],
+                  classes: Sequence[str], config: InferenceConfig = InferenceConfig()) -> Detections:
+    """Fuse the streams' unit scores (weights of ``config.fusion``) and decode every video."""
+    weights = dict(config.fusion)
+    vid, lab, start, end, score = [], [], [], [], []
+    for k, video in enumerate(videos):
+        fused = fuse_streams({s: scores[k] for s, scores in per_stream.items()}, weights)
+        segments, labels, scores = detect(fused, video.duration, config)
+        vid += [video.video_id] * len(labels)
+        lab += [classes[c] for c in labels.tolist()]
+        start += segments[:, 0].tolist()
+        end += segments[:, 1].tolist()
+        score += scores.tolist()
+    return Detections(vid, lab, np.array(start), np.array(end), np.array(score))
+
+
+def evaluate(videos: Sequence[PreparedVideo], detections: Detections, classes: Sequence[str], protocol: str,
+             tiou: Sequence[float]) -> MapResult:
+    """mAP of ``detections`` on the prepared videos' ground truth under ``protocol``."""
+    truth = {v.video_id: v.as_video(classes) for v in videos}
+    return evaluate_detections(truth, detections, classes, protocol, tiou)
+
+
+def lr_at(config: TrainConfig, epoch: int) -> float:
+    """The scheduled learning rate at a 0-based epoch (for logs)."""
+    return config.lr * config.lr_gamma ** math.floor(epoch / config.lr_step_epochs)
+
+
+def fit_stream(videos: Sequence[PreparedVideo], stream: str, model_config: ModelConfig, spec: GraphSpec,
+               config: TrainConfig, num_classes: int, device: torch.device | str = "cpu",
+               on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None
+               ) -> tuple[nn.Module, RegressionStats]:
+    """Train one stream's head from scratch for ``config.epochs`` epochs (seeded)."""
+    seed_everything(config.seed)
+    data = UnitDataset(videos, stream, spec, model_config.comp_input if model_config.detector == "ssn" else None)
+    model = build_detector(model_config, data.dim, num_classes).to(device)
+    stats = data.regression_stats()
+    optimizer, schedule = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    for epoch in range(config.epochs):
+        metrics = train_one_epoch(model, data, optimizer, config, stats, generator, device)
+        schedule.step()
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+    return model.eval(), stats

@@ -1,0 +1,130 @@
+"""Training and inference of the one-stage D-SSAD (+ GCM) on clips of snippet features.
+
+A video's snippets are cut into windows of ``clip_snippets`` at ``window_stride`` (one window
+for a short video, zero-padded); training uses the windows that hold an instance, inference all
+of them, and a video's detections from every window are merged by per-class NMS.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gcm_core.data.model import Detections
+from gcm_core.data.sampling import apply_regression
+from gcm_core.detectors.dssad import DSSAD, pad_clip
+from gcm_core.engine import TrainConfig, make_optimizer
+from gcm_core.losses import AnchorMatching, anchor_loss, match_anchors
+from gcm_core.postprocess import InferenceConfig, nms
+
+
+@dataclass
+class Clip:
+    """One window of a video: padded snippets and the instances it holds (seconds, clip-relative)."""
+
+    video_id: str
+    features: Tensor        # [clip_snippets, C]
+    start: float            # seconds of the window's first snippet boundary in the video
+    gt: Tensor              # [G, 2], clip-relative seconds
+    gt_labels: Tensor       # [G]
+
+
+def clips_of(video_id: str, snippets: np.ndarray, snippet_seconds: float, gt: Tensor, gt_labels: Tensor,
+             length: int, stride: int, train: bool, time_offset: float = 0.0) -> list[Clip]:
+    """The windows of one video (training: only those with an instance mostly inside).
+
+    Snippet t is taken to span [t, t + 1) * ``snippet_seconds`` + ``time_offset`` (its share of the
+    time axis around its centre; the I3D grid's offset is (clip - stride) / 2 frames).
+    """
+    t = snippets.shape[0]
+    starts = list(range(0, max(t - length, 0) + 1, stride))
+    if starts[-1] + length < t:
+        starts.append(t - length)
+    feats = torch.from_numpy(snippets)
+    out = []
+    for s in starts:
+        t0, t1 = s * snippet_seconds + time_offset, (s + length) * snippet_seconds + time_offset
+        inside = torch.clamp(torch.minimum(gt[:, 1], torch.tensor(t1)) - torch.maximum(gt[:, 0], torch.tensor(t0)), min=0)
+        keep = inside >= 0.5 * (gt[:, 1] - gt[:, 0])
+        if train and not bool(keep.any()):
+            continue
+        rel = (gt[keep] - t0).clamp(0, t1 - t0)
+        out.append(Clip(video_id, pad_clip(feats[s:s + length], length), t0, rel, gt_labels[keep]))
+    return out
+
+
+def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    snippet_seconds: float, generator: torch.Generator, matching: AnchorMatching = AnchorMatching(),
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    model.train()
+    anchors = model.anchors(snippet_seconds)
+    targets = [match_anchors(anchors, c.gt, c.gt_labels, matching) for c in clips]
+    sums, steps = {}, 0
+    order = torch.randperm(len(clips), generator=generator).tolist()
+    for start in range(0, len(order), config.batch_videos):
+        idx = order[start:start + config.batch_videos]
+        logits, offsets = model(torch.stack([clips[i].features for i in idx]).to(device), snippet_seconds)
+        cls_t = torch.cat([targets[i][0] for i in idx]).to(device)
+        off_t = torch.cat([targets[i][1] for i in idx]).to(device)
+        terms = anchor_loss(logits.reshape(-1, logits.shape[-1]), offsets.reshape(-1, 2), cls_t, off_t, matching)
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        if config.clip_grad_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        optimizer.step()
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        steps += 1
+    return {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def predict(model: DSSAD, clips: Sequence[Clip], durations: dict[str, float], classes: Sequence[str],
+            snippet_seconds: float, config: InferenceConfig = InferenceConfig(), batch: int = 16,
+            device: torch.device | str = "cpu") -> Detections:
+    """Detections of every video whose clips are given: decode anchors, merge windows by NMS."""
+    model.eval()
+    anchors = model.anchors(snippet_seconds)
+    per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for start in range(0, len(clips), batch):
+        chunk = clips[start:start + batch]
+        logits, offsets = model(torch.stack([c.features for c in chunk]).to(device), snippet_seconds)
+        probs = torch.softmax(logits.double().cpu(), dim=-1)[..., 1:]
+        for c, p, o in zip(chunk, probs, offsets.double().cpu()):
+            segments = apply_regression(anchors, o) + c.start
+            score, label = p.max(dim=1)
+            keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]
+            per_video.setdefault(c.video_id, []).append((segments[keep], label[keep], score[keep]))
+    return _merge(per_video, durations, classes, config)
+
+
+def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations: dict[str, float],
+           classes: Sequence[str], config: InferenceConfig) -> Detections:
+    vid, lab, start, end, score = [], [], [], [], []
+    for video_id, parts in per_video.items():
+        segments = torch.cat([p[0] for p in parts]).clamp(0, durations[video_id])
+        labels, scores = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        valid = segments[:, 1] > segments[:, 0]
+        segments, labels, scores = segments[valid], labels[valid], scores[valid]
+        kept = nms(segments, scores, labels, config.nms_threshold, config.top_k)
+        vid += [video_id] * len(kept)
+        lab += [classes[c] for c in labels[kept].tolist()]
+        start += segments[kept, 0].tolist()
+        end += segments[kept, 1].tolist()
+        score += scores[kept].tolist()
+    return Detections(vid, lab, np.array(start), np.array(end), np.array(score))
+
+
+def fit(model: DSSAD, clips: Sequence[Clip], config: TrainConfig, snippet_seconds: float,
+        device: torch.device | str = "cpu") -> list[dict[str, float]]:
+    """Train for ``config.epochs`` epochs with the configured optimiser and schedule."""
+    optimizer, schedule = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    history = []
+    for _ in range(config.epochs):
+        history.append(train_one_epoch(model, clips, optimizer, config, snippet_seconds, generator, device=device))
+        schedule.step()
+    return history
