@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from gcm_core.data.atomic import atomic_write
 from gcm_core.data.dataset import VideoInputs
@@ -19,18 +18,12 @@ from gcm_core.data.model import Detections, Proposals, Video
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats
-from gcm_core.detectors.base import ModelConfig, build_detector
-from gcm_core.engine import UnitDataset, detections_of, predict
+from gcm_core.detectors.base import ModelConfig
+from gcm_core.engine import StreamHeads, UnitDataset, build_heads, detections_of, predict
 from gcm_core.graph import CandidateCaps, GraphSpec
 from gcm_core.postprocess import InferenceConfig
 
 FORMAT = "gcm-tal/checkpoint/1"
-
-
-@dataclass
-class StreamModel:
-    model: nn.Module
-    stats: RegressionStats
 
 
 @dataclass
@@ -39,9 +32,14 @@ class Checkpoint:
     model_config: ModelConfig
     graph: GraphSpec
     inference: InferenceConfig
-    snippets: dict[str, Any]
-    streams: dict[str, StreamModel]
+    snippets: dict[str, Any]              # the snippet layout the features follow (card ``snippets``)
+    heads: StreamHeads
+    stats: RegressionStats
     extra: dict[str, Any] = field(default_factory=dict)   # resolved run config, metrics, epoch
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self.heads.keys())
 
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
@@ -53,8 +51,9 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "graph": asdict(checkpoint.graph),
         "inference": asdict(checkpoint.inference),
         "snippets": dict(checkpoint.snippets),
-        "streams": {s: {"state": m.model.state_dict(), "regression": m.stats.as_dict(),
-                        "dim": _input_dim(m.model)} for s, m in checkpoint.streams.items()},
+        "dims": {s: int(head.classifier.in_features) for s, head in checkpoint.heads.items()},
+        "heads": checkpoint.heads.state_dict(),
+        "regression": checkpoint.stats.as_dict(),
         "extra": checkpoint.extra,
     }
     buffer = io.BytesIO()
@@ -70,17 +69,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     model_config = ModelConfig(**payload["model_config"])
     inference = payload["inference"]
     inference["fusion"] = tuple(tuple(x) for x in inference["fusion"])
-    streams = {}
-    for stream, entry in payload["streams"].items():
-        model = build_detector(model_config, entry["dim"], len(payload["classes"]))
-        model.load_state_dict(entry["state"])
-        streams[stream] = StreamModel(model.to(device).eval(), RegressionStats.from_dict(entry["regression"]))
+    heads = build_heads(model_config, list(payload["dims"]), payload["dims"], len(payload["classes"]))
+    heads.load_state_dict(payload["heads"])
     return Checkpoint(payload["classes"], model_config, GraphSpec(**payload["graph"]), InferenceConfig(**inference),
-                      payload["snippets"], streams, payload.get("extra", {}))
-
-
-def _input_dim(model: nn.Module) -> int:
-    return int(model.classifier.in_features)
+                      payload["snippets"], heads.to(device).eval(), RegressionStats.from_dict(payload["regression"]),
+                      payload.get("extra", {}))
 
 
 def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray,
@@ -108,9 +101,7 @@ def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], interv
     spec = checkpoint.graph
     parts = ("body", checkpoint.model_config.comp_input)
     prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts)
-    per_stream = {}
-    for stream, entry in checkpoint.streams.items():
-        data = UnitDataset([prepared], stream, spec, checkpoint.model_config.comp_input
-                           if checkpoint.model_config.detector == "ssn" else None)
-        per_stream[stream] = predict(entry.model, data, entry.stats)
+    comp = checkpoint.model_config.comp_input if checkpoint.model_config.detector == "ssn" else None
+    per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats)
+                  for s, head in checkpoint.heads.items()}
     return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)

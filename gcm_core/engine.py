@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -88,47 +88,83 @@ class UnitDataset:
         return RegressionStats.fit(torch.cat([v.labels.reg_target for v in self.videos]))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+class StreamHeads(nn.ModuleDict):
+    """One head per feature stream. Each stream's head only ever sees its own stream's features and
+    loss, so training them together is training them separately (the paper's two-stream practice,
+    fused late at inference), in one optimiser and, under Ray Train, one DDP model."""
+
+    def forward(self, batches: dict[str, UnitBatch]) -> dict[str, UnitOutputs]:
+        return {stream: self[stream](batch) for stream, batch in batches.items()}
+
+
+def build_heads(model_config: ModelConfig, streams: Sequence[str], dim: int | dict[str, int],
+                num_classes: int) -> StreamHeads:
+    dims = dim if isinstance(dim, dict) else {s: dim for s in streams}
+    return StreamHeads({s: build_detector(model_config, dims[s], num_classes) for s in streams})
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, stream_lr: dict[str, float] | None = None
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The configured optimiser and step schedule; ``stream_lr`` gives a head its own rate."""
+    heads = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
+    if isinstance(heads, StreamHeads):
+        groups = [{"params": list(head.parameters()), "lr": (stream_lr or {}).get(s, config.lr)}
+                  for s, head in heads.items()]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": config.lr}]
     if config.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
+        opt = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     elif config.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {config.optimizer!r}")
     return opt, torch.optim.lr_scheduler.StepLR(opt, config.lr_step_epochs, config.lr_gamma)
 
 
-def _video_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[list[int]]:
-    order = torch.randperm(n, generator=generator).tolist()
-    for start in range(0, n, batch):
-        yield order[start:start + batch]
+def epoch_batches(n: int, batch: int, generator: torch.Generator, steps: int | None = None) -> list[list[int]]:
+    """Video indices of each step of an epoch: a fresh permutation, cut into batches.
+
+    ``steps`` fixes the number of steps (workers of a data-parallel run must agree), cycling
+    through further permutations when the videos run out.
+    """
+    steps = steps if steps is not None else math.ceil(n / batch)
+    order: list[int] = []
+    while len(order) < steps * batch:
+        order += torch.randperm(n, generator=generator).tolist()
+    return [order[k * batch:(k + 1) * batch] for k in range(steps)]
 
 
-def train_one_epoch(model: nn.Module, data: UnitDataset, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    stats: RegressionStats, generator: torch.Generator,
-                    device: torch.device | str = "cpu") -> dict[str, float]:
-    """One pass over the training videos; returns the mean of each loss term."""
+def train_one_epoch(model: nn.Module, data: dict[str, UnitDataset], optimizer: torch.optim.Optimizer,
+                    config: TrainConfig, stats: RegressionStats, generator: torch.Generator,
+                    device: torch.device | str = "cpu", steps: int | None = None,
+                    batch_videos: int | None = None) -> dict[str, float]:
+    """One epoch of every stream's head; returns the mean of each loss term (summed over streams).
+
+    ``model`` is a :class:`StreamHeads` (possibly DDP-wrapped), ``data`` its datasets by stream.
+    """
     model.train()
+    heads = model.module if hasattr(model, "module") else model
+    n = len(next(iter(data.values())))
     sums: dict[str, float] = {}
-    steps = 0
-    for indices in _video_batches(len(data), config.batch_videos, generator):
-        batch = data.batch(indices, config.sampling, generator)
-        if batch.nodes.numel() == 0:
-            continue
-        batch = batch.to(device)
-        out: UnitOutputs = model(batch)
-        target = stats.normalize(batch.reg_target).nan_to_num(0.0)
-        terms = ssn_loss(out.logits, out.completeness, out.offsets, batch.role, batch.label, target, config.loss)
+    for indices in epoch_batches(n, batch_videos or config.batch_videos, generator, steps):
+        batches = {s: d.batch(indices, config.sampling, generator).to(device) for s, d in data.items()}
+        outputs = model(batches)
+        total = 0.0
+        for stream, out in outputs.items():
+            b = batches[stream]
+            target = stats.normalize(b.reg_target).nan_to_num(0.0)
+            terms = ssn_loss(out.logits, out.completeness, out.offsets, b.role, b.label, target, config.loss)
+            total = total + terms["total"]
+            for name, value in terms.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value.detach())
         optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
+        total.backward()
         if config.clip_grad_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            for head in heads.values():  # per stream: the streams stay independent
+                nn.utils.clip_grad_norm_(head.parameters(), config.clip_grad_norm)
         optimizer.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach())
-        steps += 1
-    return {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
+    steps_done = steps if steps is not None else math.ceil(n / (batch_videos or config.batch_videos))
+    return {k: v / max(steps_done, 1) for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -178,16 +214,18 @@ def lr_at(config: TrainConfig, epoch: int) -> float:
     return config.lr * config.lr_gamma ** math.floor(epoch / config.lr_step_epochs)
 
 
-def fit_stream(videos: Sequence[PreparedVideo], stream: str, model_config: ModelConfig, spec: GraphSpec,
-               config: TrainConfig, num_classes: int, device: torch.device | str = "cpu",
-               on_epoch: Callable[[int, dict[str, float], nn.Module], None] | None = None
-               ) -> tuple[nn.Module, RegressionStats]:
-    """Train one stream's head from scratch for ``config.epochs`` epochs (seeded)."""
+def fit(videos: Sequence[PreparedVideo], streams: Sequence[str], model_config: ModelConfig, spec: GraphSpec,
+        config: TrainConfig, num_classes: int, stream_lr: dict[str, float] | None = None,
+        device: torch.device | str = "cpu",
+        on_epoch: Callable[[int, dict[str, float], StreamHeads], None] | None = None
+        ) -> tuple[StreamHeads, RegressionStats]:
+    """Train every stream's head from scratch for ``config.epochs`` epochs (seeded, one process)."""
     seed_everything(config.seed)
-    data = UnitDataset(videos, stream, spec, model_config.comp_input if model_config.detector == "ssn" else None)
-    model = build_detector(model_config, data.dim, num_classes).to(device)
-    stats = data.regression_stats()
-    optimizer, schedule = make_optimizer(model, config)
+    comp = model_config.comp_input if model_config.detector == "ssn" else None
+    data = {s: UnitDataset(videos, s, spec, comp) for s in streams}
+    model = build_heads(model_config, streams, {s: d.dim for s, d in data.items()}, num_classes).to(device)
+    stats = next(iter(data.values())).regression_stats()
+    optimizer, schedule = make_optimizer(model, config, stream_lr)
     generator = torch.Generator().manual_seed(config.seed)
     for epoch in range(config.epochs):
         metrics = train_one_epoch(model, data, optimizer, config, stats, generator, device)

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from gcm_core.checkpoint import Checkpoint, StreamModel, detect_video, load_checkpoint, save_checkpoint
+from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, save_checkpoint
 from gcm_core.data.sampling import SamplingConfig
 from gcm_core.detectors import ModelConfig
-from gcm_core.engine import TrainConfig, UnitDataset, detections_of, evaluate, fit_stream, predict
+from gcm_core.engine import TrainConfig, UnitDataset, detections_of, evaluate, fit, predict
 from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 
 FAST = TrainConfig(epochs=4, lr=0.05, batch_videos=8, sampling=SamplingConfig(per_video=16), seed=3)
 
 
-def train(prepared, stream="flow", model=ModelConfig(), config=FAST, **kw):
-    return fit_stream(prepared["train"], stream, model, GraphSpec(), config, prepared["card"].num_classes, **kw)
+def train(prepared, streams=("flow",), model=ModelConfig(), config=FAST, **kw):
+    return fit(prepared["train"], streams, model, GraphSpec(), config, prepared["card"].num_classes, **kw)
 
 
 def test_training_is_deterministic_and_lowers_the_loss(small_prepared):
@@ -40,8 +40,8 @@ def test_trained_heads_detect_far_better_than_untrained_ones(small_prepared, mod
 
     def map_after(epochs):
         config = TrainConfig(epochs=epochs, lr=0.05, batch_videos=8, sampling=SamplingConfig(per_video=16))
-        net, stats = train(small_prepared, model=model, config=config)
-        scores = predict(net, test_set, stats)
+        heads, stats = train(small_prepared, model=model, config=config)
+        scores = predict(heads["flow"], test_set, stats)
         assert scores[0].scores.shape == (small_prepared["test"][0].num_units, card.num_classes)
         dets = detections_of(small_prepared["test"], {"flow": scores}, card.classes, InferenceConfig(top_k=100))
         return evaluate(small_prepared["test"], dets, card.classes, "thumos14", [0.3]).map.item()
@@ -52,26 +52,22 @@ def test_trained_heads_detect_far_better_than_untrained_ones(small_prepared, mod
 
 def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path):
     card = small_prepared["card"]
-    streams = {}
-    for stream in ("rgb", "flow"):
-        net, stats = train(small_prepared, stream=stream)
-        streams[stream] = StreamModel(net, stats)
+    heads, stats = train(small_prepared, streams=("rgb", "flow"))
     ckpt = Checkpoint(list(card.classes), ModelConfig(), GraphSpec(), InferenceConfig(top_k=50),
-                      {**card.snippets}, streams, {"note": "test"})
+                      {**card.snippets}, heads, stats, {"note": "test"})
     path = tmp_path / "model.pt"
     save_checkpoint(path, ckpt)
     loaded = load_checkpoint(path)
     assert loaded.classes == list(card.classes) and loaded.extra == {"note": "test"}
-    for stream in streams:
-        for p, q in zip(streams[stream].model.state_dict().values(), loaded.streams[stream].model.state_dict().values()):
-            assert torch.equal(p, q)
+    for p, q in zip(heads.state_dict().values(), loaded.heads.state_dict().values()):
+        assert torch.equal(p, q)
 
     # gcm detect on a test video equals the batch pipeline on the same video
     video = small_prepared["test"][0]
     feats = {s: np.load(small_dataset / f"features/{s}/{video.video_id}.npy") for s in ("rgb", "flow")}
     dets = detect_video(loaded, feats, video.intervals.numpy(), video.video_id, fps=30.0, duration=video.duration)
-    per_stream = {s: predict(m.model, UnitDataset([video], s, GraphSpec(), "three_part"), m.stats)
-                  for s, m in loaded.streams.items()}
+    per_stream = {s: predict(head, UnitDataset([video], s, GraphSpec(), "three_part"), loaded.stats)
+                  for s, head in loaded.heads.items()}
     reference = detections_of([video], per_stream, card.classes, InferenceConfig(top_k=50))
     assert dets.label == reference.label
     np.testing.assert_allclose(dets.score, reference.score, rtol=1e-5)

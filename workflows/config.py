@@ -1,0 +1,233 @@
+"""Stage configurations: one dataclass per stage, defaults = the paper's settings.
+
+Values are resolved in three layers: the dataclass defaults, then a YAML file (``--config``),
+then ``--set key=value`` overrides with dotted keys (``--set train.lr=0.01``, ``--set
+graph.edge_types=[contextual,semantic]``; values are parsed as YAML). The resolved configuration
+is written beside every output (``config.yaml``), so a run can be repeated from its folder alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gcm_core.data.sampling import SamplingConfig
+from gcm_core.detectors import ModelConfig
+from gcm_core.detectors.dssad import DSSADConfig
+from gcm_core.engine import TrainConfig
+from gcm_core.graph import CandidateCaps, GraphSpec
+from gcm_core.postprocess import InferenceConfig
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that does not fit the stage's dataclass."""
+
+
+@dataclass
+class RayConfig:
+    """Where stages run: ``address`` None starts an embedded local Ray on 127.0.0.1."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_mb: int = 256
+
+
+@dataclass
+class PreprocessConfig:
+    card: str = "synthetic"
+    data_root: str | None = None
+    out: str = "runs/preprocessed"
+    roles: tuple[str, ...] = ("train", "test")
+    parts: tuple[str, ...] = ("body", "three_part")
+    reduce: str = "max"
+    caps: CandidateCaps = field(default_factory=CandidateCaps)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    videos_per_shard: int = 16
+    num_workers: int = 2
+    use_gpu: bool | None = None          # None: use GPUs when the cluster has them
+    skip_bad: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class TrainStageConfig:
+    data: str = "runs/preprocessed"
+    out: str = "runs/train"
+    name: str = "ssn-gcm"
+    streams: tuple[str, ...] = ("rgb", "flow")
+    stream_lr: dict[str, float] = field(default_factory=lambda: {"rgb": 0.001, "flow": 0.01})  # section 4.2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    graph: GraphSpec = field(default_factory=GraphSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    evaluate: bool = True                # evaluate the final model on the test split
+    num_workers: int = 2
+    use_gpu: bool | None = None
+    cpus_per_worker: float = 0.5
+    max_failures: int = 2
+    resume: bool = False
+
+
+@dataclass
+class OneStageConfig:
+    """D-SSAD (+ GCM) training on the preprocessed dataset's snippet clips."""
+
+    model: DSSADConfig = field(default_factory=DSSADConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4,
+                                                                   batch_videos=8, epochs=10, lr_step_epochs=7))
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoints: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()           # preprocessed datasets (their test split is evaluated)
+    out: str = "runs/evaluation"
+    protocol: str | None = None          # default: each dataset card's protocol
+    tiou: tuple[float, ...] | None = None
+    num_workers: int = 2
+
+
+@dataclass
+class TuneStageConfig:
+    grid: str = ""
+    data: str = "runs/preprocessed"
+    out: str = "runs/tune"
+    base: TrainStageConfig = field(default_factory=TrainStageConfig)
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    resume: bool = False
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """``value`` (from YAML) as type ``tp``, recursing into dataclasses, tuples and dicts."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        for option in options:
+            try:
+                return _coerce(option, value, key)
+            except (ConfigError, TypeError, ValueError):
+                continue
+        raise ConfigError(f"{key}: {value!r} is not a {tp}")
+    if _is_dataclass_type(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+            return tuple(_coerce(inner, v, key) for v in value)
+        return tuple(_coerce(a, v, key) for a, v in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """An instance of dataclass ``cls`` from a (possibly partial) nested mapping."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {sorted(unknown)} in "
+                          f"{where or cls.__name__} (known: {sorted(names)})")
+    defaults = cls()
+    values = {}
+    for name in names:
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            current = getattr(defaults, name)
+            if dataclasses.is_dataclass(current) and isinstance(data[name], dict):
+                merged = {**to_dict(current), **data[name]}
+                values[name] = from_dict(type(current), merged, key)
+            else:
+                values[name] = _coerce(hints[name], data[name], key)
+    try:
+        return dataclasses.replace(defaults, **values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain YAML-ready data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["train.lr=0.01", "graph.k_sur=3"]`` -> nested mapping, values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+            **explicit: Any) -> T:
+    """Defaults, then the YAML file, then ``--set`` overrides, then explicit CLI arguments."""
+    data: dict[str, Any] = {}
+    if yaml_path:
+        path = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read the configuration ({err})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the configuration must be a mapping")
+        data = loaded
+    data = deep_merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, {k: v for k, v in explicit.items() if v is not None})
+    return from_dict(cls, data)
+
+
+def dump(config: Any) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,196 @@
+"""Preprocessing with Ray Data: every video of a card's dataset -> Parquet shards + manifest.
+
+One row per video (its id, role and shard) goes through Ray Data; the rows of a shard are grouped
+and a worker (an actor, with a GPU when the cluster has them) loads each video's features and
+proposals, pools unit features, computes candidate edges and training labels
+(:func:`gcm_core.data.prepared.prepare_video`) and writes the shard atomically with a JSON
+summary beside it. Nothing but ids and summaries passes through the driver.
+
+Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``. A
+broken video stops the stage with an error naming it after the other shards are written, or, with
+``skip_bad``, is left out and listed in the manifest. See :mod:`workflows.shards` for the layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.cards import DatasetCard, load_card
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.model import FormatError
+from gcm_core.data.prepared import prepare_video
+from gcm_core.data.sampling import FOREGROUND, RegressionStats
+from workflows.config import PreprocessConfig, dump, from_dict, to_dict
+from workflows.progress import Progress
+from workflows.provenance import code_version
+from workflows.shards import video_to_row, write_shard
+
+FORMAT = "gcm-tal/preprocessed/1"
+
+
+class PreprocessError(RuntimeError):
+    """Videos that could not be prepared, each named with its file and problem."""
+
+
+def shard_name(role: str, video_ids: list[str]) -> str:
+    """A shard's file stem: its role and a digest of the videos it holds (stable, filesystem-safe)."""
+    digest = hashlib.sha1("\n".join(sorted(video_ids)).encode()).hexdigest()[:12]
+    return f"{role}-{digest}"
+
+
+class ShardWriter:
+    """Ray Data UDF: prepares the videos of one shard and writes it (runs on a worker)."""
+
+    def __init__(self, card_path: str, data_root: str | None, out: str, config: dict[str, Any]) -> None:
+
+        torch.set_num_threads(1)  # one core per worker: workers, not threads, give the parallelism
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.card = load_card(card_path)
+        self.config = from_dict(PreprocessConfig, config)
+        self.data_root, self.out = data_root, Path(out)
+        self.sources: dict[str, DatasetSource] = {}
+
+    def source(self, role: str) -> DatasetSource:
+        if role not in self.sources:
+            self.sources[role] = DatasetSource(self.card, self.data_root, role)
+        return self.sources[role]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        summary: dict[str, list] = {"video_id": [], "role": [], "shard": [], "status": [], "units": [], "edges": [],
+                                    "error": []}
+        for role in sorted(set(map(str, batch["role"]))):
+            ids = sorted(str(v) for v, r in zip(batch["video_id"], batch["role"]) if str(r) == role)
+            self._write_shard(role, ids, summary)
+        return summary
+
+    def _write_shard(self, role: str, ids: list[str], summary: dict[str, list]) -> None:
+        source, shard = self.source(role), shard_name(role, ids)
+        rows, targets, mine = [], [], {k: [] for k in summary}
+        for video_id in ids:
+            try:
+                prepared = prepare_video(source.load(video_id), self.card.classes, role == "train",
+                                         caps=self.config.caps, sampling=self.config.sampling,
+                                         parts=self.config.parts, reduce=self.config.reduce,
+                                         max_units=self.card.units_per_video_test, device=self.device)
+            except (FormatError, ValueError) as err:
+                summary_row(mine, video_id, role, shard, "error", 0, 0, str(err))
+                continue
+            rows.append(video_to_row(prepared, role))
+            if prepared.labels is not None:
+                targets.append(prepared.labels.reg_target[prepared.labels.role == FOREGROUND].numpy())
+            edges = sum(c.num_edges for c in prepared.candidates.values())
+            summary_row(mine, video_id, role, shard, "ok", prepared.num_units, edges, "")
+        if rows and (self.config.skip_bad or "error" not in mine["status"]):
+            write_shard(self.out / "shards" / f"{shard}.parquet", rows)
+            side = {"summary": mine, "targets": np.concatenate(targets).tolist() if targets else []}
+            atomic_write_text(self.out / "shards" / f"{shard}.json", json.dumps(side))
+        for key, values in mine.items():
+            summary[key] += values
+
+
+def summary_row(summary: dict[str, list], video: str, role: str, shard: str, status: str, units: int,
+                edges: int, error: str) -> None:
+    for key, value in (("video_id", video), ("role", role), ("shard", shard), ("status", status),
+                       ("units", units), ("edges", edges), ("error", error)):
+        summary[key].append(value)
+
+
+def _finished_shards(out: Path) -> dict[str, dict[str, Any]]:
+    """Summaries of the shards already written (a Parquet file with its JSON summary beside it)."""
+    found = {}
+    for side in sorted((out / "shards").glob("*.json")):
+        if side.with_suffix(".parquet").is_file():
+            found[side.stem] = json.loads(side.read_text())
+    return found
+
+
+def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, Any]:
+    """Run the stage on the connected Ray; returns the manifest it wrote."""
+    import ray.data
+
+    from workflows.ray_env import cluster_gpus
+
+    card = load_card(config.card)
+    out = Path(config.out)
+    if config.overwrite and (out / "shards").exists():
+        shutil.rmtree(out / "shards")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    card_copy = out / "card.yaml"
+    if card.source is not None and card.source.resolve() != card_copy.resolve():
+        shutil.copyfile(card.source, card_copy)
+    plan = _plan(card, config)
+    done = {(r, v) for side in _finished_shards(out).values()
+            for v, r in zip(side["summary"]["video_id"], side["summary"]["role"])}
+    todo = [row for row in plan if (row["role"], row["video_id"]) not in done]
+    progress = Progress(len(plan), "videos", "preprocess: ", quiet)
+    progress.skip(len(plan) - len(todo))
+    failures = []
+    if todo:
+        use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // config.videos_per_shard, 64)))
+        results = ds.map_batches(
+            ShardWriter, batch_size=config.videos_per_shard, batch_format="numpy",
+            fn_constructor_kwargs={"card_path": str(card_copy), "data_root": config.data_root, "out": str(out),
+                                   "config": to_dict(config)},
+            compute=ray.data.ActorPoolStrategy(size=max(1, config.num_workers)),
+            num_cpus=1, num_gpus=1 if use_gpu else 0)
+        for row in results.iter_rows():
+            progress.update()
+            if row["status"] != "ok" and not config.skip_bad:
+                failures.append(f"  {row['video_id']}: {row['error']}")
+    progress.close()
+    atomic_write_text(out / "config.yaml", dump(config))
+    if failures:
+        raise PreprocessError(f"{len(failures)} video(s) could not be prepared (the other shards are written; fix "
+                              "the input and rerun, or rerun with --skip-bad to leave them out):\n"
+                              + "\n".join(sorted(failures)))
+    manifest = _manifest(card, config, out)
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, str]]:
+    """One row per video: its id and role."""
+    return [{"video_id": video, "role": role} for role in config.roles
+            for video in DatasetSource(card, config.data_root, role).video_ids]
+
+
+def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[str, Any]:
+    shards, skipped, counts, targets = [], [], {}, []
+    for shard, side in _finished_shards(out).items():
+        s = side["summary"]
+        ok = [k for k, status in enumerate(s["status"]) if status == "ok"]
+        skipped += [{"video": s["video_id"][k], "error": s["error"][k]} for k, st in enumerate(s["status"]) if st != "ok"]
+        role = s["role"][0]
+        shards.append({"path": f"shards/{shard}.parquet", "role": role, "videos": [s["video_id"][k] for k in ok]})
+        c = counts.setdefault(role, {"videos": 0, "units": 0, "edges": 0})
+        c["videos"] += len(ok)
+        c["units"] += sum(s["units"][k] for k in ok)
+        c["edges"] += sum(s["edges"][k] for k in ok)
+        targets += side["targets"]
+    stats = RegressionStats.fit(torch.tensor(targets, dtype=torch.float64).reshape(-1, 2))
+    return {
+        "format": FORMAT, "code_version": code_version(), "card": card.name, "card_file": "card.yaml",
+        "classes": list(card.classes), "streams": list(card.streams), "parts": list(config.parts),
+        "dims": _dims_from_shard(out, shards, config, card), "protocol": card.protocol, "tiou": list(card.tiou),
+        "caps": asdict(config.caps), "sampling": asdict(config.sampling), "counts": counts,
+        "regression_stats": stats.as_dict(), "shards": shards, "skipped": skipped, "config": to_dict(config),
+    }
+
+
+def _dims_from_shard(out: Path, shards: list[dict[str, Any]], config: PreprocessConfig, card: DatasetCard) -> dict[str, int]:
+    """Feature widths, read off the first shard."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(out / shards[0]["path"], columns=["intervals"] + [f"feat:{s}:{p}" for s in card.streams
+                                                                            for p in config.parts])
+    n = len(table.column("intervals")[0]) // 2
+    return {f"{s}:{p}": len(table.column(f"feat:{s}:{p}")[0]) // n for s in card.streams for p in config.parts}

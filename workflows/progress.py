@@ -1,0 +1,64 @@
+"""Progress lines for long stages: counts, rate and ETA; quiet on request; plain in CI logs.
+
+On a terminal the line is redrawn in place; when output is not a terminal (CI logs, files) a new
+line is printed at most every 10% of the work, with no control characters.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """``Progress(total, "videos")``; call ``update(n)`` as work completes and ``close()`` at the end."""
+
+    def __init__(self, total: int, unit: str, label: str = "", quiet: bool = False,
+                 stream: TextIO | None = None) -> None:
+        self.total, self.unit, self.label, self.quiet = total, unit, label, quiet
+        self.stream = stream or sys.stdout
+        self.done = 0
+        self.skipped = 0            # work found already done: counted, but not in the rate
+        self.start = time.perf_counter()
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._next_line = 0.1
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return (self.done - self.skipped) / elapsed if elapsed > 0 else 0.0
+
+    def skip(self, n: int) -> None:
+        """Count ``n`` units of work that were already done (a resumed stage)."""
+        self.done += n
+        self.skipped += n
+
+    def line(self) -> str:
+        rate = self.rate()
+        eta = (self.total - self.done) / rate if rate > 0 else (0.0 if self.done >= self.total else float("nan"))
+        eta_text = _duration(eta) if eta == eta else "?"
+        return (f"{self.label}{self.done}/{self.total} {self.unit} "
+                f"({rate:.1f} {self.unit}/s, elapsed {_duration(time.perf_counter() - self.start)}, ETA {eta_text})")
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.quiet:
+            return
+        if self.tty:
+            self.stream.write("\r" + self.line())
+            self.stream.flush()
+        elif self.total and self.done / self.total >= self._next_line - 1e-9:
+            self.stream.write(self.line() + "\n")
+            self.stream.flush()
+            while self._next_line <= self.done / self.total:
+                self._next_line += 0.1
+
+    def close(self) -> None:
+        if not self.quiet and self.tty:
+            self.stream.write("\r" + self.line() + "\n")
+            self.stream.flush()

@@ -1,0 +1,69 @@
+"""Starting or joining Ray: an embedded local Ray bound to 127.0.0.1 by default, quiet, small.
+
+``address`` None starts a local Ray that only this machine can reach (the laptop default);
+``auto`` or ``ray://host:port`` joins a cluster started with ``ray up ray_cluster.yaml``.
+A session this process started is shut down when the block ends; one it joined is left running.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from workflows.config import RayConfig
+
+# Measured on these machines (see RAY_NOTES.md): these keep a local Ray on loopback and quiet.
+LOCAL_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_SCHEDULER_EVENTS": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def quiet_ray_environment() -> None:
+    """Set the environment for a quiet, loopback-only Ray before it starts (keeps user values)."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+@contextmanager
+def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
+    """Run the block with Ray initialised per ``config`` (reusing an initialised one)."""
+    quiet_ray_environment()
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+    if config.address:
+        ray.init(address=config.address, **kwargs)
+    else:
+        ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                 object_store_memory=config.object_store_mb * 1024 ** 2, **kwargs)
+    quiet_data()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def quiet_data() -> None:
+    """Ray Data without its own progress bars (the stages print their own progress)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    for name in ("ray.data", "ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ctx.execution_options.preserve_order = True
+
+
+def cluster_gpus() -> int:
+    """How many GPUs the connected cluster has (0 on a CPU-only one)."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,172 @@
+"""The preprocessed dataset on disk: Parquet shards of prepared videos, and their manifest.
+
+Layout of a preprocessed folder::
+
+    manifest.json                 card, feature layout, counts, regression statistics, code version,
+                                  config, shards and their videos, skipped videos
+    config.yaml                   the resolved preprocessing configuration
+    card.yaml                     the dataset card used
+    shards/<role>-<k>.parquet     one row per video
+
+Schema of a shard (one row per video; arrays are flattened row-major, their second dimension is
+given by ``manifest.json``'s ``dims``):
+
+=============================  ==================  =========================================
+column                         Arrow type          content
+=============================  ==================  =========================================
+video_id, role                 string              the video and its role (train / test)
+duration                       double              seconds
+intervals                      list<double>        [N, 2] units (start, end), seconds
+feat:<stream>:<part>           list<float>         [N, C] pooled features (part: body,
+                                                   extended, three_part)
+edges:<stream>:src / dst       list<int32>         candidate edges (i aggregates j)
+edges:<stream>:tiou/distance   list<double>        Eq. 4 / Eq. 5 of each candidate
+edges:<stream>:cosine          list<float>         feature cosine of each candidate
+edges:<stream>:<x>_rank        list<int32>         sur / sem / knn rank (-1: beyond the cap)
+gt, gt_labels                  list<double/int32>  [G, 2] instances and their 0-based classes
+ambiguous                      list<double>        [A, 2] segments excluded from evaluation
+labels:best_gt, labels:label   list<int32>         training units: best instance, class 1..K
+labels:role                    list<int8>          0 bg, 1 fg, 2 incomplete, 3 ignored
+labels:tiou, labels:overlap    list<double>
+labels:reg_target              list<double>        [N, 2] raw Eq. 15 targets (NaN if not fg)
+=============================  ==================  =========================================
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gcm_core.data.atomic import atomic_write
+from gcm_core.data.prepared import PreparedVideo
+from gcm_core.data.sampling import UnitLabels
+from gcm_core.graph import CandidateCaps, CandidateEdges
+
+EDGE_COLUMNS = ("tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")
+LABEL_COLUMNS = ("best_gt", "tiou", "overlap", "role", "label", "reg_target")
+_NUMPY = {"tiou": np.float64, "distance": np.float64, "cosine": np.float32, "sur_rank": np.int32,
+          "sem_rank": np.int32, "knn_rank": np.int32, "best_gt": np.int32, "overlap": np.float64,
+          "role": np.int8, "label": np.int32, "reg_target": np.float64}
+
+
+def _flat(t: torch.Tensor, dtype: Any) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(dtype, copy=False).reshape(-1)
+
+
+def video_to_row(video: PreparedVideo, role: str) -> dict[str, Any]:
+    """A prepared video as one shard row (flat numpy arrays)."""
+    row: dict[str, Any] = {"video_id": video.video_id, "role": role, "duration": video.duration,
+                           "intervals": _flat(video.intervals, np.float64),
+                           "gt": _flat(video.gt, np.float64), "gt_labels": _flat(video.gt_labels, np.int32),
+                           "ambiguous": _flat(video.ambiguous, np.float64)}
+    for stream, parts in video.features.items():
+        for part, feats in parts.items():
+            row[f"feat:{stream}:{part}"] = _flat(feats, np.float32)
+    for stream, edges in video.candidates.items():
+        row[f"edges:{stream}:src"] = _flat(edges.edge_index[0], np.int32)
+        row[f"edges:{stream}:dst"] = _flat(edges.edge_index[1], np.int32)
+        for name in EDGE_COLUMNS:
+            row[f"edges:{stream}:{name}"] = _flat(getattr(edges, name), _NUMPY[name])
+    if video.labels is not None:
+        for name in LABEL_COLUMNS:
+            row[f"labels:{name}"] = _flat(getattr(video.labels, name), _NUMPY[name])
+    return row
+
+
+def row_to_video(row: dict[str, Any], dims: dict[str, int], caps: CandidateCaps) -> PreparedVideo:
+    """Inverse of :func:`video_to_row` (``dims``: width of each ``<stream>:<part>``)."""
+    def arr(name: str, dtype: Any = None) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(row[name], dtype=dtype).copy())
+
+    intervals = arr("intervals", np.float64).reshape(-1, 2)
+    n = intervals.shape[0]
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    candidates: dict[str, CandidateEdges] = {}
+    for key in row:
+        if key.startswith("feat:"):
+            _, stream, part = key.split(":")
+            features.setdefault(stream, {})[part] = arr(key, np.float32).reshape(n, dims[f"{stream}:{part}"])
+    for stream in features:
+        cols = {"src": arr(f"edges:{stream}:src", np.int64), "dst": arr(f"edges:{stream}:dst", np.int64)}
+        cols.update({name: arr(f"edges:{stream}:{name}", _NUMPY[name]) for name in EDGE_COLUMNS})
+        candidates[stream] = CandidateEdges.from_columns(n, caps, cols)
+    labels = None
+    if row.get("labels:role") is not None:
+        values = {name: arr(f"labels:{name}", _NUMPY[name]) for name in LABEL_COLUMNS}
+        values["reg_target"] = values["reg_target"].reshape(-1, 2)
+        values["role"] = values["role"].long()
+        values["label"] = values["label"].long()
+        values["best_gt"] = values["best_gt"].long()
+        labels = UnitLabels(**values)
+    return PreparedVideo(row["video_id"], float(row["duration"]), intervals, features, candidates,
+                         arr("gt", np.float64).reshape(-1, 2), arr("gt_labels", np.int64),
+                         arr("ambiguous", np.float64).reshape(-1, 2), labels)
+
+
+def write_shard(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Write rows as one Parquet file atomically (temp file + rename: never half visible)."""
+    columns = sorted({k for r in rows for k in r})
+    table = pa.table({c: _column([r.get(c) for r in rows]) for c in columns})
+    atomic_write(path, lambda f: pq.write_table(table, f, use_dictionary=False, compression="lz4"))
+
+
+def _column(values: list[Any]) -> pa.Array:
+    """Scalars as they are; numpy arrays as one list array built from offsets (no per-element copy)."""
+    arrays = [v for v in values if v is not None]
+    if not arrays or not isinstance(arrays[0], np.ndarray):
+        return pa.array(values)
+    lengths = np.array([0 if v is None else len(v) for v in values])
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat = pa.array(np.concatenate(arrays))
+    mask = pa.array([v is None for v in values])
+    return pa.ListArray.from_arrays(offsets, flat, mask=mask if any(v is None for v in values) else None)
+
+
+def read_shard_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a shard, list columns as numpy views (no per-element Python conversion)."""
+    table = pq.read_table(path)
+    rows: list[dict[str, Any]] = [{} for _ in range(table.num_rows)]
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_list(column.type):
+            offsets = column.offsets.to_numpy()
+            values = column.values.to_numpy(zero_copy_only=False)
+            valid = column.is_valid().to_numpy(zero_copy_only=False)
+            for i, row in enumerate(rows):
+                row[name] = values[offsets[i]:offsets[i + 1]] if valid[i] else None
+        else:
+            for row, value in zip(rows, column.to_pylist()):
+                row[name] = value
+    return rows
+
+
+def caps_from_manifest(manifest: dict[str, Any]) -> CandidateCaps:
+    return CandidateCaps(**manifest["caps"])
+
+
+def load_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a preprocessed dataset (no manifest.json); run gcm preprocess")
+    return json.loads(path.read_text())
+
+
+def read_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None = None) -> list[PreparedVideo]:
+    """Every prepared video of one role, read in the driver (small datasets, tests, evaluation)."""
+    manifest = manifest or load_manifest(folder)
+    caps = caps_from_manifest(manifest)
+    videos = []
+    for shard in manifest["shards"]:
+        if shard["role"] == role:
+            videos += [row_to_video(r, manifest["dims"], caps) for r in read_shard_rows(Path(folder) / shard["path"])]
+    return sorted(videos, key=lambda v: v.video_id)
+
+
+def caps_dict(caps: CandidateCaps) -> dict[str, Any]:
+    return asdict(caps)
