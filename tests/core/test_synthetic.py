@@ -24,8 +24,8 @@ def digest(root):
 def test_written_as_real_data_and_read_back(tmp_path):
     assert main(["synth", "--out", str(tmp_path), "--scale", "small", "--seed", "1"]) == 0
     card = load_card(tmp_path / "card.yaml")
-    assert card.snippets["dim"] == 128 and card.extra["generated"]["videos"] == {"test": 16, "validation": 24}
-    for role, n in (("train", 24), ("test", 16)):
+    assert card.snippets["dim"] == 128 and card.extra["generated"]["videos"] == {"test": 24, "validation": 48}
+    for role, n in (("train", 48), ("test", 24)):
         source = DatasetSource(card, tmp_path, role)
         assert len(source.videos) == n
         inputs = source.load(source.video_ids[0])
