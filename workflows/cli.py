@@ -11,8 +11,16 @@ from workflows import commands
 DESCRIPTION = """\
 gcm-tal: temporal action localization with the Graph Convolutional Module (GCM).
 
-Typical session:
-  gcm eval-detections --protocol thumos14 --ground-truth GT --detections DETS   score a result file
+A typical session (each stage writes its outputs and resolved config.yaml into its --out folder):
+  gcm synth --out data/synth --scale small            a synthetic THUMOS'14-like dataset
+  gcm preprocess --card data/synth/card.yaml --data-root data/synth --out runs/prep
+  gcm train --data runs/prep --out runs --name ssn-gcm          (--set model.act_module=mlp ...)
+  gcm evaluate --checkpoint runs/ssn-gcm/model.pt --data runs/prep --out runs/eval
+  gcm tune table9_edges --data runs/prep --out runs/tune        the paper's ablation grids
+  gcm report runs/ssn-gcm runs/eval                              tables and figures
+  gcm demo                                                       all of the above, small
+Other tools: eval-detections (score a result file), detect (one new video).
+Add --address auto (before the command) to run on a Ray cluster (see ray_cluster.yaml).
 """
 
 
@@ -20,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gcm", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to use: 'auto' or ray://host:port (default: an embedded local Ray)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _) in commands.REGISTRY.items():
         p = sub.add_parser(name, help=help_text, description=help_text,

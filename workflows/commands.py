@@ -151,6 +151,119 @@ def _run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_stage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file overriding the stage's defaults")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, dotted keys, YAML values (e.g. --set train.lr=0.01); repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _stage(cls, args: argparse.Namespace, **explicit):
+    from workflows.config import resolve
+
+    return resolve(cls, args.config, args.overrides, **explicit)
+
+
+def _session(args: argparse.Namespace):
+    from workflows.config import RayConfig
+    from workflows.ray_env import ray_session
+
+    return ray_session(RayConfig(address=args.address))
+
+
+def _add_preprocess(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--card", help="dataset card (name or YAML path)")
+    p.add_argument("--data-root", help="folder the card's paths are relative to (default: $GCM_DATA_ROOT)")
+    p.add_argument("--out", help="output folder of the shards and manifest")
+    p.add_argument("--workers", type=int, help="parallel workers (actors)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="leave out videos that fail their checks (listed in the manifest) instead of stopping")
+    _add_stage_options(p)
+
+
+def _run_preprocess(args: argparse.Namespace) -> int:
+    from workflows.config import PreprocessConfig
+    from workflows.preprocess import run_preprocess
+
+    config = _stage(PreprocessConfig, args, card=args.card, data_root=args.data_root, out=args.out,
+                    num_workers=args.workers, overwrite=args.overwrite, skip_bad=args.skip_bad)
+    with _session(args):
+        manifest = run_preprocess(config, args.quiet)
+    counts = ", ".join(f"{role}: {c['videos']} videos, {c['units']} units, {c['edges']} candidate edges"
+                       for role, c in manifest["counts"].items())
+    print(f"preprocess: wrote {len(manifest['shards'])} shards to {config.out} ({counts}); "
+          f"skipped {len(manifest['skipped'])} videos")
+    return 0
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="preprocessed dataset folder (gcm preprocess --out)")
+    p.add_argument("--out", help="runs folder")
+    p.add_argument("--name", help="run name (a folder under --out)")
+    p.add_argument("--workers", type=int, help="data-parallel training workers")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
+    _add_stage_options(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from workflows.config import TrainStageConfig
+    from workflows.train import run_train
+
+    config = _stage(TrainStageConfig, args, data=args.data, out=args.out, name=args.name,
+                    num_workers=args.workers, resume=args.resume)
+    with _session(args):
+        result = run_train(config, args.quiet)
+    fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}
+    headline = ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in fused.items())
+    print(f"train {config.name}: checkpoint {result['checkpoint']}" + (f"; fused {headline}" if headline else ""))
+    return 0
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", nargs="+", help="checkpoints (model.pt of gcm train runs)")
+    p.add_argument("--data", nargs="+", help="preprocessed datasets whose test split is evaluated")
+    p.add_argument("--out", help="output folder (detections and metrics per pair, summary table)")
+    p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")
+    p.add_argument("--tiou", type=float, nargs="+", help="override the datasets' tIoU thresholds")
+    _add_stage_options(p)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from workflows.config import EvaluateConfig
+    from workflows.evaluate import run_evaluate
+
+    config = _stage(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, out=args.out,
+                    protocol=args.protocol, tiou=args.tiou)
+    with _session(args):
+        rows = run_evaluate(config, args.quiet)
+    print((Path(config.out) / "summary.md").read_text())
+    print(f"evaluate: {len(rows)} checkpoint x dataset pairs; summary in {Path(config.out) / 'summary.md'}")
+    return 0
+
+
+def _add_tune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("grid", help="grid YAML (path or shipped name: table9_edges, table4_6_modules, ...)")
+    p.add_argument("--data", help="the preprocessed dataset every trial uses")
+    p.add_argument("--out", help="experiments folder")
+    p.add_argument("--resume", action="store_true", default=None, help="finish an interrupted experiment")
+    _add_stage_options(p)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from workflows.config import TuneStageConfig
+    from workflows.tune import load_grid, run_tune
+
+    config = _stage(TuneStageConfig, args, grid=args.grid, data=args.data, out=args.out, resume=args.resume)
+    with _session(args):
+        run_tune(config, args.quiet)
+    grid = load_grid(config.grid)
+    table = Path(config.out) / grid.name / f"{grid.name}.md"
+    print(table.read_text())
+    print(f"tune: table written to {table} (and .csv)")
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shared-data", type=Path, default=Path("../shared/data"),
                    help="folder holding the real THUMOS'14 files (thumos14/...)")
@@ -172,6 +285,12 @@ Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argpar
 REGISTRY: dict[str, Command] = {
     "eval-detections": ("score detections against ground truth under an official protocol",
                         _add_eval_detections, _run_eval_detections),
+    "preprocess": ("pool unit features and candidate edges of every video into Parquet shards (Ray Data)",
+                   _add_preprocess, _run_preprocess),
+    "train": ("train SSN+GCM (or a baseline) data-parallel on a preprocessed dataset (Ray Train)",
+              _add_train, _run_train),
+    "tune": ("run an ablation grid of train + evaluate trials (Ray Tune)", _add_tune, _run_tune),
+    "evaluate": ("evaluate checkpoints on preprocessed datasets in parallel (Ray)", _add_evaluate, _run_evaluate),
     "synth": ("write a synthetic THUMOS'14-like benchmark in the layout of real data", _add_synth, _run_synth),
     "detect": ("detect actions in one new video with a trained checkpoint", _add_detect, _run_detect),
     "demo": ("run the main job end to end on the embedded default", _add_demo, _run_demo),

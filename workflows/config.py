@@ -101,8 +101,9 @@ class TuneStageConfig:
     data: str = "runs/preprocessed"
     out: str = "runs/tune"
     base: TrainStageConfig = field(default_factory=TrainStageConfig)
-    cpus_per_trial: float = 1.0
+    cpus_per_trial: float = 0.1         # the trial's own process; its TorchTrainer workers ask for theirs
     gpus_per_trial: float = 0.0
+    max_concurrent: int = 2
     resume: bool = False
 
 

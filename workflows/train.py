@@ -1,0 +1,258 @@
+"""Distributed training with Ray Train: a TorchTrainer around :mod:`gcm_core.engine`.
+
+Every worker streams the preprocessed videos (``ray.train.get_dataset_shard``) and keeps a
+deterministic share of them (video k of the sorted list goes to rank k mod world size), so that a
+restarted run sees the same split; the heads of every stream train as one DDP model, with the
+run's graph settings applied to the stored candidate edges. Each epoch reports metrics and a
+checkpoint: ``model.pt`` (the engine's self-contained checkpoint, loadable without Ray), the
+optimiser and schedule state, and each worker's random state, so that a run that lost a worker
+resumes from the last checkpoint and ends as an uninterrupted one would. After the last epoch rank
+0 evaluates the test split (detections.json, metrics.json). Logs for TensorBoard go to
+``<run>/tensorboard``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gcm_core.checkpoint import Checkpoint, save_checkpoint
+from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.formats import write_result_json
+from gcm_core.data.sampling import RegressionStats
+from gcm_core.engine import (
+    UnitDataset, build_heads, detections_of, evaluate, make_optimizer, predict, seed_everything, train_one_epoch,
+)
+from workflows.config import TrainStageConfig, dump, from_dict, to_dict
+from workflows.progress import Progress
+from workflows.shards import caps_from_manifest, load_manifest, read_shard_rows, row_to_video
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def run_dir(stage: TrainStageConfig) -> Path:
+    return Path(stage.out).resolve() / stage.name
+
+
+def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str):
+    """A Ray dataset of one role's videos, one row per video, read from the shards on the workers."""
+    import ray.data
+
+    paths = [str(Path(folder).resolve() / s["path"]) for s in manifest["shards"] if s["role"] == role]
+    # a fraction of a CPU: whole-CPU read tasks would starve beside the training workers (RAY_NOTES.md)
+    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths))) \
+        .flat_map(lambda row: read_shard_rows(row["path"]), num_cpus=0.25)
+
+
+def collect_videos(iterator, keep: set[str] | None, manifest: dict[str, Any]) -> list:
+    """Prepared videos from a dataset iterator (only the ids in ``keep``), sorted by id."""
+    caps = caps_from_manifest(manifest)
+    videos = [row_to_video(row, manifest["dims"], caps) for row in iterator.iter_rows()
+              if keep is None or row["video_id"] in keep]
+    return sorted(videos, key=lambda v: v.video_id)
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """The per-worker training function (Ray Train ``train_loop_per_worker``)."""
+    import ray.train
+    import ray.train.torch
+
+    stage = from_dict(TrainStageConfig, loop["stage"])
+    manifest = loop["manifest"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(loop["threads"])
+    out = Path(loop["run_dir"])
+    (out / "workers").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "workers" / f"rank-{rank}.pid", str(os.getpid()))  # for monitoring (and fault tests)
+
+    train_ids = sorted(v for s in manifest["shards"] if s["role"] == "train" for v in s["videos"])
+    videos = collect_videos(ray.train.get_dataset_shard("train"), set(train_ids[rank::world]), manifest)
+    seed = stage.train.seed * 1009 + rank
+    seed_everything(seed)
+    comp = stage.model.comp_input if stage.model.detector == "ssn" else None
+    data = {s: UnitDataset(videos, s, stage.graph, comp) for s in stage.streams}
+    dims = {s: manifest["dims"][f"{s}:body"] for s in stage.streams}
+    heads = build_heads(stage.model, stage.streams, dims, len(manifest["classes"]))
+    model = ray.train.torch.prepare_model(heads)
+    optimizer, schedule = make_optimizer(model, stage.train, stage.stream_lr)
+    stats = RegressionStats.from_dict(manifest["regression_stats"])
+    generator = torch.Generator().manual_seed(seed)
+    start = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            start = _restore(Path(folder), heads, optimizer, schedule, generator, rank)
+    per_worker = max(1, stage.train.batch_videos // world)
+    steps = math.ceil(math.ceil(len(train_ids) / world) / per_worker)
+    writer = _tensorboard(out) if rank == 0 else None
+    for epoch in range(start, stage.train.epochs):
+        began = time.perf_counter()
+        metrics = train_one_epoch(model, data, optimizer, stage.train, stats, generator, device, steps, per_worker)
+        metrics["seconds_per_step"] = (time.perf_counter() - began) / steps  # Table 10's time per iteration
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        schedule.step()
+        metrics["epoch"] = epoch + 1
+        last = epoch + 1 == stage.train.epochs
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                ckpt = Checkpoint(manifest["classes"], stage.model, stage.graph, stage.inference, loop["snippets"],
+                                  heads, stats, {"epoch": epoch + 1, "config": loop["stage"]})
+                save_checkpoint(Path(tmp) / "model.pt", ckpt)
+                torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                           Path(tmp) / "train_state.pt")
+                if last and stage.evaluate:
+                    metrics.update(_evaluate(heads, stats, stage, manifest, out, device))
+            torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()},
+                       Path(tmp) / f"rng-rank{rank}.pt")
+            if rank == 0:
+                _log_epoch(out, writer, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def _restore(folder: Path, heads, optimizer, schedule, generator: torch.Generator, rank: int) -> int:
+    from gcm_core.checkpoint import load_checkpoint
+
+    heads.load_state_dict(load_checkpoint(folder / "model.pt").heads.state_dict())
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    rng = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
+    generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    return int(state["epoch"])
+
+
+def _log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:
+    """One line per epoch in ``progress.jsonl`` (read by the driver) and TensorBoard scalars."""
+    with (out / "progress.jsonl").open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    if writer is not None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                writer.add_scalar(key, value, metrics["epoch"])
+        writer.flush()
+
+
+def _tensorboard(out: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: Ray Tune installs it
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any], out: Path,
+              device) -> dict[str, float]:
+    """Rank 0, after the last epoch: detections and mAP of the test split, written to the run folder."""
+    import ray.train
+
+    videos = collect_videos(ray.train.get_dataset_shard("test"), None, manifest)
+    if not videos:
+        return {}
+    comp = stage.model.comp_input if stage.model.detector == "ssn" else None
+    classes, tiou = manifest["classes"], manifest["tiou"]
+    per_stream = {s: predict(heads[s], UnitDataset(videos, s, stage.graph, comp), stats, device) for s in stage.streams}
+    metrics: dict[str, float] = {}
+    for name, streams in [(s, {s: per_stream[s]}) for s in stage.streams] + [("fused", per_stream)]:
+        dets = detections_of(videos, streams, classes, stage.inference)
+        result = evaluate(videos, dets, classes, manifest["protocol"], tiou)
+        for t, value in zip(tiou, result.map.tolist()):
+            metrics[f"{name}/mAP@{t:g}"] = 100 * value
+        metrics[f"{name}/mAP_avg"] = 100 * result.average
+        if name == "fused":
+            write_result_json(out / "detections.json", dets)
+            summary = {"protocol": manifest["protocol"], **result.as_dict(classes)}
+            atomic_write_text(out / "metrics.json", json.dumps({"fused": summary, "metrics": metrics}, indent=1))
+    return metrics
+
+
+def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+    """Fit on the connected Ray; returns the final metrics and where the model was written.
+
+    ``callbacks``: Ray Train callbacks (a Tune trial passes its report callback).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from workflows.ray_env import cluster_gpus
+
+    manifest = load_manifest(stage.data)
+    folder = run_dir(stage)
+    if (folder / SNAPSHOT).exists() and not stage.resume:
+        raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", dump(stage))
+    use_gpu = stage.use_gpu if stage.use_gpu is not None else cluster_gpus() > 0
+    card_snippets = _card_snippets(stage.data)
+    loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
+            "threads": max(1, int(stage.cpus_per_worker))}
+    resources = {"CPU": stage.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(num_workers=stage.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        datasets={"train": shard_dataset(stage.data, manifest, "train"),
+                  "test": shard_dataset(stage.data, manifest, "test")},
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        run_config=ray.train.RunConfig(
+            name=stage.name, storage_path=str(folder.parent),
+            failure_config=ray.train.FailureConfig(max_failures=stage.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
+    )
+    result = follow(trainer.fit, folder / "progress.jsonl", stage.train.epochs, f"train {stage.name}: ", quiet)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training of {stage.name} ended without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        shutil.copyfile(Path(ckpt_dir) / "model.pt", folder / "model.pt")
+    metrics = dict(result.metrics or {})
+    return {"run_dir": str(folder), "checkpoint": str(folder / "model.pt"), "metrics": metrics}
+
+
+def _card_snippets(data: str | Path) -> dict[str, Any]:
+    from gcm_core.data.cards import load_card
+
+    return dict(load_card(Path(data) / "card.yaml").snippets)
+
+
+def follow(fit, log: Path, epochs: int, label: str, quiet: bool):
+    """Run ``fit`` in a thread and print progress from the per-epoch log its rank 0 writes."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = fit()
+        except BaseException as err:  # re-raised in the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    earlier = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    seen = len(earlier)
+    progress = Progress(epochs, "epochs", label, quiet)
+    progress.skip(max((m["epoch"] for m in earlier), default=0))  # a resumed run
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        lines = log.read_text().splitlines() if log.exists() else []
+        for line in lines[seen:]:
+            metrics = json.loads(line)
+            if metrics["epoch"] > progress.done:  # a restarted worker group repeats epochs: skip them
+                progress.update(metrics["epoch"] - progress.done)
+                if not quiet:
+                    losses = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_"))
+                    print(f"  epoch {metrics['epoch']}: {losses}", flush=True)
+        seen = len(lines)
+    progress.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

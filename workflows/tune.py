@@ -1,0 +1,181 @@
+"""Ablation grids with Ray Tune: train + evaluate trials over ONE preprocessed dataset.
+
+A grid file (``workflows/grids/*.yaml``) names a base training configuration and axes of dotted
+keys; the trials are every combination. Each trial is a Tune function trainable that runs a
+TorchTrainer (the training stage, evaluated on the test split) and reports its metrics through
+Ray Train's ``TuneReportCallback``. Thresholds are applied to the stored candidate edges, so no
+trial preprocesses anything. An interrupted experiment resumes with ``resume`` without re-running
+finished trials. The result is the grid's table shaped like the paper's (``<grid>.md`` and
+``<grid>.csv`` in the experiment folder).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gcm_core.data.atomic import atomic_write_text
+from workflows.config import ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, to_dict
+from workflows.tables import markdown_table
+
+GRID_DIR = Path(__file__).resolve().parent / "grids"
+
+
+@dataclass
+class Grid:
+    name: str
+    title: str
+    base: dict[str, Any]
+    axes: dict[str, list[Any]]
+    labels: dict[str, list[str]]
+    metrics: list[str]
+    note: str = ""
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every combination of the axes: {dotted key: value}."""
+        keys = list(self.axes)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.axes[k] for k in keys))]
+
+    def label(self, key: str, value: Any) -> str:
+        names = self.labels.get(key)
+        return names[self.axes[key].index(value)] if names else _short(value)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value)) if value else "none"
+    return str(value)
+
+
+def load_grid(name_or_path: str | Path) -> Grid:
+    """A grid by shipped name (``table9_edges``) or path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = GRID_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
+        raise ConfigError(f"no grid {str(name_or_path)!r} (shipped grids: {shipped})")
+    raw = yaml.safe_load(path.read_text())
+    missing = {"name", "grid"} - set(raw)
+    if missing:
+        raise ConfigError(f"{path}: missing {sorted(missing)}")
+    grid = Grid(raw["name"], raw.get("title", raw["name"]), raw.get("base") or {}, raw["grid"],
+                raw.get("labels") or {}, raw.get("metrics") or ["rgb/mAP@0.5", "flow/mAP@0.5", "fused/mAP@0.5"],
+                raw.get("note", ""))
+    for trial in grid.trials():  # fail before any trial starts
+        trial_config(TrainStageConfig(), grid, trial)
+    return grid
+
+
+def trial_config(base: TrainStageConfig, grid: Grid, trial: dict[str, Any]) -> TrainStageConfig:
+    """The training stage of one trial: base config, grid base, then the trial's values."""
+    data = deep_merge(to_dict(base), grid.base)
+    for key, value in trial.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return from_dict(TrainStageConfig, data)
+
+
+def trial_name(grid: Grid, trial: dict[str, Any]) -> str:
+    text = "_".join(f"{k.split('.')[-1]}={grid.label(k, v)}" for k, v in trial.items())
+    return "".join(c if c.isalnum() or c in "=_-.+@" else "-" for c in text)[:120]
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    """Tune function trainable: one training stage, its metrics reported to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from workflows.train import run_train
+
+    stage = from_dict(TrainStageConfig, params["stage"])
+    run_train(stage, quiet=True, callbacks=[TuneReportCallback()])
+
+
+class TrialProgress:
+    """A Tune callback printing finished trials with rate and ETA (created lazily: Tune is imported late)."""
+
+    def __new__(cls, total: int, quiet: bool):
+        from ray.tune import Callback
+
+        from workflows.progress import Progress
+
+        class _Printer(Callback):
+            def __init__(self) -> None:
+                self.progress = Progress(total, "trials", "tune: ", quiet)
+
+            def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+                self.progress.update()
+
+            def on_trial_error(self, iteration, trials, trial, **info) -> None:
+                self.progress.update()
+
+        return _Printer()
+
+
+def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) the grid on the connected Ray; writes and returns the table rows."""
+    import os
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep finished trials across a hard kill
+    from ray import tune
+
+    grid = load_grid(config.grid)
+    base = from_dict(TrainStageConfig, {**to_dict(config.base), "data": config.data})
+    folder = Path(config.out).resolve() / grid.name
+    trials = grid.trials()
+    stages = [to_dict(_trial_stage(base, grid, t, folder)) for t in trials]
+    resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
+    trainable = tune.with_resources(run_trial, resources)
+    if config.resume and tune.Tuner.can_restore(str(folder)):
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if (folder / "tuner.pkl").exists():
+            raise FileExistsError(f"{folder} holds a previous experiment: pass --resume to finish it")
+        tuner = tune.Tuner(
+            trainable, param_space={"stage": tune.grid_search(stages)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent),
+            run_config=tune.RunConfig(name=grid.name, storage_path=str(folder.parent), verbose=0,
+                                      callbacks=[TrialProgress(len(trials), quiet)]))
+    results = tuner.fit()
+    rows = []
+    for result in results:
+        stage = result.config["stage"] if result.config else None
+        trial = next(t for t, s in zip(trials, stages) if s == stage) if stage in stages else {}
+        rows.append({"trial": trial, "metrics": dict(result.metrics or {}), "error": str(result.error or "")})
+    rows.sort(key=lambda r: trials.index(r["trial"]) if r["trial"] in trials else len(trials))
+    atomic_write_text(folder / f"{grid.name}.md", grid_markdown(grid, rows))
+    atomic_write_text(folder / f"{grid.name}.csv", grid_csv(grid, rows))
+    atomic_write_text(folder / "config.yaml", dump(config))
+    return rows
+
+
+def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:
+    stage = trial_config(base, grid, trial)
+    return from_dict(TrainStageConfig, {**to_dict(stage), "out": str(folder / "trials"),
+                                        "name": trial_name(grid, trial), "evaluate": True, "resume": True})
+
+
+def grid_markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
+    headers = [*(k.split(".")[-1] for k in grid.axes), *grid.metrics]
+    body = [[*(grid.label(k, r["trial"].get(k)) for k in grid.axes if k in r["trial"]),
+             *(r["metrics"].get(m, float("nan")) for m in grid.metrics)] for r in rows]
+    note = f"\n{grid.note}\n" if grid.note else ""
+    return f"## {grid.title}\n{note}\n{markdown_table(headers, body)}\n"
+
+
+def grid_csv(grid: Grid, rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([*grid.axes, *grid.metrics, "error"])
+    for r in rows:
+        writer.writerow([*(grid.label(k, r["trial"].get(k)) for k in grid.axes),
+                         *(r["metrics"].get(m, "") for m in grid.metrics), r["error"]])
+    return buffer.getvalue()
