@@ -1,14 +1,10 @@
 """Shared test fixtures: where the real public data lives, and hypothesis profiles."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, settings
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("GCM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from helpers import SHARED_DATA
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, derandomize=True,
@@ -23,23 +19,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"real data not found at {SHARED_DATA}; set GCM_SHARED_DATA")
     return SHARED_DATA
-
-
-def read_tag_proposals_frames(path: Path, n_videos: int) -> dict[str, list[tuple[int, int]]]:
-    """A deliberately plain reader of the first videos of an SSN/P-GCN proposal list (frames)."""
-    lines = path.read_text().splitlines()
-    out: dict[str, list[tuple[int, int]]] = {}
-    i = 0
-    while i < len(lines) and len(out) < n_videos:
-        assert lines[i].startswith("#"), lines[i]
-        video = lines[i + 1].rstrip("/").split("/")[-1]
-        n_gt = int(lines[i + 4])
-        i += 5 + n_gt
-        n_prop = int(lines[i])
-        rows = [line.split() for line in lines[i + 1:i + 1 + n_prop]]
-        out[video] = [(int(r[3]), int(r[4])) for r in rows]
-        i += 1 + n_prop
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,10 @@ class ShardWriter:
     def __init__(self, card_path: str, data_root: str | None, out: str, config: dict[str, Any]) -> None:
 
         torch.set_num_threads(1)  # one core per worker: workers, not threads, give the parallelism
+        import ray
+
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.gpus = [str(g) for g in ray.get_gpu_ids()]  # logical GPUs this actor was given
         self.card = load_card(card_path)
         self.config = from_dict(PreprocessConfig, config)
         self.data_root, self.out = data_root, Path(out)
@@ -90,7 +93,8 @@ class ShardWriter:
             summary_row(mine, video_id, role, shard, "ok", prepared.num_units, edges, "")
         if rows and (self.config.skip_bad or "error" not in mine["status"]):
             write_shard(self.out / "shards" / f"{shard}.parquet", rows)
-            side = {"summary": mine, "targets": np.concatenate(targets).tolist() if targets else []}
+            side = {"summary": mine, "targets": np.concatenate(targets).tolist() if targets else [],
+                    "worker": {"device": self.device, "gpus": self.gpus}}
             atomic_write_text(self.out / "shards" / f"{shard}.json", json.dumps(side))
         for key, values in mine.items():
             summary[key] += values
@@ -170,7 +174,8 @@ def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[st
         ok = [k for k, status in enumerate(s["status"]) if status == "ok"]
         skipped += [{"video": s["video_id"][k], "error": s["error"][k]} for k, st in enumerate(s["status"]) if st != "ok"]
         role = s["role"][0]
-        shards.append({"path": f"shards/{shard}.parquet", "role": role, "videos": [s["video_id"][k] for k in ok]})
+        shards.append({"path": f"shards/{shard}.parquet", "role": role, "videos": [s["video_id"][k] for k in ok],
+                       "worker": side.get("worker", {})})
         c = counts.setdefault(role, {"videos": 0, "units": 0, "edges": 0})
         c["videos"] += len(ok)
         c["units"] += sum(s["units"][k] for k in ok)

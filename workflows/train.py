@@ -87,11 +87,14 @@ def train_loop(loop: dict[str, Any]) -> None:
     optimizer, schedule = make_optimizer(model, stage.train, stage.stream_lr)
     stats = RegressionStats.from_dict(manifest["regression_stats"])
     generator = torch.Generator().manual_seed(seed)
-    start = 0
+    start, last_metrics = 0, {}
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            start = _restore(Path(folder), heads, optimizer, schedule, generator, rank)
+            start, last_metrics = _restore(Path(folder), heads, optimizer, schedule, generator, rank)
+    if start >= stage.train.epochs:  # a finished run asked to resume: hand its final metrics on again
+        ray.train.report(last_metrics)
+        return
     per_worker = max(1, stage.train.batch_videos // world)
     steps = math.ceil(math.ceil(len(train_ids) / world) / per_worker)
     writer = _tensorboard(out) if rank == 0 else None
@@ -108,10 +111,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                 ckpt = Checkpoint(manifest["classes"], stage.model, stage.graph, stage.inference, loop["snippets"],
                                   heads, stats, {"epoch": epoch + 1, "config": loop["stage"]})
                 save_checkpoint(Path(tmp) / "model.pt", ckpt)
-                torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
-                           Path(tmp) / "train_state.pt")
                 if last and stage.evaluate:
                     metrics.update(_evaluate(heads, stats, stage, manifest, out, device))
+                torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "metrics": metrics}, Path(tmp) / "train_state.pt")
             torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()},
                        Path(tmp) / f"rng-rank{rank}.pt")
             if rank == 0:
@@ -120,7 +123,9 @@ def train_loop(loop: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
-def _restore(folder: Path, heads, optimizer, schedule, generator: torch.Generator, rank: int) -> int:
+def _restore(folder: Path, heads, optimizer, schedule, generator: torch.Generator,
+             rank: int) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint's training state; returns its epoch and the metrics it reported."""
     from gcm_core.checkpoint import load_checkpoint
 
     heads.load_state_dict(load_checkpoint(folder / "model.pt").heads.state_dict())
@@ -130,7 +135,7 @@ def _restore(folder: Path, heads, optimizer, schedule, generator: torch.Generato
     rng = torch.load(folder / f"rng-rank{rank}.pt", weights_only=True)
     generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
-    return int(state["epoch"])
+    return int(state["epoch"]), dict(state.get("metrics", {}))
 
 
 def _log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from conftest import read_tag_proposals_frames
+from helpers import read_tag_proposals_frames
 from gcm_core.graph import (
     EDGE_BIT, EDGE_TYPES, CandidateCaps, Graph, GraphSpec, build_graph, candidate_edges, select_edges,
 )

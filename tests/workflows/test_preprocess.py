@@ -1,0 +1,85 @@
+"""Preprocessing on Ray Data: correct shards, the GPU path, restarts, broken videos."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.prepared import prepare_video
+from workflows.config import PreprocessConfig, RayConfig
+from workflows.preprocess import PreprocessError, run_preprocess
+from workflows.ray_env import ray_session
+from workflows.shards import load_manifest, read_videos
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_with_a_logical_gpu():
+    """A local Ray declaring one GPU: the GPU path of Ray Data runs, on the CPU (CUDA is absent)."""
+    with ray_session(RayConfig(num_cpus=2, num_gpus=1)):
+        yield
+
+
+def config(small_dataset, out, **kw):
+    return PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=str(small_dataset), out=str(out),
+                            videos_per_shard=8, num_workers=1, **kw)
+
+
+def test_shards_hold_every_video_once_as_prepared_in_process(small_dataset, tmp_path):
+    manifest = run_preprocess(config(small_dataset, tmp_path), quiet=True)
+    card = load_card(small_dataset / "card.yaml")
+    for role, n in (("train", 48), ("test", 24)):
+        ids = [v for s in manifest["shards"] if s["role"] == role for v in s["videos"]]
+        assert sorted(ids) == DatasetSource(card, small_dataset, role).video_ids and len(ids) == n
+    assert manifest["counts"]["train"]["videos"] == 48 and manifest["skipped"] == []
+    assert all(s["worker"]["gpus"] for s in manifest["shards"]), "the GPU path was not taken"
+    # one video, read back from its shard, equals the in-process preparation
+    source = DatasetSource(card, small_dataset, "train")
+    stored = read_videos(tmp_path, "train", manifest)[3]
+    direct = prepare_video(source.load(stored.video_id), card.classes, True)
+    assert torch.equal(stored.intervals, direct.intervals)
+    assert torch.equal(stored.features["flow"]["three_part"], direct.features["flow"]["three_part"])
+    assert torch.equal(stored.candidates["rgb"].edge_index, direct.candidates["rgb"].edge_index)
+    assert torch.equal(stored.labels.role, direct.labels.role)
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "card.yaml").is_file()
+    assert not list(tmp_path.glob("shards/.*.tmp")), "a temporary file was left behind"
+
+
+def test_a_rerun_skips_finished_shards_and_overwrite_redoes_them(small_dataset, tmp_path):
+    run_preprocess(config(small_dataset, tmp_path), quiet=True)
+    shards = sorted(tmp_path.glob("shards/*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    shards[0].unlink()  # a shard lost (e.g. an interrupted run): only it is redone
+    run_preprocess(config(small_dataset, tmp_path), quiet=True)
+    again = sorted(tmp_path.glob("shards/*.parquet"))
+    assert [p.name for p in again] == [p.name for p in shards]
+    assert [p.stat().st_mtime_ns for p in again[1:]] == stamps[1:]
+    run_preprocess(config(small_dataset, tmp_path, overwrite=True), quiet=True)
+    assert all(p.stat().st_mtime_ns > s for p, s in zip(sorted(tmp_path.glob("shards/*.parquet"))[1:], stamps[1:]))
+
+
+def test_a_broken_video_is_named_and_other_shards_stay(small_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data)
+    source = DatasetSource(load_card(data / "card.yaml"), data, "test")
+    broken = source.video_ids[5]
+    feats = np.load(source.feature_path(broken, "rgb"))
+    feats[2, 2] = np.nan
+    np.save(source.feature_path(broken, "rgb"), feats)
+    with pytest.raises(PreprocessError, match=broken) as err:
+        run_preprocess(config(data, tmp_path / "out"), quiet=True)
+    assert "non-finite" in str(err.value)
+    written = list((tmp_path / "out" / "shards").glob("*.parquet"))
+    assert len(written) >= 8  # every shard but the broken video's
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    manifest = run_preprocess(config(data, tmp_path / "out", skip_bad=True), quiet=True)
+    assert [s["video"] for s in manifest["skipped"]] == [broken]
+    assert "non-finite" in manifest["skipped"][0]["error"]
+    ids = [v for s in manifest["shards"] for v in s["videos"]]
+    assert broken not in ids and len(ids) == len(set(ids)) == 71
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["test"]["videos"] == 23
+    assert load_manifest(tmp_path / "out")["regression_stats"]["std"][0] > 0

@@ -1,0 +1,105 @@
+"""Ray Train and Ray Tune stages on the small benchmark, including their recovery from faults."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT
+from gcm_core.checkpoint import load_checkpoint
+from workflows.config import PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict
+from workflows.preprocess import run_preprocess
+from workflows.ray_env import ray_session
+from workflows.train import run_train
+from workflows.tune import run_tune
+
+FAST = {"epochs": 3, "lr": 0.05, "batch_videos": 8, "sampling": {"per_video": 16}}
+
+
+@pytest.fixture(scope="module")
+def prepared(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    with ray_session(RayConfig(num_cpus=2)):
+        run_preprocess(PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=str(small_dataset),
+                                        out=str(out), videos_per_shard=12), quiet=True)
+        yield out
+
+
+def stage(prepared, out, name, **train):
+    return from_dict(TrainStageConfig, {"data": str(prepared), "out": str(out), "name": name, "stream_lr": {},
+                                        "train": {**FAST, **train}})
+
+
+def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared, tmp_path):
+    result = run_train(stage(prepared, tmp_path, "gcm"), quiet=True)
+    run = Path(result["run_dir"])
+    ckpt = load_checkpoint(run / "model.pt")
+    assert ckpt.streams == ["rgb", "flow"] and ckpt.extra["epoch"] == 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
+    assert result["metrics"]["fused/mAP@0.5"] == pytest.approx(metrics["fused"]["mAP"][4], abs=1e-3)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    lines = (run / "progress.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_train(stage(prepared, tmp_path, "gcm"), quiet=True)
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
+    reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
+    config = stage(prepared, tmp_path, "faulty", epochs=4)
+    run = tmp_path / "faulty"
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run_train(config, quiet=True)))
+    thread.start()
+    deadline = time.time() + 120
+    while not (run / "epoch-0001").exists() and time.time() < deadline:  # the first checkpoint is persisted
+        time.sleep(0.2)
+    assert (run / "epoch-0001").exists()
+    victim = int((run / "workers" / "rank-1.pid").read_text())
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    resumed = outcome["result"]["metrics"]
+    assert int((run / "workers" / "rank-1.pid").read_text()) != victim, "the worker was not restarted"
+    assert resumed["epoch"] == 4
+    for key in ("fused/mAP@0.5", "loss_total", "flow/mAP@0.3"):
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-4), key
+
+
+def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: tiny\ngrid:\n  model.num_samples: [1, 2, 4]\nmetrics: [fused/mAP@0.5]\n")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "workflows.cli", "tune", str(grid), "--data", str(prepared), "--out",
+               str(tmp_path), "--set", "max_concurrent=1", "--set", "base.num_workers=1",
+               "--set", "base.stream_lr={}", "--set", f"base.train={json.dumps({**FAST, 'epochs': 1})}"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials = tmp_path / "tiny" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(trials.glob("*/metrics.json"))) < 1:
+        time.sleep(0.5)
+    assert len(list(trials.glob("*/metrics.json"))) >= 1
+    proc.send_signal(signal.SIGINT)  # like Ctrl-C: Tune saves its state and the CLI shuts Ray down
+    proc.communicate(timeout=120)
+    finished_before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/metrics.json")}
+    assert 1 <= len(finished_before) < 3
+    with ray_session(RayConfig(num_cpus=2)):
+        config = from_dict(TuneStageConfig, {"grid": str(grid), "data": str(prepared), "out": str(tmp_path),
+                                             "max_concurrent": 1, "resume": True,
+                                             "base": {"num_workers": 1, "stream_lr": {}, "train": {**FAST, "epochs": 1}}})
+        rows = run_tune(config, quiet=True)
+    assert len(rows) == 3 and all("fused/mAP@0.5" in r["metrics"] for r in rows)
+    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/metrics.json")}
+    assert len(after) == 3
+    for name, stamp in finished_before.items():
+        assert after[name] == stamp, f"finished trial {name} was run again"
+    table = (tmp_path / "tiny" / "tiny.md").read_text()
+    assert "num_samples" in table and table.count("\n|") >= 4
