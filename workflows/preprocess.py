@@ -168,10 +168,13 @@ def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, str]]:
 
 
 def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[str, Any]:
-    shards, skipped, counts, targets = [], [], {}, []
+    """The manifest of every finished shard. A video written twice (a batch re-run after a lost
+    node, composed differently) is listed in its first shard only, and readers honour the list."""
+    shards, skipped, counts, targets, seen = [], [], {}, [], set()
     for shard, side in _finished_shards(out).items():
         s = side["summary"]
-        ok = [k for k, status in enumerate(s["status"]) if status == "ok"]
+        ok = [k for k, status in enumerate(s["status"]) if status == "ok" and (s["role"][k], s["video_id"][k]) not in seen]
+        seen.update((s["role"][k], s["video_id"][k]) for k in ok)
         skipped += [{"video": s["video_id"][k], "error": s["error"][k]} for k, st in enumerate(s["status"]) if st != "ok"]
         role = s["role"][0]
         shards.append({"path": f"shards/{shard}.parquet", "role": role, "videos": [s["video_id"][k] for k in ok],
@@ -180,7 +183,7 @@ def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[st
         c["videos"] += len(ok)
         c["units"] += sum(s["units"][k] for k in ok)
         c["edges"] += sum(s["edges"][k] for k in ok)
-        targets += side["targets"]
+        targets += side["targets"] if len(ok) == len(s["status"]) else []
     stats = RegressionStats.fit(torch.tensor(targets, dtype=torch.float64).reshape(-1, 2))
     return {
         "format": FORMAT, "code_version": code_version(), "card": card.name, "card_file": "card.yaml",

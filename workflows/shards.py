@@ -164,7 +164,9 @@ def read_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None =
     videos = []
     for shard in manifest["shards"]:
         if shard["role"] == role:
-            videos += [row_to_video(r, manifest["dims"], caps) for r in read_shard_rows(Path(folder) / shard["path"])]
+            listed = set(shard["videos"])
+            videos += [row_to_video(r, manifest["dims"], caps) for r in read_shard_rows(Path(folder) / shard["path"])
+                       if r["video_id"] in listed]
     return sorted(videos, key=lambda v: v.video_id)
 
 

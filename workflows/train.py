@@ -43,13 +43,19 @@ def run_dir(stage: TrainStageConfig) -> Path:
 
 
 def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str):
-    """A Ray dataset of one role's videos, one row per video, read from the shards on the workers."""
+    """A Ray dataset of one role's videos, one row per video, read from the shards on the workers
+    (only the videos the manifest lists for each shard)."""
     import ray.data
 
-    paths = [str(Path(folder).resolve() / s["path"]) for s in manifest["shards"] if s["role"] == role]
+    items = [{"path": str(Path(folder).resolve() / s["path"]), "videos": s["videos"]}
+             for s in manifest["shards"] if s["role"] == role]
     # a fraction of a CPU: whole-CPU read tasks would starve beside the training workers (RAY_NOTES.md)
-    return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths))) \
-        .flat_map(lambda row: read_shard_rows(row["path"]), num_cpus=0.25)
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(_listed_rows, num_cpus=0.25)
+
+
+def _listed_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
+    listed = set(item["videos"])
+    return [row for row in read_shard_rows(item["path"]) if row["video_id"] in listed]
 
 
 def collect_videos(iterator, keep: set[str] | None, manifest: dict[str, Any]) -> list:
