@@ -264,20 +264,30 @@ def _run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folders", nargs="+", type=Path, help="run, evaluation or tune folders (or folders holding them)")
+    p.add_argument("--out", type=Path, help="where REPORT.md and the figures go (default: the first folder)")
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from workflows.report import write_report
+
+    report = write_report(args.folders, args.out)
+    print(f"report: {report}")
+    return 0
+
+
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shared-data", type=Path, default=Path("../shared/data"),
-                   help="folder holding the real THUMOS'14 files (thumos14/...)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's folder (recreated)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    root = args.shared_data / "thumos14"
-    print("gcm demo: the Ray pipeline (synthetic data -> preprocess -> train -> evaluate) is not built yet;")
-    print("meanwhile, the evaluation of the real CBR detections on THUMOS'14 test (official protocol):")
-    for t in (0.1, 0.2, 0.3, 0.4, 0.5):
-        _run_eval_detections(argparse.Namespace(
-            protocol="thumos14", ground_truth=root / "annotations/temporal_annotations_test",
-            detections=root / f"results/CBR/CBR_THUMOS-14_IoU{t}.txt", tiou=[t], card=None, subset=None,
-            label_convention="official", json=False))
+    from workflows.demo import run_demo
+
+    with _session(args):
+        run_demo(args.out, args.seed, args.quiet)
     return 0
 
 
@@ -293,5 +303,7 @@ REGISTRY: dict[str, Command] = {
     "evaluate": ("evaluate checkpoints on preprocessed datasets in parallel (Ray)", _add_evaluate, _run_evaluate),
     "synth": ("write a synthetic THUMOS'14-like benchmark in the layout of real data", _add_synth, _run_synth),
     "detect": ("detect actions in one new video with a trained checkpoint", _add_detect, _run_detect),
-    "demo": ("run the main job end to end on the embedded default", _add_demo, _run_demo),
+    "report": ("write REPORT.md with paper-style tables and figures from run folders", _add_report, _run_report),
+    "demo": ("the main job end to end on a small synthetic benchmark (embedded Ray by default)", _add_demo,
+             _run_demo),
 }

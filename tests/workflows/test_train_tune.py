@@ -32,13 +32,21 @@ def prepared(small_dataset, tmp_path_factory):
         yield out
 
 
-def stage(prepared, out, name, **train):
+def stage(prepared, out, name, model=None, **train):
     return from_dict(TrainStageConfig, {"data": str(prepared), "out": str(out), "name": name, "stream_lr": {},
-                                        "train": {**FAST, **train}})
+                                        "model": model or {}, "train": {**FAST, **train}})
 
 
-def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared, tmp_path):
-    result = run_train(stage(prepared, tmp_path, "gcm"), quiet=True)
+@pytest.fixture(scope="module")
+def runs(prepared, tmp_path_factory):
+    """SSN+GCM and SSN+MLP trained on 2 workers for 3 epochs: {name: run_train's result}."""
+    out = tmp_path_factory.mktemp("runs")
+    return {name: run_train(stage(prepared, out, name, {"act_module": kind, "comp_module": kind}), quiet=True)
+            for name, kind in (("gcm", "gcm"), ("mlp", "mlp"))}
+
+
+def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared, runs):
+    result = runs["gcm"]
     run = Path(result["run_dir"])
     ckpt = load_checkpoint(run / "model.pt")
     assert ckpt.streams == ["rgb", "flow"] and ckpt.extra["epoch"] == 3
@@ -49,7 +57,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     lines = (run / "progress.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
     with pytest.raises(FileExistsError, match="--resume"):
-        run_train(stage(prepared, tmp_path, "gcm"), quiet=True)
+        run_train(stage(prepared, run.parent, "gcm"), quiet=True)
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
@@ -103,3 +111,53 @@ def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, 
         assert after[name] == stamp, f"finished trial {name} was run again"
     table = (tmp_path / "tiny" / "tiny.md").read_text()
     assert "num_samples" in table and table.count("\n|") >= 4
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from gcm_core.data.formats import read_detections
+    from workflows import report
+    from workflows.shards import read_videos
+    from workflows.tune import Grid, grid_csv, grid_markdown
+
+    grid = Grid("edges", "Edges", {}, {"graph.edge_types": [["contextual"], []]}, {}, ["fused/mAP@0.5"])
+    rows = [{"trial": {"graph.edge_types": ["contextual"]}, "metrics": {"fused/mAP@0.5": 12.5}, "error": ""},
+            {"trial": {"graph.edge_types": []}, "metrics": {"fused/mAP@0.5": 10.0}, "error": ""}]
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "edges.md").write_text(grid_markdown(grid, rows))
+    (tmp_path / "tune" / "edges.csv").write_text(grid_csv(grid, rows))
+    folders = [Path(r["run_dir"]) for r in runs.values()] + [tmp_path / "tune"]
+    path = report.write_report(folders, tmp_path / "out")
+    text = path.read_text()
+    figures = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert {"map_vs_tiou.png", "graph_unit.png", "ar_an.png", "ablation_edges.png"} <= set(figures)
+    assert sum(f.startswith("timeline_") for f in figures) == 2
+    for name in figures:
+        assert f"]({name})" in text, f"{name} is not linked from REPORT.md"
+        width, height = png_size(tmp_path / "out" / name)
+        assert 400 <= width <= 3000 and 200 <= height <= 3000, (name, width, height)
+    for section in text.split("\n## ")[1:]:
+        if "| " in section and "summary" not in section.lower():
+            assert "protocol" in section.lower() or "mAP@0.5" in section, section[:80]
+
+    # the figures plot what they should: one line per method, one bar per trial, one row per method
+    found = report.discover(folders)
+    fig = report.plot_map_vs_tiou(found["runs"])
+    assert len(fig.axes[0].lines) == 2
+    plt.close(fig)
+    fig = report.plot_ablation(tmp_path / "tune" / "edges.csv")
+    assert len(fig.axes[0].patches) == 2
+    plt.close(fig)
+    videos = read_videos(prepared, "test")
+    detections = {r.label: read_detections(r.path / "detections.json") for r in found["runs"]}
+    fig = report.plot_timeline(videos[0], [f"class_{k:02d}" for k in range(20)], detections)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "ground truth"
+    assert len(fig.axes[0].get_yticklabels()) == 3
+    plt.close(fig)
