@@ -143,3 +143,26 @@ def apply_video_labels(labels: Tensor, scores: Tensor, video_scores: Tensor, top
     best = torch.topk(video_scores, min(top, video_scores.numel())).indices
     kept = torch.isin(labels, best).nonzero().squeeze(1)
     return kept, scores[kept] * video_scores.to(scores.dtype)[labels[kept]]
+
+
+def rescore_with_video_labels(detections: "Detections", video_scores: dict[str, "np.ndarray"],
+                              classes: list[str] | tuple[str, ...], top: int = 2) -> "Detections":
+    """:func:`apply_video_labels` on every video of ``detections`` (videos without scores are dropped)."""
+    import numpy as np
+
+    from gcm_core.data.model import Detections
+
+    index = {c: k for k, c in enumerate(classes)}
+    by_video: dict[str, list[int]] = {}
+    for k, v in enumerate(detections.video):
+        if v in video_scores and detections.label[k] in index:
+            by_video.setdefault(v, []).append(k)
+    keep, scores = [], []
+    for video, rows in by_video.items():
+        labels = torch.tensor([index[detections.label[k]] for k in rows])
+        kept, new = apply_video_labels(labels, torch.tensor(detections.score[rows]), torch.as_tensor(video_scores[video]), top)
+        keep += [rows[k] for k in kept.tolist()]
+        scores += new.tolist()
+    keep_arr = np.array(keep, dtype=np.int64)
+    return Detections([detections.video[k] for k in keep], [detections.label[k] for k in keep],
+                      detections.start[keep_arr], detections.end[keep_arr], np.array(scores))

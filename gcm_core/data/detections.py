@@ -110,3 +110,18 @@ def write_thumos_text(path: str | Path, detections: Detections, card: DatasetCar
 
 def _fmt(x: float) -> str:
     return repr(float(x)) if math.isfinite(x) else str(x)
+
+
+def read_untrimmednet_scores(path: str | Path, card: DatasetCard) -> dict[str, np.ndarray]:
+    """UntrimmedNet video-level scores as {video: [K] scores in the card's class order}.
+
+    The public THUMOS'14 file is a float array [1574, 101]: row i is ``video_test_{i+1:07d}``,
+    column k - 1 the UCF101 class k (the official index of the card's classes).
+    """
+    if card.official_index is None:
+        raise CardError(f"card {card.name!r} has no official class indices to select UntrimmedNet columns")
+    scores = np.load(path, allow_pickle=False)
+    if scores.ndim != 2 or scores.shape[1] < max(card.official_index):
+        raise FormatError(path, f"expected [videos, 101] scores, got shape {scores.shape}")
+    columns = np.array(card.official_index) - 1
+    return {f"video_test_{i + 1:07d}": scores[i, columns].astype(np.float64) for i in range(scores.shape[0])}
