@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import Detections
 from gcm_core.data.sampling import apply_regression
 from gcm_core.detectors.dssad import DSSAD, pad_clip
@@ -56,6 +57,24 @@ def clips_of(video_id: str, snippets: np.ndarray, snippet_seconds: float, gt: Te
     return out
 
 
+def dataset_clips(source: DatasetSource, stream: str, length: int = 512, stride: int = 256
+                  ) -> tuple[list[Clip], dict[str, float], float]:
+    """Every clip of one role of a dataset for one stream, the videos' durations and the seconds
+    per snippet (the I3D grid's stride; all videos of a card share it)."""
+    card, train = source.card, source.role == "train"
+    clips, durations, seconds = [], {}, 0.0
+    for vid in source.video_ids:
+        inputs = source.load(vid)
+        grid = inputs.grid
+        seconds = grid.stride_frames / grid.fps
+        gt = torch.tensor([(i.start, i.end) for i in inputs.video.instances], dtype=torch.float64).reshape(-1, 2)
+        labels = torch.tensor([card.classes.index(i.label) for i in inputs.video.instances], dtype=torch.long)
+        clips += clips_of(vid, inputs.features[stream], seconds, gt, labels, length, stride, train,
+                          float(grid.centres()[0]) - seconds / 2)
+        durations[vid] = inputs.video.duration
+    return clips, durations, seconds
+
+
 def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.Optimizer, config: TrainConfig,
                     snippet_seconds: float, generator: torch.Generator, matching: AnchorMatching = AnchorMatching(),
                     device: torch.device | str = "cpu") -> dict[str, float]:
@@ -82,18 +101,29 @@ def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.
 
 
 @torch.no_grad()
-def predict(model: DSSAD, clips: Sequence[Clip], durations: dict[str, float], classes: Sequence[str],
-            snippet_seconds: float, config: InferenceConfig = InferenceConfig(), batch: int = 16,
-            device: torch.device | str = "cpu") -> Detections:
-    """Detections of every video whose clips are given: decode anchors, merge windows by NMS."""
-    model.eval()
-    anchors = model.anchors(snippet_seconds)
+def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], durations: dict[str, float],
+                  classes: Sequence[str], snippet_seconds: float, weights: dict[str, float] | None = None,
+                  config: InferenceConfig = InferenceConfig(), batch: int = 16,
+                  device: torch.device | str = "cpu") -> Detections:
+    """Detections of every video whose clips are given, streams fused late (weighted mean of the
+    anchors' class probabilities and offsets; the streams' clips are the same windows), windows
+    merged by per-class NMS."""
+    streams = list(models)
+    w = {s: (weights or {}).get(s, 1.0) for s in streams}
+    total = sum(w.values())
+    anchors = models[streams[0]].anchors(snippet_seconds)
+    for model in models.values():
+        model.eval()
     per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
-    for start in range(0, len(clips), batch):
-        chunk = clips[start:start + batch]
-        logits, offsets = model(torch.stack([c.features for c in chunk]).to(device), snippet_seconds)
-        probs = torch.softmax(logits.double().cpu(), dim=-1)[..., 1:]
-        for c, p, o in zip(chunk, probs, offsets.double().cpu()):
+    reference = clips[streams[0]]
+    for start in range(0, len(reference), batch):
+        probs, offsets = 0.0, 0.0
+        for s in streams:
+            chunk = clips[s][start:start + batch]
+            logits, off = models[s](torch.stack([c.features for c in chunk]).to(device), snippet_seconds)
+            probs = probs + w[s] * torch.softmax(logits.double().cpu(), dim=-1)[..., 1:]
+            offsets = offsets + w[s] * off.double().cpu()
+        for c, p, o in zip(reference[start:start + batch], probs / total, offsets / total):
             segments = apply_regression(anchors, o) + c.start
             score, label = p.max(dim=1)
             keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]

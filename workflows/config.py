@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -58,31 +58,33 @@ class PreprocessConfig:
 
 
 @dataclass
+class OneStageConfig:
+    """D-SSAD (+ GCM): clips of the snippet features of the dataset the preprocessing read."""
+
+    model: DSSADConfig = field(default_factory=DSSADConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4,
+                                                                   batch_videos=8, epochs=10, lr_step_epochs=7))
+
+
+@dataclass
 class TrainStageConfig:
     data: str = "runs/preprocessed"
     out: str = "runs/train"
     name: str = "ssn-gcm"
+    kind: Literal["two-stage", "one-stage"] = "two-stage"   # one-stage: D-SSAD, see one_stage
     streams: tuple[str, ...] = ("rgb", "flow")
     stream_lr: dict[str, float] = field(default_factory=lambda: {"rgb": 0.001, "flow": 0.01})  # section 4.2
     model: ModelConfig = field(default_factory=ModelConfig)
     graph: GraphSpec = field(default_factory=GraphSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    one_stage: OneStageConfig = field(default_factory=OneStageConfig)
     evaluate: bool = True                # evaluate the final model on the test split
     num_workers: int = 2
     use_gpu: bool | None = None
     cpus_per_worker: float = 0.5
     max_failures: int = 2
     resume: bool = False
-
-
-@dataclass
-class OneStageConfig:
-    """D-SSAD (+ GCM) training on the preprocessed dataset's snippet clips."""
-
-    model: DSSADConfig = field(default_factory=DSSADConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4,
-                                                                   batch_videos=8, epochs=10, lr_step_epochs=7))
 
 
 @dataclass

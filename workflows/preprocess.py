@@ -51,7 +51,10 @@ class ShardWriter:
 
     def __init__(self, card_path: str, data_root: str | None, out: str, config: dict[str, Any]) -> None:
 
+        import pyarrow
+
         torch.set_num_threads(1)  # one core per worker: workers, not threads, give the parallelism
+        pyarrow.set_cpu_count(1)
         import ray
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

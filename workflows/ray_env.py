@@ -19,6 +19,7 @@ LOCAL_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_SCHEDULER_EVENTS": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_DATA_LOG_LEVEL": "ERROR",   # the stages print their own progress
 }
 
 
@@ -35,6 +36,7 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
     import ray
 
     if ray.is_initialized():
+        quiet_data()
         yield
         return
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)

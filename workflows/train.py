@@ -97,7 +97,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            start, last_metrics = _restore(Path(folder), heads, optimizer, schedule, generator, rank)
+            from gcm_core.checkpoint import load_checkpoint
+
+            heads.load_state_dict(load_checkpoint(Path(folder) / "model.pt").heads.state_dict())
+            start, last_metrics = restore_state(Path(folder), optimizer, schedule, generator, rank)
     if start >= stage.train.epochs:  # a finished run asked to resume: hand its final metrics on again
         ray.train.report(last_metrics)
         return
@@ -119,22 +122,24 @@ def train_loop(loop: dict[str, Any]) -> None:
                 save_checkpoint(Path(tmp) / "model.pt", ckpt)
                 if last and stage.evaluate:
                     metrics.update(_evaluate(heads, stats, stage, manifest, out, device))
-                torch.save({"epoch": epoch + 1, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "metrics": metrics}, Path(tmp) / "train_state.pt")
-            torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()},
-                       Path(tmp) / f"rng-rank{rank}.pt")
+            save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
                 _log_epoch(out, writer, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
-def _restore(folder: Path, heads, optimizer, schedule, generator: torch.Generator,
-             rank: int) -> tuple[int, dict[str, Any]]:
-    """Load a checkpoint's training state; returns its epoch and the metrics it reported."""
-    from gcm_core.checkpoint import load_checkpoint
+def save_state(folder: Path, optimizer, schedule, generator: torch.Generator, rank: int, epoch: int,
+               metrics: dict[str, Any]) -> None:
+    """Rank 0: optimiser, schedule, epoch and metrics; every rank: its random states."""
+    if rank == 0:
+        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "metrics": metrics}, folder / "train_state.pt")
+    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, folder / f"rng-rank{rank}.pt")
 
-    heads.load_state_dict(load_checkpoint(folder / "model.pt").heads.state_dict())
+
+def restore_state(folder: Path, optimizer, schedule, generator: torch.Generator, rank: int) -> tuple[int, dict[str, Any]]:
+    """Inverse of :func:`save_state`; returns the checkpoint's epoch and the metrics it reported."""
     state = torch.load(folder / "train_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
@@ -209,8 +214,11 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
             "threads": max(1, int(stage.cpus_per_worker))}
     resources = {"CPU": stage.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    one_stage = stage.kind == "one-stage"
+    if one_stage:
+        from workflows.train_one_stage import one_stage_loop
     trainer = TorchTrainer(
-        train_loop, train_loop_config=loop,
+        one_stage_loop if one_stage else train_loop, train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=stage.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),
         datasets={"train": shard_dataset(stage.data, manifest, "train"),
@@ -221,13 +229,15 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
             failure_config=ray.train.FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
-    result = follow(trainer.fit, folder / "progress.jsonl", stage.train.epochs, f"train {stage.name}: ", quiet)
+    epochs = stage.one_stage.train.epochs if one_stage else stage.train.epochs
+    result = follow(trainer.fit, folder / "progress.jsonl", epochs, f"train {stage.name}: ", quiet)
     if result.checkpoint is None:
         raise RuntimeError(f"training of {stage.name} ended without a checkpoint ({result.error})")
+    weights = "dssad.pt" if one_stage else "model.pt"
     with result.checkpoint.as_directory() as ckpt_dir:
-        shutil.copyfile(Path(ckpt_dir) / "model.pt", folder / "model.pt")
+        shutil.copyfile(Path(ckpt_dir) / weights, folder / weights)
     metrics = dict(result.metrics or {})
-    return {"run_dir": str(folder), "checkpoint": str(folder / "model.pt"), "metrics": metrics}
+    return {"run_dir": str(folder), "checkpoint": str(folder / weights), "metrics": metrics}
 
 
 def _card_snippets(data: str | Path) -> dict[str, Any]:

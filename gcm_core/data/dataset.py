@@ -7,6 +7,7 @@ same T, enough snippets for its duration), raising :class:`FormatError` with the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +45,16 @@ class DatasetSource:
         self.videos = {k: v for k, v in annotated.items() if (v.subset or "").lower() == subset.lower()}
         if not self.videos:
             raise FormatError(card.path("annotations", self.root), f"no video of subset {subset!r}")
-        self.proposals = read_proposals(card.path(f"proposals.{role}", self.root), self.videos)
-        missing = sorted(set(self.videos) - set(self.proposals))
+
+    @cached_property
+    def proposals(self) -> dict[str, Proposals]:
+        """Every video's proposals, read on first use (planning needs only the annotations)."""
+        path = self.card.path(f"proposals.{self.role}", self.root)
+        proposals = read_proposals(path, self.videos)
+        missing = sorted(set(self.videos) - set(proposals))
         if missing:
-            raise FormatError(card.path(f"proposals.{role}", self.root),
-                              f"no proposals for {len(missing)} annotated videos", video=missing[0])
+            raise FormatError(path, f"no proposals for {len(missing)} annotated videos", video=missing[0])
+        return proposals
 
     @property
     def video_ids(self) -> list[str]:

@@ -5,7 +5,10 @@ inserted on the maps of 1, 2 or 3 scales (Tables 11, 12); its units are the cell
 temporal extents, and its graph is rebuilt for every clip from the cells' current features.
 
 Where the papers are silent (layer widths, anchor ratios, matching thresholds) the choices are
-SSAD-like and written in :class:`DSSADConfig`.
+SSAD-like and written in :class:`DSSADConfig`. An inserted GCM's last layer starts at zero, so the
+module starts as the identity through its residual and the trained detector learns how much of
+the relations to use (the practice for modules inserted into an existing network, e.g. non-local
+blocks); the paper does not say how it initialises them.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class DSSAD(nn.Module):
         self.base = nn.Sequential(_conv(dim, h), _conv(h, h, stride=2), nn.Dropout(config.dropout))
         self.down = nn.ModuleList(_conv(h, h, stride=2) for _ in range(config.num_scales))
         self.gcms = nn.ModuleDict({str(s): GCM(h, num_samples=config.num_samples) for s in config.gcm_scales})
+        for gcm in self.gcms.values():  # start as the identity (Y = X^(K) + X^(0) with X^(K) = 0)
+            nn.init.zeros_(gcm.layers[-1].weight)
         self.cls_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * (num_classes + 1), 3, padding=1))
                                         for _ in range(config.num_scales))
         self.loc_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * 2, 3, padding=1))

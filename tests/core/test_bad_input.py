@@ -86,7 +86,8 @@ def test_proposal_with_end_before_start(broken):
     label, iou, ov, s, e = lines[k].split()
     lines[k] = f"{label} {iou} {ov} {e} {s}"
     path.write_text("\n".join(lines) + "\n")
-    expect(lambda: DatasetSource(load_card(broken / "card.yaml"), broken, "test"), "end > start", f"line {k + 1}")
+    source = DatasetSource(load_card(broken / "card.yaml"), broken, "test")
+    expect(lambda: source.load(source.video_ids[0]), "end > start", f"line {k + 1}")
 
 
 def test_proposal_outside_the_video(broken):

@@ -1,0 +1,123 @@
+"""Ray Train loop of the one-stage D-SSAD (+ GCM), used by the training stage when ``kind`` is
+``one-stage`` (Tables 11 and 12).
+
+D-SSAD reads snippet features, not the preprocessed units: each worker builds the clips of the
+dataset that preprocessing read (the card and data root in its manifest) and keeps a
+deterministic share (clip k to rank k mod world size). Checkpoints hold ``dssad.pt`` (each
+stream's weights and the model config, plain types) and the same training state and random
+states as the two-stage loop, so resuming works the same way.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.formats import write_result_json
+from gcm_core.detectors.dssad import DSSAD
+from gcm_core.engine import make_optimizer, seed_everything
+from gcm_core.one_stage import dataset_clips, predict_fused, train_one_epoch
+from workflows.config import TrainStageConfig, from_dict
+
+
+class OneStageModels(torch.nn.ModuleDict):
+    """One D-SSAD per stream (trained independently, fused late)."""
+
+
+def one_stage_loop(loop: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from workflows.train import _log_epoch, _tensorboard, restore_state, save_state
+
+    stage = from_dict(TrainStageConfig, loop["stage"])
+    manifest = loop["manifest"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(loop["threads"])
+    out = Path(loop["run_dir"])
+    card = load_card(Path(stage.data) / "card.yaml")
+    source = DatasetSource(card, manifest["config"]["data_root"], "train")
+    clips, seconds = {}, 0.0
+    for stream in stage.streams:
+        all_clips, _, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
+                                              stage.one_stage.model.window_stride)
+        clips[stream] = all_clips[rank::world]
+    config = stage.one_stage.train
+    seed = config.seed * 1009 + rank
+    seed_everything(seed)
+    dim = clips[stage.streams[0]][0].features.shape[1]
+    models = OneStageModels({s: DSSAD(stage.one_stage.model, dim, card.num_classes) for s in stage.streams})
+    model = ray.train.torch.prepare_model(models)
+    optimizer, schedule = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    start, last_metrics = 0, {}
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            models.load_state_dict(torch.load(Path(folder) / "dssad.pt", weights_only=True)["models"])
+            start, last_metrics = restore_state(Path(folder), optimizer, schedule, generator, rank)
+    if start >= config.epochs:
+        ray.train.report(last_metrics)
+        return
+    writer = _tensorboard(out) if rank == 0 else None
+    for epoch in range(start, config.epochs):
+        began = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        for stream in stage.streams:
+            for k, v in train_one_epoch(models[stream], clips[stream], optimizer, config, seconds, generator,
+                                        device=device).items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        schedule.step()
+        metrics.update(epoch=epoch + 1, seconds_per_epoch=time.perf_counter() - began)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                if epoch + 1 == config.epochs and stage.evaluate:
+                    metrics.update(_evaluate(models, stage, card, manifest, out, device))
+                torch.save({"models": models.state_dict(), "config": loop["stage"], "classes": list(card.classes)},
+                           Path(tmp) / "dssad.pt")
+            save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
+            if rank == 0:
+                _log_epoch(out, writer, metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def _evaluate(models: OneStageModels, stage: TrainStageConfig, card, manifest: dict[str, Any], out: Path,
+              device) -> dict[str, float]:
+    source = DatasetSource(card, manifest["config"]["data_root"], "test")
+    tests, durations, seconds = {}, {}, 0.0
+    for stream in stage.streams:
+        tests[stream], durations, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
+                                                          stage.one_stage.model.window_stride)
+    videos = dict(source.videos)
+    metrics: dict[str, float] = {}
+    groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
+    for name, streams in groups:
+        dets = predict_fused({s: models[s] for s in streams}, {s: tests[s] for s in streams}, durations,
+                             card.classes, seconds, dict(stage.inference.fusion), stage.inference, device=device)
+        result = evaluate_videos(videos, dets, card)
+        for t, value in zip(card.tiou, result.map.tolist()):
+            metrics[f"{name}/mAP@{t:g}"] = 100 * value
+        metrics[f"{name}/mAP_avg"] = 100 * result.average
+        if name == "fused":
+            write_result_json(out / "detections.json", dets)
+            atomic_write_text(out / "metrics.json", json.dumps(
+                {"fused": {"protocol": card.protocol, **result.as_dict(card.classes)}, "metrics": metrics,
+                 "videos": len(videos)}, indent=1))
+    return metrics
+
+
+def evaluate_videos(videos: dict, detections, card):
+    from gcm_core.evaluation import evaluate_detections
+
+    return evaluate_detections(videos, detections, card.classes, card.protocol, card.tiou)
+
