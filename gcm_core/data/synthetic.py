@@ -66,11 +66,20 @@ class Relations:
 
 @dataclass(frozen=True)
 class StreamProfile:
-    """Amplitudes of the scene and action signals and of the snippet noise in one stream."""
+    """Amplitudes of the scene and action signals and of the noise in one stream.
+
+    ``segment_noise``: the share of the noise variance that is constant over an instance (or a
+    background stretch between instances): the nuisance of real features (who acts, how it is
+    filmed) changes between instances, not between consecutive snippets. The rest varies from
+    snippet to snippet, smoothly: an AR(1) process over 8-frame blocks with time constant
+    ``noise_time`` seconds (content changes slowly), averaged over each snippet's 64 frames.
+    """
 
     scene: float
     action: float
     noise: float
+    segment_noise: float = 0.0
+    noise_time: float = 0.0     # seconds over which the snippet-level noise stays correlated
 
 
 STREAMS = {"rgb": StreamProfile(scene=1.0, action=0.8, noise=0.9),
@@ -246,9 +255,31 @@ def render_features(rng: np.random.Generator, video: Video, latent: dict[str, An
     # snippets share 7/8 of their frames, and of their noise, as real I3D snippets do
     blocks = CLIP // STRIDE
     block_noise = rng.standard_normal((windows.shape[0] + blocks - 1, dim))
+    if profile.noise_time > 0:
+        rho = float(np.exp(-STRIDE / FPS / profile.noise_time))
+        for t in range(1, block_noise.shape[0]):  # stationary AR(1): unit variance kept
+            block_noise[t] = rho * block_noise[t - 1] + np.sqrt(1 - rho * rho) * block_noise[t]
     smooth = np.lib.stride_tricks.sliding_window_view(block_noise, blocks, axis=0).sum(-1) / np.sqrt(blocks)
-    x = x + (profile.noise / np.sqrt(dim)) * smooth  # |noise| ~ profile.noise per snippet
+    scale = profile.noise / np.sqrt(dim)  # |noise| ~ profile.noise per snippet
+    x = x + scale * np.sqrt(1 - profile.segment_noise) * smooth
+    if profile.segment_noise > 0:
+        segments = _segments(video)
+        nuisance = rng.standard_normal((len(segments), dim))
+        x = x + scale * np.sqrt(profile.segment_noise) * (_coverage(windows, segments) @ nuisance)
     return x.astype(np.float32)
+
+
+def _segments(video: Video) -> np.ndarray:
+    """[S, 2] the instances and the background stretches between them, covering the video."""
+    spans = sorted((i.start, i.end) for i in video.instances)
+    out, t = [], 0.0
+    for s, e in spans:
+        if s > t:
+            out.append((t, s))
+        out.append((s, e))
+        t = max(t, e)
+    out.append((t, max(video.duration, t + 1e-3)))
+    return np.array(out)
 
 
 def sample_proposals(rng: np.random.Generator, video: Video) -> np.ndarray:

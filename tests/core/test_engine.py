@@ -47,7 +47,7 @@ def test_trained_heads_detect_far_better_than_untrained_ones(small_prepared, mod
         return evaluate(small_prepared["test"], dets, card.classes, "thumos14", [0.3]).map.item()
 
     untrained, trained = map_after(0), map_after(10)
-    assert trained > untrained + 0.1, (untrained, trained)
+    assert trained > max(3 * untrained, untrained + 0.05), (untrained, trained)
 
 
 def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path):

@@ -1,0 +1,51 @@
+"""Stage configuration: defaults, YAML, --set overrides, and the shipped grids."""
+from __future__ import annotations
+
+import pytest
+
+from workflows.config import ConfigError, PreprocessConfig, TrainStageConfig, dump, from_dict, resolve
+from workflows.tune import GRID_DIR, load_grid, trial_config
+
+
+def test_defaults_are_the_papers_settings():
+    c = TrainStageConfig()
+    assert (c.graph.theta_ctx, c.graph.theta_sur, c.model.num_layers, c.model.num_samples) == (0.7, 1.0, 2, 4)
+    assert c.train.lr_step_epochs == 15 and c.train.lr_gamma == 0.1 and c.model.dropout == 0.8
+    assert c.stream_lr == {"rgb": 0.001, "flow": 0.01} and dict(c.inference.fusion) == {"rgb": 2.0, "flow": 3.0}
+    assert c.train.loss.completeness == c.train.loss.regression == 0.5
+
+
+def test_yaml_then_set_then_explicit_arguments(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {lr: 0.5, epochs: 3}\ngraph: {edge_types: [contextual]}\nname: from-yaml\n")
+    c = resolve(TrainStageConfig, path, ["train.lr=0.25", "graph.k_sur=5", "model.act_module=mlp"], name="explicit")
+    assert c.train.lr == 0.25 and c.train.epochs == 3 and c.graph.k_sur == 5
+    assert c.graph.edge_types == ("contextual",) and c.model.act_module == "mlp" and c.name == "explicit"
+    assert c.train.momentum == 0.9  # untouched nested defaults stay
+    assert from_dict(TrainStageConfig, __import__("yaml").safe_load(dump(c))) == c  # the saved config round-trips
+
+
+@pytest.mark.parametrize("override,message", [
+    (["train.learning_rate=1"], "unknown key"),
+    (["model.act_module=transformer"], "act_module"),
+    (["graph.edge_types=[contextual,temporal]"], "unknown edge types"),
+    (["train.epochs=many"], "expected int"),
+    (["lr"], "key=value"),
+])
+def test_bad_settings_are_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(TrainStageConfig, None, override)
+
+
+def test_preprocess_caps_can_be_loosened_for_grids():
+    c = resolve(PreprocessConfig, None, ["caps.sur_k=12", "caps.min_ctx_tiou=0.4"])
+    assert c.caps.sur_k == 12 and c.caps.min_ctx_tiou == 0.4
+
+
+@pytest.mark.parametrize("grid", sorted(p.stem for p in GRID_DIR.glob("*.yaml")))
+def test_every_shipped_grid_yields_valid_trials(grid):
+    g = load_grid(grid)
+    trials = g.trials()
+    assert len(trials) >= 3
+    configs = [trial_config(TrainStageConfig(), g, t) for t in trials]
+    assert len({repr(c) for c in configs}) == len(trials)  # every trial is a different configuration
