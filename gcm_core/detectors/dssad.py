@@ -52,13 +52,14 @@ class DSSAD(nn.Module):
         self.config, self.num_classes = config, num_classes
         self.base = nn.Sequential(_conv(dim, h), _conv(h, h, stride=2), nn.Dropout(config.dropout))
         self.down = nn.ModuleList(_conv(h, h, stride=2) for _ in range(config.num_scales))
-        self.gcms = nn.ModuleDict({str(s): GCM(h, num_samples=config.num_samples) for s in config.gcm_scales})
-        for gcm in self.gcms.values():  # start as the identity (Y = X^(K) + X^(0) with X^(K) = 0)
-            nn.init.zeros_(gcm.layers[-1].weight)
         self.cls_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * (num_classes + 1), 3, padding=1))
                                         for _ in range(config.num_scales))
         self.loc_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * 2, 3, padding=1))
                                         for _ in range(config.num_scales))
+        # created last, so that the detector's other layers start alike with and without GCMs
+        self.gcms = nn.ModuleDict({str(s): GCM(h, num_samples=config.num_samples) for s in config.gcm_scales})
+        for gcm in self.gcms.values():  # start as the identity (Y = X^(K) + X^(0) with X^(K) = 0)
+            nn.init.zeros_(gcm.layers[-1].weight)
 
     def cells(self, scale: int) -> int:
         """Number of cells of a clip's map at ``scale``."""
