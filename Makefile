@@ -23,10 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# speed and memory benchmarks (each prints a ratio against a baseline of the same run);
+# the quality benchmark takes about an hour: $(BIN)/python benchmarks/quality.py
 bench: $(STAMP)
-	@for script in benchmarks/*.py; do \
-	    echo "== $$script"; $(BIN)/python $$script || exit 1; \
-	done
+	$(BIN)/python benchmarks/graph_memory.py
+	$(BIN)/python benchmarks/pooling_speed.py
+	$(BIN)/python benchmarks/eval_speed.py
+	$(BIN)/python benchmarks/model_speed.py
+	$(BIN)/python benchmarks/preprocess_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,20 +67,40 @@ def collect_videos(iterator, keep: set[str] | None, manifest: dict[str, Any]) ->
     return sorted(videos, key=lambda v: v.video_id)
 
 
+@dataclass
+class Worker:
+    """What a training worker knows of itself and its run."""
+
+    stage: TrainStageConfig
+    manifest: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+
+
+def worker_setup(loop: dict[str, Any]) -> Worker:
+    """Start of every training loop: configuration, rank, device, threads, and a pid file (for
+    monitoring, and for the fault tests that kill a worker)."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    worker = Worker(from_dict(TrainStageConfig, loop["stage"]), loop["manifest"], ctx.get_world_rank(),
+                    ctx.get_world_size(), ray.train.torch.get_device(), Path(loop["run_dir"]))
+    torch.set_num_threads(loop["threads"])
+    (worker.out / "workers").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(worker.out / "workers" / f"rank-{worker.rank}.pid", str(os.getpid()))
+    return worker
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     """The per-worker training function (Ray Train ``train_loop_per_worker``)."""
     import ray.train
     import ray.train.torch
 
-    stage = from_dict(TrainStageConfig, loop["stage"])
-    manifest = loop["manifest"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(loop["threads"])
-    out = Path(loop["run_dir"])
-    (out / "workers").mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "workers" / f"rank-{rank}.pid", str(os.getpid()))  # for monitoring (and fault tests)
+    w = worker_setup(loop)
+    stage, manifest, rank, world, device, out = w.stage, w.manifest, w.rank, w.world, w.device, w.out
 
     train_ids = sorted(v for s in manifest["shards"] if s["role"] == "train" for v in s["videos"])
     videos = collect_videos(ray.train.get_dataset_shard("train"), set(train_ids[rank::world]), manifest)
@@ -106,7 +127,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         return
     per_worker = max(1, stage.train.batch_videos // world)
     steps = math.ceil(math.ceil(len(train_ids) / world) / per_worker)
-    writer = _tensorboard(out) if rank == 0 else None
+    writer = tensorboard_writer(out) if rank == 0 else None
     for epoch in range(start, stage.train.epochs):
         began = time.perf_counter()
         metrics = train_one_epoch(model, data, optimizer, stage.train, stats, generator, device, steps, per_worker)
@@ -124,7 +145,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                     metrics.update(_evaluate(heads, stats, stage, manifest, out, device))
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
-                _log_epoch(out, writer, metrics)
+                log_epoch(out, writer, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
@@ -149,7 +170,7 @@ def restore_state(folder: Path, optimizer, schedule, generator: torch.Generator,
     return int(state["epoch"]), dict(state.get("metrics", {}))
 
 
-def _log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:
+def log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:
     """One line per epoch in ``progress.jsonl`` (read by the driver) and TensorBoard scalars."""
     with (out / "progress.jsonl").open("a") as f:
         f.write(json.dumps(metrics) + "\n")
@@ -160,7 +181,7 @@ def _log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:
         writer.flush()
 
 
-def _tensorboard(out: Path):
+def tensorboard_writer(out: Path):
     try:
         from tensorboardX import SummaryWriter
     except ImportError:  # optional: Ray Tune installs it

@@ -24,7 +24,7 @@ from gcm_core.data.formats import write_result_json
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.one_stage import dataset_clips, predict_fused, train_one_epoch
-from workflows.config import TrainStageConfig, from_dict
+from workflows.config import TrainStageConfig
 
 
 class OneStageModels(torch.nn.ModuleDict):
@@ -35,15 +35,10 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from workflows.train import _log_epoch, _tensorboard, restore_state, save_state
+    from workflows.train import log_epoch, restore_state, save_state, tensorboard_writer, worker_setup
 
-    stage = from_dict(TrainStageConfig, loop["stage"])
-    manifest = loop["manifest"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(loop["threads"])
-    out = Path(loop["run_dir"])
+    w = worker_setup(loop)
+    stage, manifest, rank, world, device, out = w.stage, w.manifest, w.rank, w.world, w.device, w.out
     card = load_card(Path(stage.data) / "card.yaml")
     source = DatasetSource(card, manifest["config"]["data_root"], "train")
     clips, seconds = {}, 0.0
@@ -68,7 +63,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     if start >= config.epochs:
         ray.train.report(last_metrics)
         return
-    writer = _tensorboard(out) if rank == 0 else None
+    writer = tensorboard_writer(out) if rank == 0 else None
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
         metrics: dict[str, Any] = {}
@@ -86,7 +81,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
                            Path(tmp) / "dssad.pt")
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
-                _log_epoch(out, writer, metrics)
+                log_epoch(out, writer, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 

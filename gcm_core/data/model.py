@@ -54,9 +54,7 @@ class Proposals:
     score: np.ndarray
 
     def __post_init__(self) -> None:
-        self.start = np.asarray(self.start, dtype=np.float64)
-        self.end = np.asarray(self.end, dtype=np.float64)
-        self.score = np.asarray(self.score, dtype=np.float64)
+        self.start, self.end, self.score = _float_columns(self.start, self.end, self.score)
 
     def __len__(self) -> int:
         return len(self.start)
@@ -77,9 +75,11 @@ class Detections:
     score: np.ndarray
 
     def __post_init__(self) -> None:
-        self.start = np.asarray(self.start, dtype=np.float64)
-        self.end = np.asarray(self.end, dtype=np.float64)
-        self.score = np.asarray(self.score, dtype=np.float64)
+        self.start, self.end, self.score = _float_columns(self.start, self.end, self.score)
 
     def __len__(self) -> int:
         return len(self.video)
+
+
+def _float_columns(*columns) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(c, dtype=np.float64) for c in columns)
