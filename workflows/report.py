@@ -53,6 +53,9 @@ class Run:
 
     @property
     def label(self) -> str:
+        if self.config.get("kind") == "one-stage":
+            scales = self.config.get("one_stage", {}).get("model", {}).get("gcm_scales", [])
+            return f"{self.name} (D-SSAD{f', GCM at {len(scales)} scales' if scales else ''})"
         model = self.config.get("model", {})
         return f"{self.name} ({model.get('act_module', '?')}/{model.get('comp_module', '?')})"
 

@@ -1,0 +1,63 @@
+"""Formats that the shared real files do not cover: feature containers, BSN CSVs, writers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gcm_core.data.cards import load_card
+from gcm_core.data.formats import (
+    Detections, Instance, Proposals, Video, load_features, read_annotations, read_detections, read_proposals,
+    write_annotations_json, write_result_json, write_ssn_list, write_thumos_text,
+)
+
+
+def test_feature_containers_read_alike(tmp_path):
+    feats = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float64)
+    np.save(tmp_path / "a.npy", feats)
+    np.savez(tmp_path / "b.npz", feats=feats, other=np.zeros(3))
+    torch.save(torch.from_numpy(feats), tmp_path / "c.pt")
+    loaded = [load_features(tmp_path / name) for name in ("a.npy", "b.npz", "c.pt")]
+    for array in loaded:
+        assert array.dtype == np.float32 and array.shape == (12, 5)
+        np.testing.assert_array_equal(array, loaded[0])
+
+
+def test_bsn_csv_folder_and_single_csv(tmp_path):
+    videos = {"v1": Video("v1", duration=100.0, fps=25.0), "v2": Video("v2", duration=50.0, fps=25.0)}
+    folder = tmp_path / "pem"
+    folder.mkdir()
+    (folder / "v1.csv").write_text("xmin,xmax,xmin_score,xmax_score,iou_score,score\n0.1,0.3,1,1,1,0.9\n0.5,0.6,1,1,1,0.4\n")
+    (folder / "v2.csv").write_text("xmin,xmax,score\n0.0,1.0,0.7\n")
+    props = read_proposals(folder, videos)
+    np.testing.assert_allclose(props["v1"].intervals, [[10, 30], [50, 60]])
+    np.testing.assert_allclose(props["v1"].score, [0.9, 0.4])
+    assert props["v2"].intervals.tolist() == [[0.0, 50.0]]
+    single = tmp_path / "all.csv"
+    single.write_text("video-name,t-start,t-end,score\nv1,3.0,9.5,0.8\nv2,1.0,2.0,0.1\n")
+    props = read_proposals(single, videos)
+    assert props["v1"].intervals.tolist() == [[3.0, 9.5]] and props["v2"].score.tolist() == [0.1]
+
+
+def test_written_files_read_back(tmp_path):
+    card = load_card("thumos14")
+    video = Video("video_test_0000001", duration=30.0, fps=30.0, n_frames=900, subset="test",
+                  instances=[Instance("Diving", 2.0, 5.0), Instance("HighJump", 10.0, 14.5)])
+    write_annotations_json(tmp_path / "gt.json", {video.id: video}, card.classes)
+    back = read_annotations(tmp_path / "gt.json", card)[video.id]
+    assert [(i.label, i.start, i.end) for i in back.instances] == [("Diving", 2.0, 5.0), ("HighJump", 10.0, 14.5)]
+    assert json.loads((tmp_path / "gt.json").read_text())["database"][video.id]["annotations"][0]["label_id"] == 7
+    props = Proposals(np.array([1.0, 9.9]), np.array([5.5, 15.0]), np.ones(2))
+    write_ssn_list(tmp_path / "list.txt", {video.id: video}, {video.id: props}, card.classes)
+    again = read_proposals(tmp_path / "list.txt", {video.id: video})[video.id]
+    np.testing.assert_allclose(again.intervals, props.intervals, atol=1 / 30)
+    dets = Detections([video.id] * 2, ["Diving", "HighJump"], np.array([2.1, 10.0]), np.array([5.0, 14.0]),
+                      np.array([0.9, 0.5]))
+    write_result_json(tmp_path / "dets.json", dets)
+    write_thumos_text(tmp_path / "dets.txt", dets, card)
+    for path in (tmp_path / "dets.json", tmp_path / "dets.txt"):
+        read = read_detections(path, card)
+        assert read.label == dets.label and read.start.tolist() == pytest.approx(dets.start.tolist())
+    assert (tmp_path / "dets.txt").read_text().split()[3] == "26"  # Diving's official index
