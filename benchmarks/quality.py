@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import Detections
@@ -156,9 +157,8 @@ def main() -> None:
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     lines += ["", *[f"- [{'PASS' if ok else 'FAIL'}] {text}" for text, ok in
                     checks({s: v["mAP@0.5"] for s, v in summary.items()})]]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.md").write_text("\n".join(lines) + "\n")
-    (args.out / "quality.json").write_text(json.dumps(summary, indent=1))
+    atomic_write_text(args.out / "quality.md", "\n".join(lines) + "\n")
+    atomic_write_text(args.out / "quality.json", json.dumps(summary, indent=1))
     print(json.dumps(summary) if args.json else "\n".join(lines))
 
 

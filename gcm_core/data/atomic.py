@@ -9,6 +9,11 @@ from typing import IO
 
 import numpy as np
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+# mkstemp creates 0600 files; a result should get the permissions any other new file gets.
+_NEW_FILE_MODE = 0o666 & ~_UMASK
+
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
@@ -16,6 +21,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _NEW_FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)

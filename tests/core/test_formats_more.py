@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from gcm_core.data.atomic import atomic_write, atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
     Detections, Instance, Proposals, Video, load_features, read_annotations, read_detections, read_proposals,
@@ -61,3 +62,20 @@ def test_written_files_read_back(tmp_path):
         read = read_detections(path, card)
         assert read.label == dets.label and read.start.tolist() == pytest.approx(dets.start.tolist())
     assert (tmp_path / "dets.txt").read_text().split()[3] == "26"  # Diving's official index
+
+
+def test_atomic_write_keeps_old_file_on_failure_and_uses_normal_permissions(tmp_path):
+    target = tmp_path / "results.md"
+    atomic_write_text(target, "first")
+    reference = tmp_path / "plain.md"
+    reference.write_text("plain")
+    assert target.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+    def fail_midway(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail_midway)
+    assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.md", "results.md"]
