@@ -65,21 +65,22 @@ class DSSAD(nn.Module):
         """Number of cells of a clip's map at ``scale``."""
         return self.config.clip_snippets // (4 << scale)
 
-    def anchors(self, cell_seconds: float) -> Tensor:
-        """[A, 2] anchors of a clip starting at 0 s, scales then cells then ratios (model order)."""
+    def anchors(self, snippet_seconds: float) -> Tensor:
+        """[A, 2] anchors (seconds) of a clip starting at 0 s, scales then cells then ratios (model order);
+        a cell at ``scale`` spans 4 * 2**scale snippets."""
         out = []
         for s in range(self.config.num_scales):
-            n, length = self.cells(s), cell_seconds * (4 << s)
+            n, length = self.cells(s), snippet_seconds * (4 << s)
             centre = (torch.arange(n, dtype=torch.float64) + 0.5) * length
             ratios = torch.tensor(self.config.anchor_ratios, dtype=torch.float64)
             half = ratios[None, :] * length / 2
             out.append(torch.stack([centre[:, None] - half, centre[:, None] + half], -1).reshape(-1, 2))
         return torch.cat(out)
 
-    def _relate(self, scale: int, x: Tensor, cell_seconds: float) -> Tensor:
+    def _relate(self, scale: int, x: Tensor, snippet_seconds: float) -> Tensor:
         """GCM over the cells of every clip of the batch: x [B, H, n] -> [B, H, n]."""
         b, h, n = x.shape
-        length = cell_seconds * (4 << scale)
+        length = snippet_seconds * (4 << scale)
         edges = torch.arange(n + 1, dtype=torch.float64) * length
         intervals = torch.stack([edges[:-1], edges[1:]], dim=1)
         units = x.transpose(1, 2).reshape(b * n, h)
@@ -88,13 +89,13 @@ class DSSAD(nn.Module):
                              for k in range(b)]).to(x.device)
         return self.gcms[str(scale)](units, graph).reshape(b, n, h).transpose(1, 2)
 
-    def forward(self, clips: Tensor, cell_seconds: float) -> tuple[Tensor, Tensor]:
+    def forward(self, clips: Tensor, snippet_seconds: float) -> tuple[Tensor, Tensor]:
         """``clips`` [B, L, C] snippet features -> logits [B, A, K + 1] and offsets [B, A, 2]."""
         x = self.base(clips.transpose(1, 2))
         logits, offsets = [], []
         for s, down in enumerate(self.down):
             x = down(x)
-            y = self._relate(s, x, cell_seconds) if str(s) in self.gcms else x
+            y = self._relate(s, x, snippet_seconds) if str(s) in self.gcms else x
             b, _, n = y.shape
             logits.append(self.cls_branch[s](y).view(b, -1, self.num_classes + 1, n).permute(0, 3, 1, 2)
                           .reshape(b, -1, self.num_classes + 1))

@@ -1,0 +1,113 @@
+"""One-stage D-SSAD + GCM: sliding windows, anchors, inserted GCMs, training and merged inference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gcm_core import one_stage
+from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.detectors.dssad import DSSAD, DSSADConfig
+from gcm_core.engine import TrainConfig
+from gcm_core.evaluation import evaluate_detections
+from gcm_core.graph import GraphSpec
+from gcm_core.postprocess import InferenceConfig
+from gcm_core.units import tiou
+
+SNIPPET_SECONDS = 0.5
+
+
+def test_windows_cover_the_video_and_keep_instances_mostly_inside():
+    snippets = np.arange(1300, dtype=np.float32)[:, None]   # 650 s; feature = snippet index
+    gt = torch.tensor([[10.0, 20.0], [250.0, 262.0]], dtype=torch.float64)
+    labels = torch.tensor([4, 7])
+    every = one_stage.clips_of("v", snippets, SNIPPET_SECONDS, gt, labels, 512, 256, train=False)
+    # windows of 256 s every 128 s, and one more ending at the video's end
+    assert [c.start for c in every] == [0.0, 128.0, 256.0, 384.0, 394.0]
+    np.testing.assert_array_equal(every[-1].features[:, 0].numpy(), np.arange(788, 1300))
+    assert {int(x) for c in every for x in c.features[:, 0]} == set(range(1300))
+
+    trained = one_stage.clips_of("v", snippets, SNIPPET_SECONDS, gt, labels, 512, 256, train=True)
+    assert [c.start for c in trained] == [0.0, 128.0, 256.0]   # the last two windows hold no instance
+    # the second instance has exactly half of its 12 s in the first and third windows: kept, cut
+    torch.testing.assert_close(trained[0].gt, torch.tensor([[10.0, 20.0], [250.0, 256.0]], dtype=torch.float64))
+    assert trained[0].gt_labels.tolist() == [4, 7]
+    torch.testing.assert_close(trained[1].gt, torch.tensor([[122.0, 134.0]], dtype=torch.float64))
+    torch.testing.assert_close(trained[2].gt, torch.tensor([[0.0, 6.0]], dtype=torch.float64))
+
+
+def test_a_short_video_is_one_zero_padded_window():
+    snippets = np.ones((100, 3), dtype=np.float32)
+    (clip,) = one_stage.clips_of("v", snippets, SNIPPET_SECONDS, torch.zeros(0, 2, dtype=torch.float64),
+                                 torch.zeros(0, dtype=torch.long), 512, 256, train=False)
+    assert clip.features.shape == (512, 3)
+    assert bool((clip.features[:100] == 1).all()) and bool((clip.features[100:] == 0).all())
+
+
+def test_anchors_and_outputs_follow_the_multiscale_maps():
+    config = DSSADConfig(hidden=16, clip_snippets=64, anchor_ratios=(1.0, 2.0))
+    model = DSSAD(config, dim=8, num_classes=3).eval()
+    expected = [((c + 0.5) * 4 * 2 ** s * SNIPPET_SECONDS - r * 2 * 2 ** s * SNIPPET_SECONDS,
+                 (c + 0.5) * 4 * 2 ** s * SNIPPET_SECONDS + r * 2 * 2 ** s * SNIPPET_SECONDS)
+                for s, cells in enumerate((16, 8, 4)) for c in range(cells) for r in (1.0, 2.0)]
+    torch.testing.assert_close(model.anchors(SNIPPET_SECONDS), torch.tensor(expected, dtype=torch.float64))
+    logits, offsets = model(torch.randn(2, 64, 8), SNIPPET_SECONDS)
+    assert logits.shape == (2, len(expected), 4) and offsets.shape == (2, len(expected), 2)
+
+
+def test_inserted_gcms_start_as_the_identity_and_learn():
+    config = DSSADConfig(hidden=16, clip_snippets=64)
+    torch.manual_seed(0)
+    plain = DSSAD(config, dim=8, num_classes=3).eval()
+    torch.manual_seed(0)
+    related = DSSAD(DSSADConfig(hidden=16, clip_snippets=64, gcm_scales=(0, 1, 2)), dim=8, num_classes=3).eval()
+    assert sorted(related.gcms) == ["0", "1", "2"] and len(plain.gcms) == 0
+    clips = torch.randn(2, 64, 8)
+    for a, b in zip(plain(clips, SNIPPET_SECONDS), related(clips, SNIPPET_SECONDS)):
+        torch.testing.assert_close(a, b)
+    logits, _ = related.train()(clips, SNIPPET_SECONDS)
+    logits.logsumexp(-1).sum().backward()
+    assert all(float(g.layers[-1].weight.grad.abs().sum()) > 0 for g in related.gcms.values())
+
+
+def test_feature_map_cells_take_no_contextual_edges_and_scales_must_exist():
+    with pytest.raises(ValueError, match="never overlap"):
+        DSSAD(DSSADConfig(graph=GraphSpec()), dim=8, num_classes=3)
+    with pytest.raises(ValueError, match="gcm_scales"):
+        DSSAD(DSSADConfig(gcm_scales=(3,)), dim=8, num_classes=3)
+
+
+def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicates(small_dataset):
+    """A sanity check of the whole loop (anchor matching, losses, decoding, window merging): the
+    detector learns to find the instances of its own training videos, which its untrained self
+    cannot; half-overlapping windows see the same instances twice and NMS leaves one of each."""
+    card = load_card(small_dataset / "card.yaml")
+    source = DatasetSource(card, small_dataset, "train")
+    clips, durations, seconds = one_stage.dataset_clips(source, "flow", 128, 64)
+    truth = {v: source.videos[v] for v in durations}
+    inference = InferenceConfig(nms_threshold=0.4, top_k=50)
+
+    def map_at_05(model: DSSAD):
+        dets = one_stage.predict_fused({"flow": model}, {"flow": clips}, durations, card.classes, seconds,
+                                       config=inference)
+        return float(evaluate_detections(truth, dets, card.classes, "thumos14", [0.5]).map[0]), dets
+
+    torch.manual_seed(0)
+    model = DSSAD(DSSADConfig(hidden=32, clip_snippets=128, window_stride=64, gcm_scales=(1,)),
+                  clips[0].features.shape[1], card.num_classes)
+    untrained, _ = map_at_05(model)
+    history = one_stage.fit(model, clips, TrainConfig(epochs=15, optimizer="adam", lr=3e-3, batch_videos=8,
+                                                      lr_step_epochs=100, seed=0), seconds)
+    assert history[-1]["loss_total"] < 0.5 * history[0]["loss_total"]
+    trained, dets = map_at_05(model)
+    assert trained > untrained + 0.05
+    for vid, duration in durations.items():
+        mine = [i for i, v in enumerate(dets.video) if v == vid]
+        assert 0 < len(mine) <= inference.top_k
+        segments = torch.tensor(np.stack([dets.start[mine], dets.end[mine]], 1))
+        assert bool((segments[:, 0] >= 0).all()) and bool((segments[:, 1] <= duration + 1e-9).all())
+        labels = [dets.label[i] for i in mine]
+        overlap = tiou(segments[:, None], segments[None]).fill_diagonal_(0)
+        same_class = torch.tensor([[a == b for b in labels] for a in labels])
+        assert float(overlap[same_class].max()) <= inference.nms_threshold + 1e-9
