@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import load_card
+from gcm_core.data.cards import DatasetCard, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import write_result_json
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
+from gcm_core.evaluation import evaluate_detections
 from gcm_core.one_stage import dataset_clips, predict_fused, train_one_epoch
 from workflows.config import TrainStageConfig
 
@@ -86,8 +87,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
-def _evaluate(models: OneStageModels, stage: TrainStageConfig, card, manifest: dict[str, Any], out: Path,
-              device) -> dict[str, float]:
+def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any],
+              out: Path, device: torch.device) -> dict[str, float]:
     source = DatasetSource(card, manifest["config"]["data_root"], "test")
     tests, durations, seconds = {}, {}, 0.0
     for stream in stage.streams:
@@ -99,7 +100,7 @@ def _evaluate(models: OneStageModels, stage: TrainStageConfig, card, manifest: d
     for name, streams in groups:
         dets = predict_fused({s: models[s] for s in streams}, {s: tests[s] for s in streams}, durations,
                              card.classes, seconds, dict(stage.inference.fusion), stage.inference, device=device)
-        result = evaluate_videos(videos, dets, card)
+        result = evaluate_detections(videos, dets, card.classes, card.protocol, card.tiou)
         for t, value in zip(card.tiou, result.map.tolist()):
             metrics[f"{name}/mAP@{t:g}"] = 100 * value
         metrics[f"{name}/mAP_avg"] = 100 * result.average
@@ -109,10 +110,4 @@ def _evaluate(models: OneStageModels, stage: TrainStageConfig, card, manifest: d
                 {"fused": {"protocol": card.protocol, **result.as_dict(card.classes)}, "metrics": metrics,
                  "videos": len(videos)}, indent=1))
     return metrics
-
-
-def evaluate_videos(videos: dict, detections, card):
-    from gcm_core.evaluation import evaluate_detections
-
-    return evaluate_detections(videos, detections, card.classes, card.protocol, card.tiou)
 

@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import ROOT
 from gcm_core.checkpoint import load_checkpoint
+from gcm_core.data.cards import load_card
 from workflows.config import PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict
 from workflows.preprocess import run_preprocess
 from workflows.ray_env import ray_session
+from workflows.shards import read_videos
 from workflows.train import run_train
 from workflows.tune import run_tune
 
@@ -59,6 +62,25 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     with pytest.raises(FileExistsError, match="--resume"):
         run_train(stage(prepared, run.parent, "gcm"), quiet=True)
 
+
+
+def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, tmp_path):
+    config = from_dict(TrainStageConfig, {
+        "data": str(prepared), "out": str(tmp_path), "name": "dssad-gcm", "kind": "one-stage",
+        "one_stage": {"model": {"hidden": 32, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0, 2]},
+                      "train": {"optimizer": "adam", "lr": 0.003, "epochs": 2, "batch_videos": 8}}})
+    result = run_train(config, quiet=True)
+    run = Path(result["run_dir"])
+    saved = torch.load(run / "dssad.pt", weights_only=True)
+    assert saved["classes"] == list(load_card(prepared / "card.yaml").classes)
+    for stream in ("rgb", "flow"):   # one detector per stream, GCMs at the two asked scales only
+        gcm_scales = {key.split(".")[2] for key in saved["models"] if key.startswith(f"{stream}.gcms.")}
+        assert gcm_scales == {"0", "2"}
+    assert [json.loads(line)["epoch"] for line in (run / "progress.jsonl").read_text().splitlines()] == [1, 2]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
+    detections = json.loads((run / "detections.json").read_text())["results"]
+    assert set(detections) <= {v.video_id for v in read_videos(prepared, "test")}
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
     reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
@@ -124,7 +146,6 @@ def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
 
     from gcm_core.data.formats import read_detections
     from workflows import report
-    from workflows.shards import read_videos
     from workflows.tune import Grid, grid_csv, grid_markdown
 
     grid = Grid("edges", "Edges", {}, {"graph.edge_types": [["contextual"], []]}, {}, ["fused/mAP@0.5"])
