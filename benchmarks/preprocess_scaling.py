@@ -43,7 +43,7 @@ def measure(data: Path, out: Path, workers: int) -> tuple[float, float, int]:
     shutil.rmtree(out, ignore_errors=True)
     began = time.perf_counter()
     manifest = run_preprocess(PreprocessConfig(card=str(data / "card.yaml"), data_root=str(data), out=str(out),
-                                               num_workers=workers, videos_per_shard=32), quiet=True)
+                                               num_workers=workers), quiet=True)
     total = time.perf_counter() - began
     n = sum(c["videos"] for c in manifest["counts"].values())
     return n / total, steady_rate(out), n

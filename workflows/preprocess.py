@@ -1,10 +1,11 @@
 """Preprocessing with Ray Data: every video of a card's dataset -> Parquet shards + manifest.
 
-One row per video (its id, role and shard) goes through Ray Data; the rows of a shard are grouped
-and a worker (an actor, with a GPU when the cluster has them) loads each video's features and
-proposals, pools unit features, computes candidate edges and training labels
-(:func:`gcm_core.data.prepared.prepare_video`) and writes the shard atomically with a JSON
-summary beside it. Nothing but ids and summaries passes through the driver.
+One row per video (its id and role) goes through Ray Data, in blocks of one shard each
+(:func:`shard_count`: shard sizes within one video of each other, as many shards as a multiple of
+the workers, so that no worker idles while another writes the last one). A worker (an actor,
+with a GPU when the cluster has them) loads each video's features and proposals, pools unit
+features, computes candidate edges and training labels (:func:`gcm_core.data.prepared.prepare_video`)
+and writes the shard atomically with a JSON summary beside it. Nothing but ids and summaries passes through the driver.
 
 Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``. A
 broken video stops the stage with an error naming it after the other shards are written, or, with
@@ -142,12 +143,16 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     failures = []
     if todo:
         use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // config.videos_per_shard, 64)))
+        workers = max(1, config.num_workers)
+        shards = shard_count(len(todo), config.videos_per_shard, workers)
+        ds = ray.data.from_items(todo, override_num_blocks=shards)
+        # a block is a batch is a shard; Ray asks for a batch size with GPUs (it may then pair
+        # blocks one row short of it, which only changes how the shards are cut)
         results = ds.map_batches(
-            ShardWriter, batch_size=config.videos_per_shard, batch_format="numpy",
+            ShardWriter, batch_size=-(-len(todo) // shards) if use_gpu else None, batch_format="numpy",
             fn_constructor_kwargs={"card_path": str(card_copy), "data_root": config.data_root, "out": str(out),
                                    "config": to_dict(config)},
-            compute=ray.data.ActorPoolStrategy(size=max(1, config.num_workers)),
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1, num_gpus=1 if use_gpu else 0)
         for row in results.iter_rows():
             progress.update()
@@ -162,6 +167,14 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     manifest = _manifest(card, config, out)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
+
+
+def shard_count(videos: int, videos_per_shard: int, workers: int) -> int:
+    """How many shards ``videos`` videos go into: about ``videos_per_shard`` each (sizes differ by
+    at most one), as many as a multiple of the workers, so that no worker idles while another one
+    writes the last shard."""
+    shards = -(-videos // max(1, videos_per_shard))
+    return max(1, min(videos, -(-shards // workers) * workers))
 
 
 def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, str]]:

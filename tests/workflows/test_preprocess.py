@@ -12,7 +12,7 @@ from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.prepared import prepare_video
 from workflows.config import PreprocessConfig, RayConfig
-from workflows.preprocess import PreprocessError, run_preprocess
+from workflows.preprocess import PreprocessError, run_preprocess, shard_count
 from workflows.ray_env import ray_session
 from workflows.shards import load_manifest, read_videos
 
@@ -83,3 +83,14 @@ def test_a_broken_video_is_named_and_other_shards_stay(small_dataset, tmp_path):
     assert broken not in ids and len(ids) == len(set(ids)) == 71
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["test"]["videos"] == 23
     assert load_manifest(tmp_path / "out")["regression_stats"]["std"][0] > 0
+
+
+
+def test_shards_are_balanced_over_the_workers(small_dataset, tmp_path):
+    # by hand: ceil(72 / 5) = 15 -> 16 for 2 workers; 413 / 32 -> 13 -> 14; never more shards than videos
+    assert [shard_count(72, 5, 2), shard_count(413, 32, 2), shard_count(413, 32, 1), shard_count(3, 16, 4)] \
+        == [16, 14, 13, 3]
+    run_preprocess(PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=str(small_dataset),
+                                    out=str(tmp_path), videos_per_shard=5, num_workers=2, use_gpu=False), quiet=True)
+    sizes = [len(json.loads(p.read_text())["summary"]["video_id"]) for p in (tmp_path / "shards").glob("*.json")]
+    assert sorted(sizes) == [4] * 8 + [5] * 8   # the 72 videos of the small benchmark in 16 shards
