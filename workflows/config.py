@@ -50,7 +50,7 @@ class PreprocessConfig:
     reduce: str = "max"
     caps: CandidateCaps = field(default_factory=CandidateCaps)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    videos_per_shard: int = 16
+    videos_per_shard: int = 16          # about; shards are balanced over the workers
     num_workers: int = 2
     use_gpu: bool | None = None          # None: use GPUs when the cluster has them
     skip_bad: bool = False

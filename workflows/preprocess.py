@@ -4,8 +4,9 @@ One row per video (its id and role) goes through Ray Data, in blocks of one shar
 (:func:`shard_count`: shard sizes within one video of each other, as many shards as a multiple of
 the workers, so that no worker idles while another writes the last one). A worker (an actor,
 with a GPU when the cluster has them) loads each video's features and proposals, pools unit
-features, computes candidate edges and training labels (:func:`gcm_core.data.prepared.prepare_video`)
-and writes the shard atomically with a JSON summary beside it. Nothing but ids and summaries passes through the driver.
+features, computes candidate edges and training labels
+(:func:`gcm_core.data.prepared.prepare_video`) and writes the shard atomically with a JSON
+summary beside it. Nothing but ids and summaries passes through the driver.
 
 Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``. A
 broken video stops the stage with an error naming it after the other shards are written, or, with
