@@ -209,11 +209,6 @@ def evaluate(videos: Sequence[PreparedVideo], detections: Detections, classes: S
     return evaluate_detections(truth, detections, classes, protocol, tiou)
 
 
-def lr_at(config: TrainConfig, epoch: int) -> float:
-    """The scheduled learning rate at a 0-based epoch (for logs)."""
-    return config.lr * config.lr_gamma ** math.floor(epoch / config.lr_step_epochs)
-
-
 def fit(videos: Sequence[PreparedVideo], streams: Sequence[str], model_config: ModelConfig, spec: GraphSpec,
         config: TrainConfig, num_classes: int, stream_lr: dict[str, float] | None = None,
         device: torch.device | str = "cpu",

@@ -5,9 +5,16 @@ line is printed at most every 10% of the work, with no control characters.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def read_epoch_log(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics a training run appends to ``progress.jsonl`` (none yet: empty)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _duration(seconds: float) -> str:

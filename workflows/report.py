@@ -31,6 +31,7 @@ from gcm_core.data.atomic import atomic_write_text  # noqa: E402
 from gcm_core.data.formats import read_detections  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
+from workflows.progress import read_epoch_log  # noqa: E402
 from workflows.shards import load_manifest, read_videos  # noqa: E402
 from workflows.tables import markdown_table  # noqa: E402
 
@@ -68,10 +69,9 @@ def discover(folders: list[Path]) -> dict[str, list]:
         candidates += [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
     for folder in dict.fromkeys(candidates):
         if (folder / "metrics.json").is_file() and (folder / "config.yaml").is_file():
-            progress = [json.loads(x) for x in (folder / "progress.jsonl").read_text().splitlines()] \
-                if (folder / "progress.jsonl").is_file() else []
             found["runs"].append(Run(folder, yaml.safe_load((folder / "config.yaml").read_text()),
-                                     json.loads((folder / "metrics.json").read_text()), progress))
+                                     json.loads((folder / "metrics.json").read_text()),
+                                     read_epoch_log(folder / "progress.jsonl")))
         if (folder / "summary.csv").is_file():
             found["evaluations"].append(folder)
         for table in folder.glob("*.csv"):

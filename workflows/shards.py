@@ -34,7 +34,6 @@ labels:reg_target              list<double>        [N, 2] raw Eq. 15 targets (Na
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +167,3 @@ def read_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None =
             videos += [row_to_video(r, manifest["dims"], caps) for r in read_shard_rows(Path(folder) / shard["path"])
                        if r["video_id"] in listed]
     return sorted(videos, key=lambda v: v.video_id)
-
-
-def caps_dict(caps: CandidateCaps) -> dict[str, Any]:
-    return asdict(caps)

@@ -33,7 +33,7 @@ from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, evaluate, make_optimizer, predict, seed_everything, train_one_epoch,
 )
 from workflows.config import TrainStageConfig, dump, from_dict, to_dict
-from workflows.progress import Progress
+from workflows.progress import Progress, read_epoch_log
 from workflows.shards import caps_from_manifest, load_manifest, read_shard_rows, row_to_video
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -278,22 +278,21 @@ def follow(fit, log: Path, epochs: int, label: str, quiet: bool):
             outcome["error"] = err
 
     thread = threading.Thread(target=target, daemon=True)
-    earlier = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    earlier = read_epoch_log(log)
     seen = len(earlier)
     progress = Progress(epochs, "epochs", label, quiet)
     progress.skip(max((m["epoch"] for m in earlier), default=0))  # a resumed run
     thread.start()
     while thread.is_alive():
         thread.join(timeout=1.0)
-        lines = log.read_text().splitlines() if log.exists() else []
-        for line in lines[seen:]:
-            metrics = json.loads(line)
+        logged = read_epoch_log(log)
+        for metrics in logged[seen:]:
             if metrics["epoch"] > progress.done:  # a restarted worker group repeats epochs: skip them
                 progress.update(metrics["epoch"] - progress.done)
                 if not quiet:
                     losses = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_"))
                     print(f"  epoch {metrics['epoch']}: {losses}", flush=True)
-        seen = len(lines)
+        seen = len(logged)
     progress.close()
     if "error" in outcome:
         raise outcome["error"]

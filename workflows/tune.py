@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.cards import shipped_yaml
 from workflows.config import ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, to_dict
 from workflows.tables import markdown_table
 
@@ -54,12 +55,10 @@ def _short(value: Any) -> str:
 
 def load_grid(name_or_path: str | Path) -> Grid:
     """A grid by shipped name (``table9_edges``) or path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = GRID_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        shipped = sorted(p.stem for p in GRID_DIR.glob("*.yaml"))
-        raise ConfigError(f"no grid {str(name_or_path)!r} (shipped grids: {shipped})")
+    try:
+        path = shipped_yaml(name_or_path, GRID_DIR, "grid")
+    except FileNotFoundError as err:
+        raise ConfigError(str(err)) from None
     raw = yaml.safe_load(path.read_text())
     missing = {"name", "grid"} - set(raw)
     if missing:

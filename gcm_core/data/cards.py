@@ -103,14 +103,24 @@ def data_root_path(data_root: str | Path | None = None) -> Path:
     return Path(data_root or os.environ.get("GCM_DATA_ROOT", ".")).expanduser()
 
 
-def load_card(name_or_path: str | Path) -> DatasetCard:
-    """A card by shipped name (``thumos14``) or by path to a YAML file."""
+def shipped_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:
+    """``folder/<name>.yaml`` for a bare name (``thumos14``), else the path given; a missing file
+    raises FileNotFoundError listing the shipped ones."""
     path = Path(name_or_path)
     if not path.suffix:
-        path = CARD_DIR / f"{name_or_path}.yaml"
+        path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        shipped = sorted(p.stem for p in CARD_DIR.glob("*.yaml"))
-        raise CardError(f"no dataset card {str(name_or_path)!r} (shipped cards: {shipped})")
+        shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+        raise FileNotFoundError(f"no {what} {str(name_or_path)!r} (shipped {what}s: {shipped})")
+    return path
+
+
+def load_card(name_or_path: str | Path) -> DatasetCard:
+    """A card by shipped name (``thumos14``) or by path to a YAML file."""
+    try:
+        path = shipped_yaml(name_or_path, CARD_DIR, "dataset card")
+    except FileNotFoundError as err:
+        raise CardError(str(err)) from None
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

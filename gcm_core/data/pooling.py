@@ -25,7 +25,6 @@ per-unit Python loop.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -161,12 +160,3 @@ def unit_features(features: Tensor, intervals: Tensor, grid: SnippetGrid, reduce
     if "three_part" in parts:
         out["three_part"] = torch.cat([pooled(start - half, start), body, pooled(end, end + half)], dim=1)
     return out
-
-
-def expected_snippets(convention: Convention, duration: float, fps: float, stride_frames: int = 8,
-                      clip_frames: int = 64) -> int:
-    """How many snippets cover a video of ``duration`` seconds (for the 'T too short' check)."""
-    if convention == "rescaled":
-        return 1
-    frames = duration * fps
-    return max(1, math.floor((frames - clip_frames) / stride_frames) + 1)
