@@ -1,6 +1,7 @@
 """Speed of the SSN head with GCM branches against the same head with MLP branches, one run.
 
-    python benchmarks/model_speed.py [--device cpu|cuda] [--videos 8] [--units 2500] [--repeat 5]
+    python benchmarks/model_speed.py [--device cpu|cuda] [--precision fp32|tf32] [--videos 8]
+                                     [--units 2500] [--repeat 5]
 
 - training step: forward + backward + SGD over a batch of ``--videos`` videos x ``--units`` units,
   1024-d body and 3072-d three-part features, graphs precomputed (as training does). Two ways:
@@ -8,7 +9,9 @@
   and their sampled neighbourhoods are computed (Eq. 18); ``all units``: every unit is computed,
   neighbourhoods sampled (what the authors' code does).
 - inference pass: one video of N = 800 and 2000 units, graph construction included, full
-  neighbourhoods, eval mode.
+  neighbourhoods, eval mode; graph construction alone is timed too.
+- ``--precision tf32`` lets CUDA matrix products use TF32 (float32 storage, 10-bit mantissa
+  products); the default keeps exact float32 products.
 
 Prints milliseconds per video and the GCM / MLP ratio of each. Issue 4's anchors (authors' code,
 H100): 6.96 ms per video per training step, 2.8 / 4.0 ms per inference pass at N = 800 / 2000,
@@ -94,15 +97,23 @@ def inference_pass(kind: str, n: int, device: str, repeat: int) -> float:
     return timed(run, device, repeat)
 
 
+def graph_construction(n: int, device: str, repeat: int) -> float:
+    intervals, body, _ = video(n, torch.Generator().manual_seed(n))
+    body = body.to(device)
+    return timed(lambda: build_graph(intervals.to(device), body, GraphSpec()), device, repeat)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=("fp32", "tf32"), default="fp32")
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--units", type=int, default=2500)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-all-units", action="store_true", help="skip the slow every-unit training step")
     args = parser.parse_args()
     device = args.device
+    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
     gen = torch.Generator().manual_seed(0)
     graphs, bodies, comps, nodes, roles = [], [], [], [], []
     for v in range(args.videos):
@@ -118,7 +129,7 @@ def main() -> None:
                       torch.cat(nodes).to(device), role, torch.randint(1, CLASSES + 1, role.shape, device=device),
                       torch.randn(role.numel(), 2, device=device))
     name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; batch {args.videos} videos x {args.units} units, 1024-d body, 3072-d three-part")
+    print(f"device: {name}, {args.precision} products; batch {args.videos} videos x {args.units} units, 1024-d body, 3072-d three-part")
     rows = [("training step, sampled units (Eq. 18)", lambda k: training_step(k, True, args, batch, device))]
     if not args.skip_all_units:
         rows.append(("training step, all units", lambda k: training_step(k, False, args, batch, device)))
@@ -127,6 +138,8 @@ def main() -> None:
     for label, fn in rows:
         gcm, mlp = fn("gcm") * 1e3, fn("mlp") * 1e3
         print(f"{label:42s} GCM {gcm:9.2f} ms/video   MLP {mlp:9.2f} ms/video   GCM/MLP x{gcm / mlp:.2f}")
+    for n in (800, 2000):
+        print(f"{f'of which graph construction, N={n}':42s} {graph_construction(n, device, args.repeat) * 1e3:9.2f} ms")
 
 
 if __name__ == "__main__":

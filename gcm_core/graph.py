@@ -18,13 +18,14 @@ neighbour index, so graphs are deterministic.
 
 Preprocessing computes :func:`candidate_edges` once per video under loose
 :class:`CandidateCaps`; a grid over theta_ctx / theta_sur / k_sur / l_sem / edge types then
-calls :func:`select_edges`, which is a few masks over the candidates. :func:`build_graph` is
-exactly ``select_edges(candidate_edges(..., CandidateCaps.for_spec(spec)), spec)``. Pairwise
-work is done in row blocks (:func:`gcm_core.units.row_blocks`), never as one N x N allocation.
+calls :func:`select_edges`, which is a few masks over the candidates. :func:`build_graph` marks
+the edges of one setting directly (for graphs built on the fly) and gives the same graph as
+``select_edges(candidate_edges(..., CandidateCaps.for_spec(spec)), spec)``. Pairwise work is
+done in row blocks (:func:`gcm_core.units.row_blocks`), never as one N x N allocation.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -196,11 +197,10 @@ class CandidateEdges:
         return cls(num_nodes, caps, torch.stack([cols["src"], cols["dst"]]).long(), **rest)
 
 
-def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``k`` smallest finite entries of each row (None: all), ties to the lower column.
+def _smallest_mask(keyed: Tensor, k: int | None, chosen: Tensor) -> Tensor:
+    """Mark in ``chosen`` the ``k`` smallest finite entries of each row (None: all), ties to the lower column.
 
-    ``keyed`` holds +inf where an entry is not eligible; ``chosen`` is a bool buffer of its
-    shape. Returns (row, col, rank) of the chosen entries, rank 0 the smallest of its row.
+    ``keyed`` holds +inf where an entry is not eligible; ``chosen`` is a bool buffer of its shape.
     """
     n_cols = keyed.shape[1]
     if k is None or k >= n_cols:
@@ -212,25 +212,27 @@ def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor
         kth = smallest[:, k - 1:k]
         torch.le(keyed, kth, out=chosen)
         chosen &= torch.isfinite(kth)
-        # rows whose (k+1)-th value ties the k-th: only the lowest columns of the tie fit
-        crowded = ((smallest[:, k] == smallest[:, k - 1]) & torch.isfinite(kth[:, 0])).nonzero().squeeze(1)
-        if crowded.numel():
-            sub, sub_kth = keyed[crowded], kth[crowded]
+        # rows whose (k+1)-th value ties the k-th: only the lowest columns of the tie fit; rows with
+        # fewer than k finite entries (kth = inf): only their finite ones. One pass fixes both.
+        finite_kth = torch.isfinite(kth[:, 0])
+        to_fix = ((smallest[:, k] == smallest[:, k - 1]) | ~finite_kth).nonzero().squeeze(1)
+        if to_fix.numel():
+            sub, sub_kth = keyed[to_fix], kth[to_fix]
             below = sub < sub_kth
-            tied = sub == sub_kth
+            tied = (sub == sub_kth) & finite_kth[to_fix, None]
             room = k - below.sum(dim=1, keepdim=True)
-            chosen[crowded] = below | (tied & (tied.cumsum(dim=1) <= room))
-        # a row with fewer than k finite entries has kth = inf: keep only its finite ones
-        short = (~torch.isfinite(kth)).squeeze(1).nonzero().squeeze(1)
-        if short.numel():
-            chosen[short] = torch.isfinite(keyed[short])
+            chosen[to_fix] = below | (tied & (tied.cumsum(dim=1) <= room))
+    return chosen
+
+
+def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, col, rank) of the entries :func:`_smallest_mask` chooses, rank 0 the smallest of its row."""
+    _smallest_mask(keyed, k, chosen)
     row, col = chosen.nonzero(as_tuple=True)  # row-major: col ascending within a row
     order = torch.argsort(keyed[row, col], stable=True)
     order = order[torch.argsort(row[order], stable=True)]  # by (row, value, col)
     row, col = row[order], col[order]
-    counts = torch.bincount(row, minlength=keyed.shape[0])
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(row.numel(), device=row.device) - starts[row]
+    rank = torch.arange(row.numel(), device=row.device) - torch.searchsorted(row, row)
     return row, col, rank
 
 
@@ -252,6 +254,41 @@ class _BlockBuffers:
         return out
 
 
+@dataclass
+class _Block:
+    """The pairwise relations of the units ``rows`` with all N units (views into reused buffers)."""
+
+    rows: slice
+    tiou: Tensor
+    distance: Tensor
+    cos: Tensor
+    disjoint: Tensor
+    diagonal: tuple[Tensor, Tensor]
+    buf: _BlockBuffers
+
+    def surrounding_keys(self, max_distance: float) -> Tensor:
+        """Eq. 5 distance where j is disjoint from i with d < ``max_distance``, +inf elsewhere."""
+        near = torch.lt(self.distance, max_distance, out=self.buf.mask).logical_and_(self.disjoint)
+        keyed = self.buf.keyed_distance.copy_(self.distance)
+        return keyed.masked_fill_(torch.logical_not(near, out=self.buf.chosen), float("inf"))
+
+    def dissimilarity_keys(self) -> Tensor:
+        """Negated cosine similarity, +inf for i itself (the caller may also mask more, in place)."""
+        negated = torch.neg(self.cos, out=self.buf.keyed_similarity)
+        negated[self.diagonal] = float("inf")
+        return negated
+
+    def only_disjoint(self, keyed: Tensor) -> Tensor:
+        """``keyed`` with +inf (in place) where j overlaps i."""
+        return keyed.masked_fill_(torch.logical_not(self.disjoint, out=self.buf.chosen), float("inf"))
+
+    def contextual(self, min_tiou: float) -> Tensor:
+        """tIoU(i, j) > ``min_tiou``, j != i."""
+        mask = torch.gt(self.tiou, min_tiou, out=self.buf.mask)
+        mask[self.diagonal] = False
+        return mask
+
+
 def _unit_features(features: Tensor, n: int) -> Tensor:
     x = torch.as_tensor(features)
     if not x.is_floating_point():
@@ -259,6 +296,29 @@ def _unit_features(features: Tensor, n: int) -> Tensor:
     if x.ndim != 2 or x.shape[0] != n:
         raise ValueError(f"features must have shape [N={n}, d], got {tuple(x.shape)}")
     return torch.nn.functional.normalize(x, dim=1)
+
+
+def _blocks(intervals: Tensor, features: Tensor, max_block_elements: int) -> tuple[int, torch.dtype, Iterator[_Block]]:
+    """N, the feature dtype and the row blocks of one video's pairwise relations, in order."""
+    iv = as_intervals(intervals)
+    n = iv.shape[0]
+    device = iv.device
+    unit = _unit_features(features, n).to(device)
+    unit_t = unit.T.contiguous()
+
+    def walk() -> Iterator[_Block]:
+        blocks = list(row_blocks(n, n, max_block_elements))
+        full = _BlockBuffers(blocks[0].stop - blocks[0].start, n, unit.dtype, device) if blocks else None
+        for rows in blocks:
+            buf = full.view(rows.stop - rows.start)
+            tiou, dist = pairwise_geometry(iv[rows], iv, out=buf.geometry)
+            torch.mm(unit[rows], unit_t, out=buf.cos)
+            torch.eq(tiou, 0, out=buf.disjoint)  # never i itself: a unit overlaps itself
+            diagonal = (torch.arange(rows.stop - rows.start, device=device),
+                        torch.arange(rows.start, rows.stop, device=device))
+            yield _Block(rows, tiou, dist, buf.cos, buf.disjoint, diagonal, buf)
+
+    return n, unit.dtype, walk()
 
 
 def candidate_edges(
@@ -272,53 +332,33 @@ def candidate_edges(
     ``intervals``: [N, 2] (start, end), any unit of time; ``features``: [N, d], the features whose
     cosine similarity gives the semantic neighbours and the edge weights (Eq. 8).
     """
-    iv = as_intervals(intervals)
-    n = iv.shape[0]
-    unit = _unit_features(features, n)
-    unit_t = unit.T.contiguous()
+    n, feature_dtype, blocks = _blocks(intervals, features, max_block_elements)
     names = ("src", "dst", "tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")
     parts: dict[str, list[Tensor]] = {k: [] for k in names}
-    blocks = list(row_blocks(n, n, max_block_elements))
-    device = iv.device
-    unit = unit.to(device)
-    full = _BlockBuffers(blocks[0].stop - blocks[0].start, n, unit.dtype, device) if blocks else None
-    inf = float("inf")
-    for rows in blocks:
-        b = rows.stop - rows.start
-        buf = full.view(b)
-        diagonal = (torch.arange(b, device=device), torch.arange(rows.start, rows.stop, device=device))
-        tiou, dist = pairwise_geometry(iv[rows], iv, out=buf.geometry)
-        torch.mm(unit[rows], unit_t, out=buf.cos)
-        torch.eq(tiou, 0, out=buf.disjoint)  # never i itself: a unit overlaps itself
+    for block in blocks:
+        chosen = block.buf.chosen
+        ranked = {"sur_rank": _rank_smallest(block.surrounding_keys(caps.sur_max_dist), caps.sur_k, chosen)}
+        negated = block.dissimilarity_keys()
+        ranked["knn_rank"] = _rank_smallest(negated, caps.knn_k, chosen)
+        ranked["sem_rank"] = _rank_smallest(block.only_disjoint(negated), caps.sem_k, chosen)
 
-        ranked = {}
-        torch.lt(dist, caps.sur_max_dist, out=buf.mask).logical_and_(buf.disjoint)
-        keyed = buf.keyed_distance.copy_(dist).masked_fill_(torch.logical_not(buf.mask, out=buf.chosen), inf)
-        ranked["sur_rank"] = _rank_smallest(keyed, caps.sur_k, buf.chosen)
-        negated = torch.neg(buf.cos, out=buf.keyed_similarity)
-        negated[diagonal] = inf
-        ranked["knn_rank"] = _rank_smallest(negated, caps.knn_k, buf.chosen)
-        negated.masked_fill_(torch.logical_not(buf.disjoint, out=buf.chosen), inf)
-        ranked["sem_rank"] = _rank_smallest(negated, caps.sem_k, buf.chosen)
-
-        keep = torch.gt(tiou, caps.min_ctx_tiou, out=buf.mask)
-        keep[diagonal] = False
+        keep = block.contextual(caps.min_ctx_tiou)
         for r, c, _ in ranked.values():
             keep[r, c] = True
         row, col = keep.nonzero(as_tuple=True)
         key = row * n + col
-        parts["src"].append(row + rows.start)
+        parts["src"].append(row + block.rows.start)
         parts["dst"].append(col)
-        parts["tiou"].append(tiou[row, col])
-        parts["distance"].append(dist[row, col])
-        parts["cosine"].append(buf.cos[row, col])
+        parts["tiou"].append(block.tiou[row, col])
+        parts["distance"].append(block.distance[row, col])
+        parts["cosine"].append(block.cos[row, col])
         for name, (r, c, rank) in ranked.items():
-            column = torch.full((row.numel(),), -1, dtype=torch.int32, device=device)
+            column = torch.full((row.numel(),), -1, dtype=torch.int32, device=row.device)
             column[torch.searchsorted(key, r * n + c)] = rank.to(torch.int32)
             parts[name].append(column)
     if n == 0:
         dtypes = dict(src=torch.long, dst=torch.long, tiou=torch.float64, distance=torch.float64,
-                      cosine=unit.dtype, sur_rank=torch.int32, sem_rank=torch.int32, knn_rank=torch.int32)
+                      cosine=feature_dtype, sur_rank=torch.int32, sem_rank=torch.int32, knn_rank=torch.int32)
         return CandidateEdges.from_columns(0, caps, {k: torch.empty(0, dtype=t) for k, t in dtypes.items()})
     return CandidateEdges.from_columns(n, caps, {k: torch.cat(v) for k, v in parts.items()})
 
@@ -341,7 +381,7 @@ def select_edges(candidates: CandidateEdges, spec: GraphSpec) -> Graph:
             rules["semantic"] = (c.sem_rank >= 0) & (c.sem_rank < spec.l_sem)
     for name, mask in rules.items():
         edge_type |= mask.to(torch.uint8) * EDGE_BIT[name]
-    keep = edge_type != 0
+    keep = (edge_type != 0).nonzero().squeeze(1)
     return Graph(
         num_nodes=c.num_nodes,
         edge_index=c.edge_index[:, keep],
@@ -350,6 +390,37 @@ def select_edges(candidates: CandidateEdges, spec: GraphSpec) -> Graph:
     )
 
 
-def build_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec()) -> Graph:
-    """The graph of one video's units under ``spec`` (Eq. 7) with cosine weights (Eq. 8)."""
-    return select_edges(candidate_edges(intervals, features, CandidateCaps.for_spec(spec)), spec)
+def build_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec(),
+                max_block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> Graph:
+    """The graph of one video's units under ``spec`` (Eq. 7) with cosine weights (Eq. 8).
+
+    Equal to ``select_edges(candidate_edges(..., CandidateCaps.for_spec(spec)), spec)`` (tested),
+    but marks the edges of this one setting directly, with no per-rule ranking: a few dense
+    passes per block instead of the candidates' bookkeeping, which matters where graphs are
+    built on the fly (inference, D-SSAD feature maps), above all on a GPU, whose time there goes
+    to launching many small operations.
+    """
+    n, _, blocks = _blocks(intervals, features, max_block_elements)
+    src, dst, edge_type, weight = [], [], [], []
+    for block in blocks:
+        types = torch.zeros_like(block.disjoint, dtype=torch.uint8)
+        if "contextual" in spec.edge_types:
+            types.add_(block.contextual(spec.theta_ctx), alpha=EDGE_BIT["contextual"])
+        if "surrounding" in spec.edge_types:
+            near = _smallest_mask(block.surrounding_keys(spec.theta_sur), spec.k_sur, block.buf.chosen)
+            types.add_(near, alpha=EDGE_BIT["surrounding"])
+        if "semantic" in spec.edge_types:
+            negated = block.dissimilarity_keys()
+            if spec.semantic_rule == "knn-then-disjoint":
+                similar = _smallest_mask(negated, spec.l_sem, block.buf.mask).logical_and_(block.disjoint)
+            else:
+                similar = _smallest_mask(block.only_disjoint(negated), spec.l_sem, block.buf.mask)
+            types.add_(similar, alpha=EDGE_BIT["semantic"])
+        row, col = types.nonzero(as_tuple=True)
+        src.append(row + block.rows.start)
+        dst.append(col)
+        edge_type.append(types[row, col])
+        weight.append(block.cos[row, col].clamp(min=0).float())
+    if n == 0:
+        return Graph(0, torch.empty(2, 0, dtype=torch.long), torch.empty(0, dtype=torch.uint8), torch.empty(0))
+    return Graph(n, torch.stack([torch.cat(src), torch.cat(dst)]), torch.cat(edge_type), torch.cat(weight))

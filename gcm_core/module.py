@@ -24,6 +24,7 @@ Messages are sparse matrix products over the edge index; no dense N x N adjacenc
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -31,6 +32,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from gcm_core.graph import Graph
+
+# torch says once per process that CSR tensors are "beta" (and, in some versions, that invariant
+# checks are off although they were turned off on purpose); the one product used here (CSR @ dense,
+# autograd to both operands) is checked against dense references in tests/core/test_module.py.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 ModuleKind = Literal["gcm", "mlp", "mp", "attention"]
 EdgeWeighting = Literal["cos", "embed-cos", "binary"]
@@ -71,12 +78,23 @@ class MLP(UnitModule):
         return h + x0
 
 
+def _mean_operator(src: Tensor, dst: Tensor, weight: Tensor, n_out: int, n_in: int) -> Tensor:
+    """The sparse [n_out, n_in] matrix M with ``(M h)[i] = sum_{e: src_e = i} weight_e h[dst_e] / #edges of i``.
+
+    CSR (rows in order, columns sorted within a row): one compressed product per layer, no
+    coalescing of a COO matrix on every call. Autograd reaches ``h`` and ``weight``.
+    """
+    order = torch.argsort(src * n_in + dst)
+    src, dst, weight = src[order], dst[order], weight[order]
+    row_start = torch.searchsorted(src, torch.arange(n_out + 1, device=src.device))
+    count = (row_start[1:] - row_start[:-1]).clamp_(min=1)
+    values = weight / count.to(weight.dtype)[src]
+    return torch.sparse_csr_tensor(row_start, dst, values, (n_out, n_in), check_invariants=False)
+
+
 def _sparse_mean(src: Tensor, dst: Tensor, weight: Tensor, n_out: int, h: Tensor) -> Tensor:
     """``out[i] = sum_{e: src_e = i} weight_e h[dst_e] / #edges of i`` (0 for a unit with none)."""
-    count = torch.bincount(src, minlength=n_out).clamp_(min=1).to(h.dtype)
-    values = weight.to(h.dtype) / count[src]
-    adj = torch.sparse_coo_tensor(torch.stack([src, dst]), values, (n_out, h.shape[0]), check_invariants=False)
-    return torch.sparse.mm(adj, h)
+    return _mean_operator(src, dst, weight.to(h.dtype), n_out, h.shape[0]) @ h
 
 
 def _sample_per_node(src: Tensor, num_samples: int) -> Tensor:
@@ -115,6 +133,20 @@ class GCM(UnitModule):
         src, dst = graph.edge_index
         return (z[src] * z[dst]).sum(dim=1).clamp(min=0)
 
+    @property
+    def _sampling(self) -> bool:
+        return self.training and self.num_samples is not None
+
+    def _full_forward(self, x: Tensor, graph: Graph, weight: Tensor) -> Tensor:
+        """Every unit over its whole neighbourhood: one aggregation operator for all layers."""
+        src, dst = graph.edge_index
+        mean = _mean_operator(src, dst, weight.to(x.dtype), graph.num_nodes, graph.num_nodes)
+        h = x
+        for k in range(len(self.layers)):
+            agg = mean @ h
+            h = self._transform(k, agg + h if self.self_add else agg)
+        return h + x
+
     def _layer_plan(self, graph: Graph, nodes: Tensor | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """The units read at the input, and per layer k = 1..K (units computed, edges aggregated).
 
@@ -122,7 +154,6 @@ class GCM(UnitModule):
         neighbours sampled for the layer above.
         """
         src, dst = graph.edge_index
-        sampling = self.training and self.num_samples is not None
         need = torch.ones(graph.num_nodes, dtype=torch.bool, device=src.device)
         if nodes is not None:
             need = torch.zeros_like(need)
@@ -130,7 +161,7 @@ class GCM(UnitModule):
         plan: list[tuple[Tensor, Tensor]] = []
         for _ in self.layers:
             edges = need[src].nonzero().squeeze(1)
-            if sampling:
+            if self._sampling:
                 edges = edges[_sample_per_node(src[edges], self.num_samples)]
             plan.append((need.nonzero().squeeze(1), edges))
             need = need.clone()
@@ -139,6 +170,8 @@ class GCM(UnitModule):
 
     def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
         weight = self._edge_weights(x, graph)
+        if nodes is None and not self._sampling:
+            return self._full_forward(x, graph, weight)
         inputs, plan = self._layer_plan(graph, nodes)
         position = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
         h = x[inputs]

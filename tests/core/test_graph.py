@@ -93,7 +93,8 @@ def test_graph_equals_brute_force(video, theta_ctx, theta_sur, k_sur, l_sem, edg
     g = select_edges(candidate_edges(torch.tensor(intervals), torch.tensor(feats),
                                      CandidateCaps.for_spec(spec), max_block_elements=block), spec)
     assert_same_graph(g, expected)
-    assert_same_graph(build_graph(torch.tensor(intervals), torch.tensor(feats), spec), expected)
+    assert_same_graph(build_graph(torch.tensor(intervals), torch.tensor(feats), spec, max_block_elements=block),
+                      expected)
 
 
 @given(video=videos(), theta_ctx=st.sampled_from([0.5, 0.7, 0.9]), theta_sur=st.sampled_from([0.6, 1.0]),
