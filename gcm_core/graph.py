@@ -201,27 +201,21 @@ def _smallest_mask(keyed: Tensor, k: int | None, chosen: Tensor) -> Tensor:
     """Mark in ``chosen`` the ``k`` smallest finite entries of each row (None: all), ties to the lower column.
 
     ``keyed`` holds +inf where an entry is not eligible; ``chosen`` is a bool buffer of its shape.
+    k passes of a row minimum (which returns the first of equal minima), each pass setting its
+    pick aside: exact tie order, fixed shapes and no host synchronisation, and faster than a
+    top-k for the small k of the paper's graphs on CPU and GPU alike.
     """
-    n_cols = keyed.shape[1]
-    if k is None or k >= n_cols:
-        torch.lt(keyed, float("inf"), out=chosen)
-    elif k == 0:
-        chosen.zero_()
-    else:
-        smallest = keyed.topk(k + 1, dim=1, largest=False, sorted=True).values
-        kth = smallest[:, k - 1:k]
-        torch.le(keyed, kth, out=chosen)
-        chosen &= torch.isfinite(kth)
-        # rows whose (k+1)-th value ties the k-th: only the lowest columns of the tie fit; rows with
-        # fewer than k finite entries (kth = inf): only their finite ones. One pass fixes both.
-        finite_kth = torch.isfinite(kth[:, 0])
-        to_fix = ((smallest[:, k] == smallest[:, k - 1]) | ~finite_kth).nonzero().squeeze(1)
-        if to_fix.numel():
-            sub, sub_kth = keyed[to_fix], kth[to_fix]
-            below = sub < sub_kth
-            tied = (sub == sub_kth) & finite_kth[to_fix, None]
-            room = k - below.sum(dim=1, keepdim=True)
-            chosen[to_fix] = below | (tied & (tied.cumsum(dim=1) <= room))
+    if k is None or k >= keyed.shape[1]:
+        return torch.lt(keyed, float("inf"), out=chosen)
+    chosen.zero_()
+    if k == 0:
+        return chosen
+    remaining = keyed.clone()
+    rows = torch.arange(keyed.shape[0], device=keyed.device)
+    for _ in range(k):
+        value, col = remaining.min(dim=1)
+        chosen[rows, col] |= torch.isfinite(value)
+        remaining[rows, col] = float("inf")
     return chosen
 
 
