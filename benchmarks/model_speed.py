@@ -10,8 +10,12 @@
   neighbourhoods sampled (what the authors' code does).
 - inference pass: one video of N = 800 and 2000 units, graph construction included, full
   neighbourhoods, eval mode; graph construction alone is timed too.
+- on a GPU, the inference pass once more as one replayed CUDA graph
+  (:class:`gcm_core.captured.CapturedInference`: dense fixed-shape graph, units padded to a
+  multiple of 64).
 - ``--precision tf32`` lets CUDA matrix products use TF32 (float32 storage, 10-bit mantissa
-  products); the default keeps exact float32 products.
+  products); ``bf16`` also runs the captured passes' head under bfloat16 autocast (the eager rows
+  stay TF32); the default keeps exact float32 products.
 
 Prints milliseconds per video and the GCM / MLP ratio of each. Issue 4's anchors (authors' code,
 H100): 6.96 ms per video per training step, 2.8 / 4.0 ms per inference pass at N = 800 / 2000,
@@ -26,6 +30,7 @@ import time
 
 import torch
 
+from gcm_core.captured import CapturedInference
 from gcm_core.data.sampling import FOREGROUND, INCOMPLETE, BACKGROUND
 from gcm_core.detectors import ModelConfig, UnitBatch, build_detector
 from gcm_core.graph import Graph, GraphSpec, build_graph
@@ -97,6 +102,15 @@ def inference_pass(kind: str, n: int, device: str, repeat: int) -> float:
     return timed(run, device, repeat)
 
 
+def captured_pass(kind: str, n: int, autocast: torch.dtype | None, repeat: int) -> float:
+    intervals, body, comp = video(n, torch.Generator().manual_seed(n))
+    body, comp = body.cuda(), comp.cuda()  # features already on the device, as in inference_pass
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(act_module=kind, comp_module=kind), 1024, CLASSES).cuda()
+    captured = CapturedInference(model, GraphSpec(), autocast=autocast)
+    return timed(lambda: captured(intervals, body, comp), "cuda", repeat)
+
+
 def graph_construction(n: int, device: str, repeat: int) -> float:
     intervals, body, _ = video(n, torch.Generator().manual_seed(n))
     body = body.to(device)
@@ -106,14 +120,14 @@ def graph_construction(n: int, device: str, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("fp32", "tf32"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--units", type=int, default=2500)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--skip-all-units", action="store_true", help="skip the slow every-unit training step")
     args = parser.parse_args()
     device = args.device
-    torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = args.precision != "fp32"
     gen = torch.Generator().manual_seed(0)
     graphs, bodies, comps, nodes, roles = [], [], [], [], []
     for v in range(args.videos):
@@ -135,6 +149,10 @@ def main() -> None:
         rows.append(("training step, all units", lambda k: training_step(k, False, args, batch, device)))
     rows += [(f"inference pass, N={n}, graph included", lambda k, n=n: inference_pass(k, n, device, args.repeat))
              for n in (800, 2000)]
+    if device == "cuda":
+        autocast = torch.bfloat16 if args.precision == "bf16" else None
+        rows += [(f"same, one CUDA graph, N={n}", lambda k, n=n: captured_pass(k, n, autocast, args.repeat))
+                 for n in (800, 2000)]
     for label, fn in rows:
         gcm, mlp = fn("gcm") * 1e3, fn("mlp") * 1e3
         print(f"{label:42s} GCM {gcm:9.2f} ms/video   MLP {mlp:9.2f} ms/video   GCM/MLP x{gcm / mlp:.2f}")

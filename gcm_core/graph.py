@@ -201,22 +201,18 @@ def _smallest_mask(keyed: Tensor, k: int | None, chosen: Tensor) -> Tensor:
     """Mark in ``chosen`` the ``k`` smallest finite entries of each row (None: all), ties to the lower column.
 
     ``keyed`` holds +inf where an entry is not eligible; ``chosen`` is a bool buffer of its shape.
-    k passes of a row minimum (which returns the first of equal minima), each pass setting its
-    pick aside: exact tie order, fixed shapes and no host synchronisation, and faster than a
-    top-k for the small k of the paper's graphs on CPU and GPU alike.
+    k passes of a row argmin (the first of equal minima), each setting its pick to +inf: exact
+    tie order, fixed shapes, no host synchronisation and no host-to-device copy (so it can be
+    captured in a CUDA graph), and faster than a top-k for the paper's small k on CPU and GPU.
     """
     if k is None or k >= keyed.shape[1]:
         return torch.lt(keyed, float("inf"), out=chosen)
-    chosen.zero_()
     if k == 0:
-        return chosen
+        return chosen.zero_()
     remaining = keyed.clone()
-    rows = torch.arange(keyed.shape[0], device=keyed.device)
     for _ in range(k):
-        value, col = remaining.min(dim=1)
-        chosen[rows, col] |= torch.isfinite(value)
-        remaining[rows, col] = float("inf")
-    return chosen
+        remaining.scatter_(1, remaining.argmin(dim=1, keepdim=True), float("inf"))
+    return torch.ne(remaining, keyed, out=chosen)  # set aside = was finite, is +inf now
 
 
 def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -257,8 +253,11 @@ class _Block:
     distance: Tensor
     cos: Tensor
     disjoint: Tensor
-    diagonal: tuple[Tensor, Tensor]
     buf: _BlockBuffers
+
+    def _self_pairs(self, pairwise: Tensor) -> Tensor:
+        """The (i, i) entries of a [rows, N] block, as a view (no index tensors: capture-safe)."""
+        return pairwise.diagonal(offset=self.rows.start)
 
     def surrounding_keys(self, max_distance: float) -> Tensor:
         """Eq. 5 distance where j is disjoint from i with d < ``max_distance``, +inf elsewhere."""
@@ -269,7 +268,7 @@ class _Block:
     def dissimilarity_keys(self) -> Tensor:
         """Negated cosine similarity, +inf for i itself (the caller may also mask more, in place)."""
         negated = torch.neg(self.cos, out=self.buf.keyed_similarity)
-        negated[self.diagonal] = float("inf")
+        self._self_pairs(negated).fill_(float("inf"))
         return negated
 
     def only_disjoint(self, keyed: Tensor) -> Tensor:
@@ -279,7 +278,7 @@ class _Block:
     def contextual(self, min_tiou: float) -> Tensor:
         """tIoU(i, j) > ``min_tiou``, j != i."""
         mask = torch.gt(self.tiou, min_tiou, out=self.buf.mask)
-        mask[self.diagonal] = False
+        self._self_pairs(mask).fill_(False)
         return mask
 
 
@@ -292,9 +291,14 @@ def _unit_features(features: Tensor, n: int) -> Tensor:
     return torch.nn.functional.normalize(x, dim=1)
 
 
-def _blocks(intervals: Tensor, features: Tensor, max_block_elements: int) -> tuple[int, torch.dtype, Iterator[_Block]]:
-    """N, the feature dtype and the row blocks of one video's pairwise relations, in order."""
-    iv = as_intervals(intervals)
+def _blocks(intervals: Tensor, features: Tensor, max_block_elements: int, padding: Tensor | None = None,
+            validate: bool = True) -> tuple[int, torch.dtype, Iterator[_Block]]:
+    """N, the feature dtype and the row blocks of one video's pairwise relations, in order.
+
+    ``padding``: [1, N] bool, True for units that are only padding: never anyone's neighbour.
+    ``validate=False`` skips the interval checks (a host synchronisation on a GPU).
+    """
+    iv = as_intervals(intervals) if validate else intervals
     n = iv.shape[0]
     device = iv.device
     unit = _unit_features(features, n).to(device)
@@ -308,9 +312,11 @@ def _blocks(intervals: Tensor, features: Tensor, max_block_elements: int) -> tup
             tiou, dist = pairwise_geometry(iv[rows], iv, out=buf.geometry)
             torch.mm(unit[rows], unit_t, out=buf.cos)
             torch.eq(tiou, 0, out=buf.disjoint)  # never i itself: a unit overlaps itself
-            diagonal = (torch.arange(rows.stop - rows.start, device=device),
-                        torch.arange(rows.start, rows.stop, device=device))
-            yield _Block(rows, tiou, dist, buf.cos, buf.disjoint, diagonal, buf)
+            if padding is not None:  # no rule can pick a padding unit
+                tiou.masked_fill_(padding, 0)
+                buf.disjoint.logical_and_(~padding)
+                buf.cos.masked_fill_(padding, -float("inf"))
+            yield _Block(rows, tiou, dist, buf.cos, buf.disjoint, buf)
 
     return n, unit.dtype, walk()
 
@@ -384,6 +390,24 @@ def select_edges(candidates: CandidateEdges, spec: GraphSpec) -> Graph:
     )
 
 
+def _edge_types(block: _Block, spec: GraphSpec) -> Tensor:
+    """[rows, N] uint8: the EDGE_BIT mask of every pair of the block under ``spec`` (0: no edge)."""
+    types = torch.zeros_like(block.disjoint, dtype=torch.uint8)
+    if "contextual" in spec.edge_types:
+        types.add_(block.contextual(spec.theta_ctx), alpha=EDGE_BIT["contextual"])
+    if "surrounding" in spec.edge_types:
+        near = _smallest_mask(block.surrounding_keys(spec.theta_sur), spec.k_sur, block.buf.chosen)
+        types.add_(near, alpha=EDGE_BIT["surrounding"])
+    if "semantic" in spec.edge_types:
+        negated = block.dissimilarity_keys()
+        if spec.semantic_rule == "knn-then-disjoint":
+            similar = _smallest_mask(negated, spec.l_sem, block.buf.mask).logical_and_(block.disjoint)
+        else:
+            similar = _smallest_mask(block.only_disjoint(negated), spec.l_sem, block.buf.mask)
+        types.add_(similar, alpha=EDGE_BIT["semantic"])
+    return types
+
+
 def build_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec(),
                 max_block_elements: int = DEFAULT_BLOCK_ELEMENTS) -> Graph:
     """The graph of one video's units under ``spec`` (Eq. 7) with cosine weights (Eq. 8).
@@ -397,19 +421,7 @@ def build_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec
     n, _, blocks = _blocks(intervals, features, max_block_elements)
     src, dst, edge_type, weight = [], [], [], []
     for block in blocks:
-        types = torch.zeros_like(block.disjoint, dtype=torch.uint8)
-        if "contextual" in spec.edge_types:
-            types.add_(block.contextual(spec.theta_ctx), alpha=EDGE_BIT["contextual"])
-        if "surrounding" in spec.edge_types:
-            near = _smallest_mask(block.surrounding_keys(spec.theta_sur), spec.k_sur, block.buf.chosen)
-            types.add_(near, alpha=EDGE_BIT["surrounding"])
-        if "semantic" in spec.edge_types:
-            negated = block.dissimilarity_keys()
-            if spec.semantic_rule == "knn-then-disjoint":
-                similar = _smallest_mask(negated, spec.l_sem, block.buf.mask).logical_and_(block.disjoint)
-            else:
-                similar = _smallest_mask(block.only_disjoint(negated), spec.l_sem, block.buf.mask)
-            types.add_(similar, alpha=EDGE_BIT["semantic"])
+        types = _edge_types(block, spec)
         row, col = types.nonzero(as_tuple=True)
         src.append(row + block.rows.start)
         dst.append(col)
@@ -418,3 +430,49 @@ def build_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec
     if n == 0:
         return Graph(0, torch.empty(2, 0, dtype=torch.long), torch.empty(0, dtype=torch.uint8), torch.empty(0))
     return Graph(n, torch.stack([torch.cat(src), torch.cat(dst)]), torch.cat(edge_type), torch.cat(weight))
+
+
+@dataclass
+class DenseGraph:
+    """One video's graph as [N, N] tensors: ``adjacency[i, j]`` when i aggregates j, ``weight`` A_ij.
+
+    The same edges and weights as :func:`build_graph`, in fixed-shape tensors, so that building
+    it and running a head over it can be captured once as a CUDA graph and replayed
+    (:mod:`gcm_core.captured`). O(N^2) memory: for the unit count of one video at inference.
+    Beyond the paper: a representation for speed, not a different graph.
+    """
+
+    adjacency: Tensor
+    weight: Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return int(self.adjacency.shape[0])
+
+    @property
+    def ptr(self) -> Tensor:
+        return torch.tensor([0, self.num_nodes], device=self.adjacency.device)
+
+    def mean_operator(self, weight: Tensor) -> Tensor:
+        """[N, N] M with ``(M h)[i]`` the ``weight``-weighted mean over i's neighbours (0 without any)."""
+        degree = self.adjacency.sum(dim=1, keepdim=True).clamp_(min=1)
+        return weight.masked_fill(~self.adjacency, 0) / degree.to(weight.dtype)
+
+
+def build_dense_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = GraphSpec(),
+                      num_units: Tensor | int | None = None, validate: bool = True) -> DenseGraph:
+    """:func:`build_graph` as a :class:`DenseGraph`, with fixed-shape operations only.
+
+    ``num_units``: units from this index on are padding (a 0-d tensor may change between replays
+    of a captured graph); they are nobody's neighbour, and their own rows are to be ignored.
+    ``validate=False`` skips the interval checks, which need a host synchronisation (the caller
+    checks the intervals before they reach the device).
+    """
+    n = len(intervals)
+    padding = None
+    if num_units is not None:
+        padding = (torch.arange(n, device=intervals.device) >= num_units)[None, :]
+    _, _, blocks = _blocks(intervals, features, max(1, n * n), padding, validate)
+    block = next(blocks)
+    adjacency = _edge_types(block, spec) != 0
+    return DenseGraph(adjacency, block.cos.clamp(min=0).masked_fill_(~adjacency, 0).float())

@@ -20,7 +20,8 @@ and the residual sum Y = X^(K) + X^(0) (Eq. 2):
   units of the same video (the fully connected graph of Table 8).
 
 Messages are sparse matrix products over the edge index; no dense N x N adjacency is formed
-(``attention`` is dense per video by definition).
+(``attention`` is dense per video by definition), except that ``gcm`` and ``mlp`` also accept a
+:class:`~gcm_core.graph.DenseGraph` for inference over every unit (the CUDA-graph path).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gcm_core.graph import Graph
+from gcm_core.graph import DenseGraph, Graph
 
 # torch says once per process that CSR tensors are "beta" (and, in some versions, that invariant
 # checks are off although they were turned off on purpose); the one product used here (CSR @ dense,
@@ -124,12 +125,15 @@ class GCM(UnitModule):
         self.self_add = self_add
         self.embed = nn.Linear(dim, embed_dim, bias=False) if weighting == "embed-cos" else None
 
-    def _edge_weights(self, x0: Tensor, graph: Graph) -> Tensor:
+    def _edge_weights(self, x0: Tensor, graph: Graph | DenseGraph) -> Tensor:
+        """A_ij per edge ([E]) of a Graph, per pair ([N, N], masked later) of a DenseGraph."""
         if self.weighting == "binary":
-            return torch.ones(graph.num_edges, dtype=x0.dtype, device=x0.device)
+            return torch.ones_like(graph.weight, dtype=x0.dtype)
         if self.embed is None:
             return graph.weight
         z = F.normalize(self.embed(x0), dim=1)
+        if isinstance(graph, DenseGraph):
+            return (z @ z.T).clamp(min=0)
         src, dst = graph.edge_index
         return (z[src] * z[dst]).sum(dim=1).clamp(min=0)
 
@@ -137,10 +141,13 @@ class GCM(UnitModule):
     def _sampling(self) -> bool:
         return self.training and self.num_samples is not None
 
-    def _full_forward(self, x: Tensor, graph: Graph, weight: Tensor) -> Tensor:
+    def _full_forward(self, x: Tensor, graph: Graph | DenseGraph, weight: Tensor) -> Tensor:
         """Every unit over its whole neighbourhood: one aggregation operator for all layers."""
-        src, dst = graph.edge_index
-        mean = _mean_operator(src, dst, weight.to(x.dtype), graph.num_nodes, graph.num_nodes)
+        if isinstance(graph, DenseGraph):
+            mean = graph.mean_operator(weight.to(x.dtype))
+        else:
+            src, dst = graph.edge_index
+            mean = _mean_operator(src, dst, weight.to(x.dtype), graph.num_nodes, graph.num_nodes)
         h = x
         for k in range(len(self.layers)):
             agg = mean @ h
@@ -172,6 +179,8 @@ class GCM(UnitModule):
         weight = self._edge_weights(x, graph)
         if nodes is None and not self._sampling:
             return self._full_forward(x, graph, weight)
+        if isinstance(graph, DenseGraph):
+            raise ValueError("a DenseGraph serves inference over every unit (eval mode, nodes=None) only")
         inputs, plan = self._layer_plan(graph, nodes)
         position = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
         h = x[inputs]

@@ -10,7 +10,8 @@ from hypothesis import given, strategies as st
 
 from helpers import read_tag_proposals_frames
 from gcm_core.graph import (
-    EDGE_BIT, EDGE_TYPES, CandidateCaps, Graph, GraphSpec, build_graph, candidate_edges, select_edges,
+    EDGE_BIT, EDGE_TYPES, CandidateCaps, Graph, GraphSpec, build_dense_graph, build_graph, candidate_edges,
+    select_edges,
 )
 
 
@@ -95,6 +96,29 @@ def test_graph_equals_brute_force(video, theta_ctx, theta_sur, k_sur, l_sem, edg
     assert_same_graph(g, expected)
     assert_same_graph(build_graph(torch.tensor(intervals), torch.tensor(feats), spec, max_block_elements=block),
                       expected)
+
+
+@given(video=videos(),
+       spec=st.builds(GraphSpec, st.sampled_from([0.0, 0.5, 0.7]), st.sampled_from([0.6, 1.0]),
+                      st.sampled_from([None, 0, 2]), st.sampled_from([0, 2, 4]), edge_type_sets,
+                      st.sampled_from(["disjoint-top", "knn-then-disjoint"])),
+       padding=st.integers(0, 5))
+def test_dense_graph_has_the_same_edges_and_weights_and_ignores_padding(video, spec, padding):
+    """The fixed-shape graph of captured inference: padding units (any interval, zero features)
+    appended after the video's units change none of its edges and are nobody's neighbour."""
+    intervals, feats = video
+    n = len(intervals)
+    padded_iv = torch.tensor(intervals + [(0.0, 1.0)] * padding)
+    padded_feats = torch.cat([torch.tensor(feats), torch.zeros(padding, feats.shape[1], dtype=torch.float64)])
+    dense = build_dense_graph(padded_iv, padded_feats, spec, num_units=torch.tensor(n))
+    assert not dense.adjacency[:, n:].any()
+    real = dense.adjacency[:n, :n]
+    got = {(i, j): float(dense.weight[i, j]) for i, j in real.nonzero().tolist()}
+    expected = brute_force(intervals, feats, spec)
+    assert got.keys() == expected.keys()
+    for key, (_, w) in expected.items():
+        assert got[key] == pytest.approx(w, abs=1e-6)
+    assert not dense.weight[~dense.adjacency].any(), "weight off the graph"
 
 
 @given(video=videos(), theta_ctx=st.sampled_from([0.5, 0.7, 0.9]), theta_sur=st.sampled_from([0.6, 1.0]),

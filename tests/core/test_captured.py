@@ -1,0 +1,79 @@
+"""Captured inference (one CUDA graph per padded unit count) gives the eager head's outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gcm_core.captured import CapturedInference
+from gcm_core.detectors import ModelConfig, UnitBatch, build_detector
+from gcm_core.graph import GraphSpec, build_graph
+
+DIM, CLASSES = 16, 4
+SPEC = GraphSpec(theta_ctx=0.5, k_sur=2, l_sem=2)
+
+
+def video(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    start = torch.rand(n, generator=g, dtype=torch.float64) * 60
+    intervals = torch.stack([start, start + 0.5 + torch.rand(n, generator=g, dtype=torch.float64) * 10], 1)
+    return intervals, torch.randn(n, DIM, generator=g), torch.randn(n, 3 * DIM, generator=g)
+
+
+def eager(model, intervals, body, comp):
+    with torch.no_grad():
+        return model(UnitBatch(body, comp, build_graph(intervals, body, SPEC)))
+
+
+def assert_same(got, want, rtol=1e-5, atol=1e-5):
+    for name in ("logits", "completeness", "offsets"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("config", [
+    ModelConfig(),
+    ModelConfig(weighting="embed-cos"),
+    ModelConfig(weighting="binary", self_add=False),
+    ModelConfig(act_module="mlp", comp_module="gcm"),
+    ModelConfig(detector="single"),
+])
+def test_outputs_equal_the_eager_head_for_videos_sharing_a_padded_size(config):
+    torch.manual_seed(0)
+    model = build_detector(config, DIM, CLASSES).eval()
+    captured = CapturedInference(model, SPEC, pad_to=16)
+    for n, seed in ((9, 1), (16, 2), (13, 3), (40, 4)):  # 9, 16, 13 share the 16-unit buffers
+        intervals, body, comp = video(n, seed)
+        comp = comp if config.detector == "ssn" else None
+        assert_same(captured(intervals, body, comp), eager(model, intervals, body, comp))
+    assert sorted(captured._replays) == [16, 48]
+
+
+def test_lower_precision_products_stay_close_and_the_cache_is_bounded():
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(), DIM, CLASSES).eval()
+    captured = CapturedInference(model, SPEC, pad_to=8, autocast=torch.bfloat16, max_cached=2)
+    for n in (5, 12, 20, 7):
+        intervals, body, comp = video(n, n)
+        got, want = captured(intervals, body, comp), eager(model, intervals, body, comp)
+        assert got.logits.dtype == torch.float32
+        assert float((got.logits - want.logits).norm() / want.logits.norm()) < 3e-2
+    assert list(captured._replays) == [24, 8]  # 20 -> 24, then 7 -> 8; 16 was evicted
+
+
+def test_branches_without_a_dense_form_are_refused():
+    model = build_detector(ModelConfig(comp_module="mp"), DIM, CLASSES)
+    with pytest.raises(ValueError, match="gcm and mlp branches, not \\['mp'\\]"):
+        CapturedInference(model, SPEC)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
+def test_replayed_cuda_graph_equals_the_eager_head_on_the_gpu():
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(), DIM, CLASSES).cuda().eval()
+    captured = CapturedInference(model, SPEC, pad_to=32)
+    for n, seed in ((20, 1), (31, 2), (7, 3)):  # one capture, replayed with three videos
+        intervals, body, comp = video(n, seed)
+        want = eager(model, intervals.cuda(), body.cuda(), comp.cuda())
+        assert_same(captured(intervals, body, comp), want)
