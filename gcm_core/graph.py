@@ -21,7 +21,8 @@ Preprocessing computes :func:`candidate_edges` once per video under loose
 calls :func:`select_edges`, which is a few masks over the candidates. :func:`build_graph` marks
 the edges of one setting directly (for graphs built on the fly) and gives the same graph as
 ``select_edges(candidate_edges(..., CandidateCaps.for_spec(spec)), spec)``. Pairwise work is
-done in row blocks (:func:`gcm_core.units.row_blocks`), never as one N x N allocation.
+done in row blocks (:func:`gcm_core.units.row_blocks`), never as one N x N allocation, except in
+:func:`build_dense_graph`, the fixed-shape form for captured GPU inference of one video.
 """
 from __future__ import annotations
 
