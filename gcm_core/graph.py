@@ -469,11 +469,12 @@ def build_dense_graph(intervals: Tensor, features: Tensor, spec: GraphSpec = Gra
     ``validate=False`` skips the interval checks, which need a host synchronisation (the caller
     checks the intervals before they reach the device).
     """
-    n = len(intervals)
-    padding = None
-    if num_units is not None:
-        padding = (torch.arange(n, device=intervals.device) >= num_units)[None, :]
-    _, _, blocks = _blocks(intervals, features, max(1, n * n), padding, validate)
-    block = next(blocks)
+    iv = as_intervals(intervals) if validate else intervals
+    n = iv.shape[0]
+    padding = None if num_units is None else (torch.arange(n, device=iv.device) >= num_units)[None, :]
+    _, _, blocks = _blocks(iv, features, max(1, n * n), padding, validate=False)
+    block = next(blocks, None)
+    if block is None:  # no units
+        return DenseGraph(torch.zeros(0, 0, dtype=torch.bool, device=iv.device), torch.zeros(0, 0, device=iv.device))
     adjacency = _edge_types(block, spec) != 0
     return DenseGraph(adjacency, block.cos.clamp(min=0).masked_fill_(~adjacency, 0).float())

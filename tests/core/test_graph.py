@@ -149,6 +149,11 @@ def test_real_tag_proposals_match_brute_force(shared_data):
     assert checked >= 5
 
 
+def test_a_video_without_units_has_empty_graphs():
+    assert build_graph(torch.zeros(0, 2), torch.zeros(0, 4)).num_edges == 0
+    assert build_dense_graph(torch.zeros(0, 2), torch.zeros(0, 4)).adjacency.shape == (0, 0)
+
+
 def test_touching_units_are_disjoint_and_weights_are_clamped_cosines():
     intervals = torch.tensor([[0.0, 2.0], [2.0, 4.0], [0.0, 2.2]])
     feats = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [1.0, 1.0]])
