@@ -77,14 +77,14 @@ class CapturedInference:
     """
 
     def __init__(self, model: nn.Module, spec: GraphSpec = GraphSpec(), *, pad_to: int = 64,
-                 autocast: torch.dtype | None = None, max_cached: int = 8) -> None:
+                 autocast: torch.dtype | None = None, max_cached: int = 8, max_units: int = 8192) -> None:
         config = model.config
         branches = {config.act_module} | ({config.comp_module} if config.detector == "ssn" else set())
         if not branches <= {"gcm", "mlp"}:
             raise ValueError(f"captured inference runs gcm and mlp branches, not {sorted(branches - {'gcm', 'mlp'})}")
         self.model, self.spec = model.eval(), spec
         self._needs_graph = "gcm" in branches
-        self.pad_to, self.autocast, self.max_cached = pad_to, autocast, max_cached
+        self.pad_to, self.autocast, self.max_cached, self.max_units = pad_to, autocast, max_cached, max_units
         self.device = next(model.parameters()).device
         self._replays: OrderedDict[int, _Replay] = OrderedDict()
 
@@ -99,6 +99,9 @@ class CapturedInference:
 
     def _replay_for(self, n: int, body: Tensor, comp: Tensor | None) -> _Replay:
         size = max(1, math.ceil(n / self.pad_to)) * self.pad_to
+        if size > self.max_units:
+            raise ValueError(f"{n} units exceed max_units={self.max_units} of captured inference (dense N x N "
+                             "graph); run the model eagerly on build_graph's sparse graph instead")
         if size in self._replays:
             self._replays.move_to_end(size)
         else:

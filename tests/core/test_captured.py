@@ -62,10 +62,13 @@ def test_lower_precision_products_stay_close_and_the_cache_is_bounded():
     assert list(captured._replays) == [24, 8]  # 20 -> 24, then 7 -> 8; 16 was evicted
 
 
-def test_branches_without_a_dense_form_are_refused():
+def test_branches_without_a_dense_form_and_too_many_units_are_refused():
     model = build_detector(ModelConfig(comp_module="mp"), DIM, CLASSES)
     with pytest.raises(ValueError, match="gcm and mlp branches, not \\['mp'\\]"):
         CapturedInference(model, SPEC)
+    captured = CapturedInference(build_detector(ModelConfig(), DIM, CLASSES), SPEC, pad_to=8, max_units=16)
+    with pytest.raises(ValueError, match="17 units exceed max_units=16"):
+        captured(*video(17, 0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
