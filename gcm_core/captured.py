@@ -73,7 +73,8 @@ class CapturedInference:
     share one capture; the ``max_cached`` most recent captures are kept. ``autocast``: a lower
     precision for the head's products (e.g. ``torch.bfloat16``); the graph is built outside it,
     in the features' precision, so that its edges do not change (TF32, where a user enables it
-    globally, does reach the graph's cosine products).
+    globally, does reach the graph's cosine products). ``max_units``: the dense graph holds a few
+    N x N float64 buffers (several GiB at 8192 units); longer videos belong to the eager path.
     """
 
     def __init__(self, model: nn.Module, spec: GraphSpec = GraphSpec(), *, pad_to: int = 64,
