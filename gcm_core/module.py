@@ -175,7 +175,7 @@ class GCM(UnitModule):
             need[dst[edges]] = True
         return need.nonzero().squeeze(1), plan[::-1]
 
-    def forward(self, x: Tensor, graph: Graph, nodes: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, graph: Graph | DenseGraph, nodes: Tensor | None = None) -> Tensor:
         weight = self._edge_weights(x, graph)
         if nodes is None and not self._sampling:
             return self._full_forward(x, graph, weight)
