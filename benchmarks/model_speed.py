@@ -12,7 +12,7 @@
   neighbourhoods, eval mode; graph construction alone is timed too.
 - on a GPU, the inference pass once more as one replayed CUDA graph
   (:class:`gcm_core.captured.CapturedInference`: dense fixed-shape graph, units padded to a
-  multiple of 64).
+  multiple of 64; ``--compile-graph``: its graph built through ``torch.compile``).
 - ``--precision tf32`` lets CUDA matrix products use TF32 (float32 storage, 10-bit mantissa
   products); ``bf16`` also runs the captured passes' head under bfloat16 autocast (the eager rows
   stay TF32); the default keeps exact float32 products.
@@ -102,12 +102,12 @@ def inference_pass(kind: str, n: int, device: str, repeat: int) -> float:
     return timed(run, device, repeat)
 
 
-def captured_pass(kind: str, n: int, autocast: torch.dtype | None, repeat: int) -> float:
+def captured_pass(kind: str, n: int, autocast: torch.dtype | None, compile_graph: bool, repeat: int) -> float:
     intervals, body, comp = video(n, torch.Generator().manual_seed(n))
     body, comp = body.cuda(), comp.cuda()  # features already on the device, as in inference_pass
     torch.manual_seed(0)
     model = build_detector(ModelConfig(act_module=kind, comp_module=kind), 1024, CLASSES).cuda()
-    captured = CapturedInference(model, GraphSpec(), autocast=autocast)
+    captured = CapturedInference(model, GraphSpec(), autocast=autocast, compile_graph=compile_graph)
     return timed(lambda: captured(intervals, body, comp), "cuda", repeat)
 
 
@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--units", type=int, default=2500)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--compile-graph", action="store_true",
+                        help="captured passes build the graph through torch.compile")
     parser.add_argument("--skip-all-units", action="store_true", help="skip the slow every-unit training step")
     args = parser.parse_args()
     device = args.device
@@ -151,8 +153,8 @@ def main() -> None:
              for n in (800, 2000)]
     if device == "cuda":
         autocast = torch.bfloat16 if args.precision == "bf16" else None
-        rows += [(f"same, one CUDA graph, N={n}", lambda k, n=n: captured_pass(k, n, autocast, args.repeat))
-                 for n in (800, 2000)]
+        rows += [(f"same, one CUDA graph, N={n}",
+                  lambda k, n=n: captured_pass(k, n, autocast, args.compile_graph, args.repeat)) for n in (800, 2000)]
     for label, fn in rows:
         gcm, mlp = fn("gcm") * 1e3, fn("mlp") * 1e3
         print(f"{label:42s} GCM {gcm:9.2f} ms/video   MLP {mlp:9.2f} ms/video   GCM/MLP x{gcm / mlp:.2f}")

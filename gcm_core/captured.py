@@ -75,23 +75,27 @@ class CapturedInference:
     in the features' precision, so that its edges do not change (TF32, where a user enables it
     globally, does reach the graph's cosine products). ``max_units``: the dense graph holds a few
     N x N float64 buffers (several GiB at 8192 units); longer videos belong to the eager path.
+    ``compile_graph``: build the graph through ``torch.compile`` (one compilation, for any unit
+    count), which fuses its two dozen elementwise passes over the N x N pairs into a few kernels.
     """
 
     def __init__(self, model: nn.Module, spec: GraphSpec = GraphSpec(), *, pad_to: int = 64,
-                 autocast: torch.dtype | None = None, max_cached: int = 8, max_units: int = 8192) -> None:
+                 autocast: torch.dtype | None = None, max_cached: int = 8, max_units: int = 8192,
+                 compile_graph: bool = False) -> None:
         config = model.config
         branches = {config.act_module} | ({config.comp_module} if config.detector == "ssn" else set())
         if not branches <= {"gcm", "mlp"}:
             raise ValueError(f"captured inference runs gcm and mlp branches, not {sorted(branches - {'gcm', 'mlp'})}")
         self.model, self.spec = model.eval(), spec
         self._needs_graph = "gcm" in branches
+        self._build_graph = torch.compile(build_dense_graph, dynamic=True) if compile_graph else build_dense_graph
         self.pad_to, self.autocast, self.max_cached, self.max_units = pad_to, autocast, max_cached, max_units
         self.device = next(model.parameters()).device
         self._replays: OrderedDict[int, _Replay] = OrderedDict()
 
     def _step(self, replay: _Replay) -> UnitOutputs:
         with torch.no_grad():
-            graph = build_dense_graph(replay.intervals, replay.body, self.spec, replay.num_units,
+            graph = self._build_graph(replay.intervals, replay.body, self.spec, replay.num_units,
                                       validate=False) if self._needs_graph else None
             precision = nullcontext() if self.autocast is None else \
                 torch.autocast(self.device.type, self.autocast, cache_enabled=False)

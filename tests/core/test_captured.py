@@ -71,11 +71,21 @@ def test_branches_without_a_dense_form_and_too_many_units_are_refused():
         captured(*video(17, 0))
 
 
+def test_a_compiled_graph_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(), DIM, CLASSES).eval()
+    captured = CapturedInference(model, SPEC, pad_to=16, compile_graph=True)
+    for n, seed in ((11, 1), (30, 2)):
+        intervals, body, comp = video(n, seed)
+        assert_same(captured(intervals, body, comp), eager(model, intervals, body, comp))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
-def test_replayed_cuda_graph_equals_the_eager_head_on_the_gpu():
+@pytest.mark.parametrize("compile_graph", [False, True])
+def test_replayed_cuda_graph_equals_the_eager_head_on_the_gpu(compile_graph):
     torch.manual_seed(0)
     model = build_detector(ModelConfig(), DIM, CLASSES).cuda().eval()
-    captured = CapturedInference(model, SPEC, pad_to=32)
+    captured = CapturedInference(model, SPEC, pad_to=32, compile_graph=compile_graph)
     for n, seed in ((20, 1), (31, 2), (7, 3)):  # one capture, replayed with three videos
         intervals, body, comp = video(n, seed)
         want = eager(model, intervals.cuda(), body.cuda(), comp.cuda())
