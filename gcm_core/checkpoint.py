@@ -20,7 +20,8 @@ from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.detectors.base import ModelConfig
 from gcm_core.engine import StreamHeads, UnitDataset, build_heads, detections_of, predict
-from gcm_core.graph import CandidateCaps, GraphSpec
+from gcm_core.candidates import CandidateCaps
+from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 
 FORMAT = "gcm-tal/checkpoint/1"

@@ -20,7 +20,8 @@ from gcm_core.data.sampling import SamplingConfig
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSADConfig
 from gcm_core.engine import TrainConfig
-from gcm_core.graph import CandidateCaps, GraphSpec
+from gcm_core.candidates import CandidateCaps
+from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 
 T = TypeVar("T")

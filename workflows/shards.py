@@ -45,7 +45,7 @@ import torch
 from gcm_core.data.atomic import atomic_write
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import UnitLabels
-from gcm_core.graph import CandidateCaps, CandidateEdges
+from gcm_core.candidates import CandidateCaps, CandidateEdges
 
 EDGE_COLUMNS = ("tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")
 LABEL_COLUMNS = ("best_gt", "tiou", "overlap", "role", "label", "reg_target")

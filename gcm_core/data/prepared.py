@@ -17,7 +17,8 @@ from gcm_core.data.dataset import VideoInputs
 from gcm_core.data.model import Instance, Video
 from gcm_core.data.pooling import PARTS, Reduce, unit_features
 from gcm_core.data.sampling import SamplingConfig, UnitLabels, label_units, with_ground_truth
-from gcm_core.graph import CandidateCaps, CandidateEdges, Graph, GraphSpec, candidate_edges, select_edges
+from gcm_core.candidates import CandidateCaps, CandidateEdges, candidate_edges, select_edges
+from gcm_core.graph import Graph, GraphSpec
 
 
 @dataclass

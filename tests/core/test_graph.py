@@ -9,10 +9,8 @@ import torch
 from hypothesis import given, strategies as st
 
 from helpers import read_tag_proposals_frames
-from gcm_core.graph import (
-    EDGE_BIT, EDGE_TYPES, CandidateCaps, Graph, GraphSpec, build_dense_graph, build_graph, candidate_edges,
-    select_edges,
-)
+from gcm_core.candidates import CandidateCaps, candidate_edges, select_edges
+from gcm_core.graph import EDGE_BIT, EDGE_TYPES, Graph, GraphSpec, build_dense_graph, build_graph
 
 
 def brute_force(intervals, feats, spec: GraphSpec) -> dict[tuple[int, int], tuple[int, float]]:
