@@ -1,7 +1,7 @@
 """Speed of the SSN head with GCM branches against the same head with MLP branches, one run.
 
-    python benchmarks/model_speed.py [--device cpu|cuda] [--precision fp32|tf32] [--videos 8]
-                                     [--units 2500] [--repeat 5]
+    python benchmarks/model_speed.py [--device cpu|cuda] [--precision fp32|tf32|bf16] [--videos 8]
+                                     [--units 2500] [--repeat 5] [--compile-graph] [--skip-all-units]
 
 - training step: forward + backward + SGD over a batch of ``--videos`` videos x ``--units`` units,
   1024-d body and 3072-d three-part features, graphs precomputed (as training does). Two ways:
