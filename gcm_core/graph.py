@@ -170,10 +170,6 @@ class DenseGraph:
     def num_nodes(self) -> int:
         return int(self.adjacency.shape[0])
 
-    @property
-    def ptr(self) -> Tensor:
-        return torch.tensor([0, self.num_nodes], device=self.adjacency.device)
-
     def mean_operator(self, weight: Tensor) -> Tensor:
         """[N, N] M with ``(M h)[i]`` the ``weight``-weighted mean over i's neighbours (0 without any)."""
         degree = self.adjacency.sum(dim=1, keepdim=True).clamp_(min=1)

@@ -176,11 +176,12 @@ class GCM(UnitModule):
         return need.nonzero().squeeze(1), plan[::-1]
 
     def forward(self, x: Tensor, graph: Graph | DenseGraph, nodes: Tensor | None = None) -> Tensor:
-        weight = self._edge_weights(x, graph)
-        if nodes is None and not self._sampling:
-            return self._full_forward(x, graph, weight)
-        if isinstance(graph, DenseGraph):
+        full = nodes is None and not self._sampling
+        if isinstance(graph, DenseGraph) and not full:
             raise ValueError("a DenseGraph serves inference over every unit (eval mode, nodes=None) only")
+        weight = self._edge_weights(x, graph)
+        if full:
+            return self._full_forward(x, graph, weight)
         inputs, plan = self._layer_plan(graph, nodes)
         position = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
         h = x[inputs]
