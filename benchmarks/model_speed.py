@@ -1,6 +1,6 @@
 """Speed of the SSN head with GCM branches against the same head with MLP branches, one run.
 
-    python benchmarks/model_speed.py [--device cpu|cuda] [--precision fp32|tf32|bf16] [--videos 8]
+    python benchmarks/model_speed.py [--device cpu|cuda] [--precision fp32|tf32|bf16|bf16-autocast] [--videos 8]
                                      [--units 2500] [--repeat 5] [--compile-graph] [--skip-all-units]
 
 - training step: forward + backward + SGD over a batch of ``--videos`` videos x ``--units`` units,
@@ -14,8 +14,9 @@
   (:class:`gcm_core.captured.CapturedInference`: dense fixed-shape graph, units padded to a
   multiple of 64; ``--compile-graph``: its graph built through ``torch.compile``).
 - ``--precision tf32`` lets CUDA matrix products use TF32 (float32 storage, 10-bit mantissa
-  products); ``bf16`` also runs the captured passes' head under bfloat16 autocast (the eager rows
-  stay TF32); the default keeps exact float32 products.
+  products); ``bf16`` also converts the captured passes' head to bfloat16 (weights cast once),
+  ``bf16-autocast`` runs it under bfloat16 autocast instead (weights re-cast at every replay);
+  the eager rows stay TF32 with either; the default keeps exact float32 products.
 
 Prints milliseconds per video and the GCM / MLP ratio of each. Issue 4's anchors (authors' code,
 H100): 6.96 ms per video per training step, 2.8 / 4.0 ms per inference pass at N = 800 / 2000,
@@ -102,11 +103,14 @@ def inference_pass(kind: str, n: int, device: str, repeat: int) -> float:
     return timed(run, device, repeat)
 
 
-def captured_pass(kind: str, n: int, autocast: torch.dtype | None, compile_graph: bool, repeat: int) -> float:
+def captured_pass(kind: str, n: int, precision: str, compile_graph: bool, repeat: int) -> float:
     intervals, body, comp = video(n, torch.Generator().manual_seed(n))
     body, comp = body.cuda(), comp.cuda()  # features already on the device, as in inference_pass
     torch.manual_seed(0)
     model = build_detector(ModelConfig(act_module=kind, comp_module=kind), 1024, CLASSES).cuda()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
     captured = CapturedInference(model, GraphSpec(), autocast=autocast, compile_graph=compile_graph)
     return timed(lambda: captured(intervals, body, comp), "cuda", repeat)
 
@@ -120,7 +124,7 @@ def graph_construction(n: int, device: str, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "tf32", "bf16", "bf16-autocast"), default="fp32")
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--units", type=int, default=2500)
     parser.add_argument("--repeat", type=int, default=5)
@@ -152,9 +156,9 @@ def main() -> None:
     rows += [(f"inference pass, N={n}, graph included", lambda k, n=n: inference_pass(k, n, device, args.repeat))
              for n in (800, 2000)]
     if device == "cuda":
-        autocast = torch.bfloat16 if args.precision == "bf16" else None
         rows += [(f"same, one CUDA graph, N={n}",
-                  lambda k, n=n: captured_pass(k, n, autocast, args.compile_graph, args.repeat)) for n in (800, 2000)]
+                  lambda k, n=n: captured_pass(k, n, args.precision, args.compile_graph, args.repeat))
+                 for n in (800, 2000)]
     for label, fn in rows:
         gcm, mlp = fn("gcm") * 1e3, fn("mlp") * 1e3
         print(f"{label:42s} GCM {gcm:9.2f} ms/video   MLP {mlp:9.2f} ms/video   GCM/MLP x{gcm / mlp:.2f}")

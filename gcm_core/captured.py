@@ -30,10 +30,10 @@ class _Replay:
     """Fixed input buffers for ``size`` units and the pass over them (captured on a GPU)."""
 
     def __init__(self, size: int, step: Callable[["_Replay"], UnitOutputs], body_dim: int,
-                 comp_dim: int | None, device: torch.device) -> None:
+                 comp_dim: int | None, head_dtype: torch.dtype, device: torch.device) -> None:
         self.intervals = torch.tensor([_PADDING_INTERVAL], dtype=torch.float64, device=device).repeat(size, 1)
-        self.body = torch.zeros(size, body_dim, device=device)
-        self.comp = None if comp_dim is None else torch.zeros(size, comp_dim, device=device)
+        self.body = torch.zeros(size, body_dim, device=device)  # float32: the graph's cosines read it
+        self.comp = None if comp_dim is None else torch.zeros(size, comp_dim, dtype=head_dtype, device=device)
         self.num_units = torch.zeros((), dtype=torch.long, device=device)
         self._step = step
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -70,10 +70,12 @@ class CapturedInference:
     """Inference of a two-stage head over every unit of one video, graph construction included.
 
     ``pad_to``: unit counts are rounded up to a multiple of it, so that videos of similar size
-    share one capture; the ``max_cached`` most recent captures are kept. ``autocast``: a lower
-    precision for the head's products (e.g. ``torch.bfloat16``); the graph is built outside it,
-    in the features' precision, so that its edges do not change (TF32, where a user enables it
-    globally, does reach the graph's cosine products). ``max_units``: the dense graph holds a few
+    share one capture; the ``max_cached`` most recent captures are kept. The head runs in its
+    parameters' dtype: a head converted with ``model.to(torch.bfloat16)`` gets bfloat16 inputs
+    and keeps its weights in bfloat16 between replays. ``autocast``: a lower precision for a
+    float32 head's products instead (e.g. ``torch.bfloat16``; it re-casts the weights at every
+    replay). Either way the graph is built from the float32 features, so that its edges do not
+    change (TF32, where a user enables it globally, does reach the graph's cosine products). ``max_units``: the dense graph holds a few
     N x N float64 buffers (several GiB at 8192 units); longer videos belong to the eager path.
     ``compile_graph``: build the graph through ``torch.compile`` (one compilation, for any unit
     count), which fuses its two dozen elementwise passes over the N x N pairs into a few kernels.
@@ -90,7 +92,7 @@ class CapturedInference:
         self._needs_graph = "gcm" in branches
         self._build_graph = torch.compile(build_dense_graph, dynamic=True) if compile_graph else build_dense_graph
         self.pad_to, self.autocast, self.max_cached, self.max_units = pad_to, autocast, max_cached, max_units
-        self.device = next(model.parameters()).device
+        self.device, self.head_dtype = next(model.parameters()).device, next(model.parameters()).dtype
         self._replays: OrderedDict[int, _Replay] = OrderedDict()
 
     def _step(self, replay: _Replay) -> UnitOutputs:
@@ -100,7 +102,7 @@ class CapturedInference:
             precision = nullcontext() if self.autocast is None else \
                 torch.autocast(self.device.type, self.autocast, cache_enabled=False)
             with precision:
-                return self.model(UnitBatch(replay.body, replay.comp, graph))
+                return self.model(UnitBatch(replay.body.to(self.head_dtype), replay.comp, graph))
 
     def _replay_for(self, n: int, body: Tensor, comp: Tensor | None) -> _Replay:
         size = max(1, math.ceil(n / self.pad_to)) * self.pad_to
@@ -113,7 +115,7 @@ class CapturedInference:
             if len(self._replays) >= self.max_cached:
                 self._replays.popitem(last=False)
             comp_dim = None if comp is None else comp.shape[1]
-            self._replays[size] = _Replay(size, self._step, body.shape[1], comp_dim, self.device)
+            self._replays[size] = _Replay(size, self._step, body.shape[1], comp_dim, self.head_dtype, self.device)
         return self._replays[size]
 
     def __call__(self, intervals: Tensor, body: Tensor, comp: Tensor | None = None) -> UnitOutputs:

@@ -90,3 +90,19 @@ def test_replayed_cuda_graph_equals_the_eager_head_on_the_gpu(compile_graph):
         intervals, body, comp = video(n, seed)
         want = eager(model, intervals.cuda(), body.cuda(), comp.cuda())
         assert_same(captured(intervals, body, comp), want)
+
+
+def test_a_bfloat16_head_runs_in_bfloat16_on_the_float32_graph():
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(weighting="embed-cos"), DIM, CLASSES).eval()
+    half = build_detector(ModelConfig(weighting="embed-cos"), DIM, CLASSES).eval()
+    half.load_state_dict(model.state_dict())
+    captured = CapturedInference(half.to(torch.bfloat16), SPEC, pad_to=16)
+    for n, seed in ((9, 1), (30, 2)):
+        intervals, body, comp = video(n, seed)
+        got, want = captured(intervals, body, comp), eager(model, intervals, body, comp)
+        assert captured._replays[16 if n <= 16 else 32].comp.dtype == torch.bfloat16
+        for name in ("logits", "completeness", "offsets"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.dtype == torch.float32
+            assert float((a - b).norm() / b.norm()) < 3e-2, name
