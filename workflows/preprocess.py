@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class ShardWriter:
         return summary
 
     def _write_shard(self, role: str, ids: list[str], summary: dict[str, list]) -> None:
+        started = time.time()
         source, shard = self.source(role), shard_name(role, ids)
         rows, targets, mine = [], [], {k: [] for k in summary}
         for video_id in ids:
@@ -99,7 +101,7 @@ class ShardWriter:
         if rows and (self.config.skip_bad or "error" not in mine["status"]):
             write_shard(self.out / "shards" / f"{shard}.parquet", rows)
             side = {"summary": mine, "targets": np.concatenate(targets).tolist() if targets else [],
-                    "worker": {"device": self.device, "gpus": self.gpus}}
+                    "worker": {"device": self.device, "gpus": self.gpus, "started": started, "finished": time.time()}}
             atomic_write_text(self.out / "shards" / f"{shard}.json", json.dumps(side))
         for key, values in mine.items():
             summary[key] += values

@@ -3,7 +3,8 @@
 Layout of a preprocessed folder::
 
     manifest.json                 card, feature layout, counts, regression statistics, code version,
-                                  config, shards and their videos, skipped videos
+                                  config, shards and their videos (with the device that wrote each
+                                  and when it started and finished, Unix time), skipped videos
     config.yaml                   the resolved preprocessing configuration
     card.yaml                     the dataset card used
     shards/<role>-<k>.parquet     one row per video

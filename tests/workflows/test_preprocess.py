@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -30,13 +31,19 @@ def config(small_dataset, out, **kw):
 
 
 def test_shards_hold_every_video_once_as_prepared_in_process(small_dataset, tmp_path):
+    began = time.time()
     manifest = run_preprocess(config(small_dataset, tmp_path), quiet=True)
+    ended = time.time()
     card = load_card(small_dataset / "card.yaml")
     for role, n in (("train", 48), ("test", 24)):
         ids = [v for s in manifest["shards"] if s["role"] == role for v in s["videos"]]
         assert sorted(ids) == DatasetSource(card, small_dataset, role).video_ids and len(ids) == n
     assert manifest["counts"]["train"]["videos"] == 48 and manifest["skipped"] == []
     assert all(s["worker"]["gpus"] for s in manifest["shards"]), "the GPU path was not taken"
+    # one worker writes the shards one after another, each within the run
+    spans = sorted((s["worker"]["started"], s["worker"]["finished"]) for s in manifest["shards"])
+    assert began <= spans[0][0] and spans[-1][1] <= ended
+    assert all(start <= end <= next_start for (start, end), (next_start, _) in zip(spans, spans[1:] + [(ended, 0)]))
     # one video, read back from its shard, equals the in-process preparation
     source = DatasetSource(card, small_dataset, "train")
     stored = read_videos(tmp_path, "train", manifest)[3]
