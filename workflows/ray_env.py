@@ -43,7 +43,9 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
     if config.address:
         ray.init(address=config.address, **kwargs)
     else:
-        ray.init(num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+        # "local": a new embedded Ray, never one that `ray start` left running (or left a stale
+        # address of in Ray's temp folder), which address=None would try to join
+        ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                  object_store_memory=config.object_store_mb * 1024 ** 2, **kwargs)
     quiet_data()
     try:
