@@ -75,8 +75,9 @@ class CapturedInference:
     and keeps its weights in bfloat16 between replays. ``autocast``: a lower precision for a
     float32 head's products instead (e.g. ``torch.bfloat16``; it re-casts the weights at every
     replay). Either way the graph is built from the float32 features, so that its edges do not
-    change (TF32, where a user enables it globally, does reach the graph's cosine products). ``max_units``: the dense graph holds a few
-    N x N float64 buffers (several GiB at 8192 units); longer videos belong to the eager path.
+    change (TF32, where a user enables it globally, does reach the graph's cosine products).
+    ``max_units``: the dense graph holds a few N x N float64 buffers (several GiB at 8192 units);
+    longer videos belong to the eager path.
     ``compile_graph``: build the graph through ``torch.compile`` (one compilation, for any unit
     count), which fuses its two dozen elementwise passes over the N x N pairs into a few kernels.
     """

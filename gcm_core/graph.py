@@ -171,7 +171,7 @@ class DenseGraph:
         return int(self.adjacency.shape[0])
 
     def mean_operator(self, weight: Tensor) -> Tensor:
-        """[N, N] M with ``(M h)[i]`` the ``weight``-weighted mean over i's neighbours (0 without any)."""
+        """A new [N, N] M with ``(M h)[i]`` the ``weight``-weighted mean over i's neighbours (0 without any)."""
         degree = self.adjacency.sum(dim=1, keepdim=True).clamp_(min=1)
         return weight.masked_fill(~self.adjacency, 0) / degree.to(weight.dtype)
 

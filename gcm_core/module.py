@@ -143,15 +143,19 @@ class GCM(UnitModule):
 
     def _full_forward(self, x: Tensor, graph: Graph | DenseGraph, weight: Tensor) -> Tensor:
         """Every unit over its whole neighbourhood: one aggregation operator for all layers."""
+        add_self = self.self_add
         if isinstance(graph, DenseGraph):
-            mean = graph.mean_operator(weight.to(x.dtype))
+            operator = graph.mean_operator(weight.to(x.dtype))
+            if add_self:  # (M + I) h: the self term inside the product, no extra pass over [N, d]
+                operator.diagonal().add_(1)
+                add_self = False
         else:
             src, dst = graph.edge_index
-            mean = _mean_operator(src, dst, weight.to(x.dtype), graph.num_nodes, graph.num_nodes)
+            operator = _mean_operator(src, dst, weight.to(x.dtype), graph.num_nodes, graph.num_nodes)
         h = x
         for k in range(len(self.layers)):
-            agg = mean @ h
-            h = self._transform(k, agg + h if self.self_add else agg)
+            agg = operator @ h
+            h = self._transform(k, agg + h if add_self else agg)
         return h + x
 
     def _layer_plan(self, graph: Graph, nodes: Tensor | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
