@@ -93,7 +93,8 @@ class CapturedInference:
         self._needs_graph = "gcm" in branches
         self._build_graph = torch.compile(build_dense_graph, dynamic=True) if compile_graph else build_dense_graph
         self.pad_to, self.autocast, self.max_cached, self.max_units = pad_to, autocast, max_cached, max_units
-        self.device, self.head_dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        weight = next(model.parameters())
+        self.device, self.head_dtype = weight.device, weight.dtype
         self._replays: OrderedDict[int, _Replay] = OrderedDict()
 
     def _step(self, replay: _Replay) -> UnitOutputs:
