@@ -2,7 +2,8 @@
 
 One row per video (its id and role) goes through Ray Data, in blocks of one shard each
 (:func:`shard_count`: shard sizes within one video of each other, as many shards as a multiple of
-the workers, so that no worker idles while another writes the last one). A worker (an actor,
+the workers, so that no worker idles while another writes the last one; :func:`balanced_order`:
+the long videos spread over the shards, the costliest shards first). A worker (an actor,
 with a GPU when the cluster has them) loads each video's features and proposals, pools unit
 features, computes candidate edges and training labels
 (:func:`gcm_core.data.prepared.prepare_video`) and writes the shard atomically with a JSON
@@ -15,10 +16,12 @@ broken video stops the stage with an error naming it after the other shards are 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import shutil
 import time
 from dataclasses import asdict
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +151,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
         use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
         workers = max(1, config.num_workers)
         shards = shard_count(len(todo), config.videos_per_shard, workers)
-        ds = ray.data.from_items(todo, override_num_blocks=shards)
+        ds = ray.data.from_items(balanced_order(todo, shards), override_num_blocks=shards)
         # a block is a batch is a shard; Ray asks for a batch size with GPUs (it may then pair
         # blocks one row short of it, which only changes how the shards are cut)
         results = ds.map_batches(
@@ -180,10 +183,45 @@ def shard_count(videos: int, videos_per_shard: int, workers: int) -> int:
     return max(1, min(videos, -(-shards // workers) * workers))
 
 
-def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, str]]:
-    """One row per video: its id and role."""
-    return [{"video_id": video, "role": role} for role in config.roles
-            for video in DatasetSource(card, config.data_root, role).video_ids]
+def balanced_order(rows: list[dict[str, Any]], shards: int) -> list[dict[str, Any]]:
+    """``rows`` reordered so that cutting them into ``shards`` contiguous blocks, as Ray Data's
+    ``from_items`` does (sizes differ by at most one, the larger first), gives shards of about
+    equal work, the costliest first.
+
+    A video's work grows with the square of its unit count (pairwise relations), its unit count
+    with its duration; one long video can hold 40% of a dataset's work (the full synthetic
+    benchmark). In id order it may land in the last shard and keep every other worker waiting.
+    Here each role's videos, longest first, go to the block of that role's span with the least
+    duration^2 so far that has room, so the longest videos start first, each among short ones.
+    Rows stay grouped by role and every block keeps its size, so shards are cut as before.
+    """
+    size, extra = divmod(len(rows), shards)
+    bounds = [b * size + min(b, extra) for b in range(shards + 1)]
+    ordered: list[dict[str, Any]] = []
+    for _, group in groupby(rows, key=lambda row: row["role"]):
+        start, members = len(ordered), list(group)
+        end = start + len(members)
+        room = [min(bounds[b + 1], end) - max(bounds[b], start) for b in range(shards)
+                if bounds[b] < end and bounds[b + 1] > start]
+        blocks: list[list[dict[str, Any]]] = [[] for _ in room]
+        lightest = [(0.0, k) for k in range(len(room))]
+        for row in sorted(members, key=lambda r: -r["duration"]):
+            load, k = heapq.heappop(lightest)
+            blocks[k].append(row)
+            if len(blocks[k]) < room[k]:
+                heapq.heappush(lightest, (load + row["duration"] ** 2, k))
+        ordered += [row for block in blocks for row in sorted(block, key=lambda r: r["video_id"])]
+    return ordered
+
+
+def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, Any]]:
+    """One row per video: its id, role and duration (seconds), grouped by role."""
+    rows = []
+    for role in config.roles:
+        source = DatasetSource(card, config.data_root, role)
+        rows += [{"video_id": v, "role": role, "duration": float(source.videos[v].duration or 0.0)}
+                 for v in source.video_ids]
+    return rows
 
 
 def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.prepared import prepare_video
 from workflows.config import PreprocessConfig, RayConfig
-from workflows.preprocess import PreprocessError, run_preprocess, shard_count
+from workflows.preprocess import PreprocessError, balanced_order, run_preprocess, shard_count
 from workflows.ray_env import ray_session
 from workflows.shards import load_manifest, read_videos
 
@@ -101,3 +101,16 @@ def test_shards_are_balanced_over_the_workers(small_dataset, tmp_path):
                                     out=str(tmp_path), videos_per_shard=5, num_workers=2, use_gpu=False), quiet=True)
     sizes = [len(json.loads(p.read_text())["summary"]["video_id"]) for p in (tmp_path / "shards").glob("*.json")]
     assert sorted(sizes) == [4] * 8 + [5] * 8   # the 72 videos of the small benchmark in 16 shards
+
+
+def test_long_videos_spread_over_the_shards_costliest_first():
+    durations = {"v0": 10, "v1": 100, "v2": 20, "v3": 30, "v4": 5, "v5": 6, "v6": 7, "v7": 8}
+    rows = [{"video_id": v, "role": "train", "duration": d} for v, d in durations.items()]
+    # by hand, 2 shards of 4, longest first to the lighter shard with room (duration^2 summed):
+    # v1 -> A (10000); v3, v2, v0, v7 -> B (900, 1300, 1400, 1464: full); v6, v5, v4 -> A
+    assert [r["video_id"] for r in balanced_order(rows, 2)] == ["v1", "v4", "v5", "v6", "v0", "v2", "v3", "v7"]
+    tests = [{"video_id": f"t{k}", "role": "test", "duration": d} for k, d in enumerate([3, 50, 4, 2, 9])]
+    ordered = balanced_order(rows + tests, 3)  # blocks of 5, 4, 4 rows: the second holds both roles
+    assert [r["role"] for r in ordered] == ["train"] * 8 + ["test"] * 5
+    assert sorted(r["video_id"] for r in ordered) == sorted([*durations, *(f"t{k}" for k in range(5))])
+    assert ordered[0]["video_id"] == "v1" and ordered[8]["video_id"] == "t1"  # each role's longest first
