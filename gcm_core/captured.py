@@ -51,7 +51,8 @@ class _Replay:
     def load(self, intervals: Tensor, body: Tensor, comp: Tensor | None) -> None:
         n = intervals.shape[0]
         self.intervals[:n].copy_(intervals)
-        self.intervals[n:] = torch.tensor(_PADDING_INTERVAL, dtype=torch.float64)
+        for column, value in enumerate(_PADDING_INTERVAL):  # scalar fills: no host tensor per video
+            self.intervals[n:, column].fill_(value)
         self.body[:n].copy_(body)
         self.body[n:].zero_()
         if self.comp is not None:
