@@ -60,7 +60,7 @@ def _run_eval_detections(args: argparse.Namespace) -> int:
 def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", default="synthetic", help="synthetic dataset card (name or YAML path)")
     p.add_argument("--out", type=Path, help="output folder (the layout of real data)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     p.add_argument("--scale", default="small", choices=["small", "medium", "full"],
                    help="small: a few dozen videos (demo); medium: THUMOS'14 size, 256-d; full: 1024-d")
     p.add_argument("--control", action="store_true", help="relation-free control: every relation knob at 0")
@@ -126,7 +126,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     import numpy as np
 
     from gcm_core.checkpoint import detect_video, load_checkpoint
-    from gcm_core.data.formats import load_features, write_result_json
+    from gcm_core.data.formats import load_features, read_video_proposals, result_json, write_result_json
 
     checkpoint = load_checkpoint(args.checkpoint)
     streams = list(checkpoint.streams)
@@ -134,20 +134,14 @@ def _run_detect(args: argparse.Namespace) -> int:
         raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order")
     video_id = args.video_id or args.features[0].stem
     features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
-    rows = [line.split() for line in args.proposals.read_text().splitlines() if line.strip()]
-    try:
-        intervals = np.array([(float(r[0]), float(r[1])) for r in rows]).reshape(-1, 2)
-    except (ValueError, IndexError):
-        raise ValueError(f"{args.proposals}: expected 'start end [score]' lines in seconds") from None
-    detections = detect_video(checkpoint, features, intervals, video_id, args.fps, args.duration)
+    proposals = read_video_proposals(args.proposals, video_id)
+    detections = detect_video(checkpoint, features, np.stack([proposals.start, proposals.end], axis=1), video_id,
+                              args.fps, args.duration)
     if args.out:
         write_result_json(args.out, detections)
         print(f"wrote {len(detections)} detections of {video_id} to {args.out}")
     else:
-        results = {video_id: [{"label": lab, "score": float(sc), "segment": [float(s), float(e)]}
-                              for lab, s, e, sc in zip(detections.label, detections.start, detections.end,
-                                                       detections.score)]}
-        print(json.dumps({"version": "VERSION 1.3", "results": results, "external_data": {}}))
+        print(json.dumps(result_json(detections)))
     return 0
 
 
@@ -175,7 +169,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", help="dataset card (name or YAML path)")
     p.add_argument("--data-root", help="folder the card's paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="output folder of the shards and manifest")
-    p.add_argument("--workers", type=int, help="parallel workers (actors)")
+    p.add_argument("--workers", type=int, help="parallel workers (actors; default: the config's, 2)")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="leave out videos that fail their checks (listed in the manifest) instead of stopping")
@@ -201,7 +195,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="preprocessed dataset folder (gcm preprocess --out)")
     p.add_argument("--out", help="runs folder")
     p.add_argument("--name", help="run name (a folder under --out)")
-    p.add_argument("--workers", type=int, help="data-parallel training workers")
+    p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
     _add_stage_options(p)
 
@@ -279,8 +273,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's folder (recreated)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def _run_demo(args: argparse.Namespace) -> int:

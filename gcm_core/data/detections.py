@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -89,13 +90,18 @@ def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detecti
     return Detections(video, label, np.array(start), np.array(end), np.array(score))
 
 
-def write_result_json(path: str | Path, detections: Detections, version: str = "VERSION 1.3") -> None:
-    """ActivityNet result JSON, videos in first-seen order, detections in input order."""
+def result_json(detections: Detections, version: str = "VERSION 1.3") -> dict[str, Any]:
+    """The ActivityNet result JSON object: videos in first-seen order, detections in input order."""
     results: dict[str, list[dict]] = {}
     for v, lab, s, e, sc in zip(detections.video, detections.label, detections.start, detections.end,
                                 detections.score):
         results.setdefault(v, []).append({"label": lab, "score": float(sc), "segment": [float(s), float(e)]})
-    atomic_write_text(path, json.dumps({"version": version, "results": results, "external_data": {}}))
+    return {"version": version, "results": results, "external_data": {}}
+
+
+def write_result_json(path: str | Path, detections: Detections, version: str = "VERSION 1.3") -> None:
+    """:func:`result_json` written to ``path``."""
+    atomic_write_text(path, json.dumps(result_json(detections, version)))
 
 
 def write_thumos_text(path: str | Path, detections: Detections, card: DatasetCard,

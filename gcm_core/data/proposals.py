@@ -217,6 +217,30 @@ def _read_plain_text(path: Path, videos: dict[str, Video] | None, time_unit: str
     return out
 
 
+def read_video_proposals(path: str | Path, video: str = "video") -> Proposals:
+    """One video's proposals from ``start end [score]`` lines in seconds (what ``gcm detect``
+    takes for a new video); blank lines are skipped, every other line is checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file", video=video)
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise FormatError(path, f"expected 'start end [score]' in seconds, got {line.strip()!r}", video=video,
+                              line=line_no) from None
+        rows.append((values[0], values[1], values[2] if len(values) == 3 else 1.0, line_no))
+    if not rows:
+        raise FormatError(path, "no proposals", video=video)
+    return _finish(path, video, rows, None, DEFAULT_TOLERANCE_S)
+
+
 def _csv_rows(path: Path, video: str | None, videos: dict[str, Video] | None) -> dict[str, list]:
     """Rows of a BSN-style CSV as {video: [(start_s, end_s, score, line)]}."""
     with path.open(newline="") as f:

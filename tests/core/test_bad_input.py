@@ -9,7 +9,7 @@ import pytest
 
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
-from gcm_core.data.formats import FormatError, read_annotations, read_detections, read_proposals
+from gcm_core.data.formats import FormatError, read_annotations, read_detections, read_proposals, read_video_proposals
 from gcm_core.data.synthetic import generate_dataset
 
 
@@ -130,6 +130,17 @@ def test_truncated_lines(tmp_path):
     ssn = tmp_path / "list.txt"
     ssn.write_text("# 0\nvideo_a\n300\n1\n0\n5\n0 0.1 0.1 10 20\n")
     expect(lambda: read_proposals(ssn, {}), "truncated block", "video_a")
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ("1.0 2.0\n\n3.0\n", 3, "expected 'start end [score]'"),
+    ("1.0 2.0 0.9\n3.0 4.0 high\n", 2, "expected 'start end [score]'"),
+    ("1.0 2.0\n5.0 4.0\n", 2, "end > start"),
+])
+def test_proposals_of_one_new_video(tmp_path, text, line, problem):
+    path = tmp_path / "props.txt"
+    path.write_text(text)
+    expect(lambda: read_video_proposals(path, "my_video"), f"line {line}", "my_video", problem)
 
 
 def test_unreadable_pickle_in_pt_file(tmp_path):

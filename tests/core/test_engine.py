@@ -50,7 +50,7 @@ def test_trained_heads_detect_far_better_than_untrained_ones(small_prepared, mod
     assert trained > max(3 * untrained, untrained + 0.05), (untrained, trained)
 
 
-def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path):
+def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path, capsys):
     card = small_prepared["card"]
     heads, stats = train(small_prepared, streams=("rgb", "flow"))
     ckpt = Checkpoint(list(card.classes), ModelConfig(), GraphSpec(), InferenceConfig(top_k=50),
@@ -83,3 +83,9 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
                  "--video-id", video.video_id, "--out", str(out)]) == 0
     written = json.loads(out.read_text())["results"][video.video_id]
     assert [d["label"] for d in written] == reference.label
+    # without --out the same JSON goes to stdout
+    capsys.readouterr()
+    assert main(["detect", "--checkpoint", str(path), "--features", str(tmp_path / "rgb.npy"),
+                 str(tmp_path / "flow.npy"), "--proposals", str(props), "--duration", str(video.duration),
+                 "--video-id", video.video_id]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())

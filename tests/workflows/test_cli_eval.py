@@ -37,3 +37,16 @@ def test_missing_file_is_one_clear_error(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "nope" in err and "Traceback" not in err
+
+
+def test_help_shows_real_defaults_only(capsys):
+    from workflows.cli import build_parser
+    from workflows.commands import REGISTRY
+
+    for command in REGISTRY:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: False)" not in text, command
+        if command == "synth":
+            assert "--scale {small,medium,full} small: a few dozen videos" in text and "(default: small)" in text
