@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -145,10 +146,10 @@ def _run_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_stage_options(p: argparse.ArgumentParser) -> None:
+def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--config", type=Path, help="YAML file overriding the stage's defaults")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one setting, dotted keys, YAML values (e.g. --set train.lr=0.01); repeatable")
+                   help=f"override one setting, dotted keys, YAML values (e.g. --set {example}); repeatable")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
@@ -173,7 +174,7 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="leave out videos that fail their checks (listed in the manifest) instead of stopping")
-    _add_stage_options(p)
+    _add_stage_options(p, "videos_per_shard=8")
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
@@ -197,7 +198,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (a folder under --out)")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
-    _add_stage_options(p)
+    _add_stage_options(p, "train.lr=0.01")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -220,7 +221,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (detections and metrics per pair, summary table)")
     p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")
     p.add_argument("--tiou", type=float, nargs="+", help="override the datasets' tIoU thresholds")
-    _add_stage_options(p)
+    _add_stage_options(p, "tiou=[0.3,0.5]")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -241,20 +242,26 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="the preprocessed dataset every trial uses")
     p.add_argument("--out", help="experiments folder")
     p.add_argument("--resume", action="store_true", default=None, help="finish an interrupted experiment")
-    _add_stage_options(p)
+    _add_stage_options(p, "base.train.epochs=10")
 
 
 def _run_tune(args: argparse.Namespace) -> int:
     from workflows.config import TuneStageConfig
-    from workflows.tune import load_grid, run_tune
+    from workflows.tune import load_grid, run_tune, trial_name
 
     config = _stage(TuneStageConfig, args, grid=args.grid, data=args.data, out=args.out, resume=args.resume)
     with _session(args):
-        run_tune(config, args.quiet)
+        rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)
     table = Path(config.out) / grid.name / f"{grid.name}.md"
     print(table.read_text())
     print(f"tune: table written to {table} (and .csv)")
+    failed = [(trial_name(grid, r["trial"]), r["error"].strip().splitlines()[-1]) for r in rows if r["error"].strip()]
+    if failed:
+        print(f"tune: {len(failed)} of {len(rows)} trials failed (rerun with --resume to retry them):", file=sys.stderr)
+        for name, error in failed:
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -157,14 +157,29 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _nested_homes(cls: type, name: str, prefix: str) -> list[str]:
+    """Dotted paths inside dataclass ``cls`` where a field called ``name`` lives: a key given at the
+    wrong level (``train.lr`` to ``gcm tune``, whose trial settings sit under ``base``)."""
+    homes = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if _is_dataclass_type(tp):
+            if name in {g.name for g in dataclasses.fields(tp)}:
+                homes.append(f"{prefix}{f.name}.{name}")
+            homes += _nested_homes(tp, name, f"{prefix}{f.name}.")
+    return homes
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """An instance of dataclass ``cls`` from a (possibly partial) nested mapping."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
+        homes = [home for name in sorted(unknown) for home in _nested_homes(cls, name, f"{where}." if where else "")]
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {sorted(unknown)} in "
-                          f"{where or cls.__name__} (known: {sorted(names)})")
+                          f"{where or cls.__name__} (known: {sorted(names)})"
+                          + (f"; did you mean {' or '.join(homes)}?" if homes else ""))
     defaults = cls()
     values = {}
     for name in names:

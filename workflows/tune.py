@@ -22,6 +22,7 @@ import yaml
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import shipped_yaml
 from workflows.config import ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, to_dict
+from workflows.shards import load_manifest
 from workflows.tables import markdown_table
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
@@ -127,7 +128,9 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     from ray import tune
 
     grid = load_grid(config.grid)
-    base = from_dict(TrainStageConfig, {**to_dict(config.base), "data": config.data})
+    data = Path(config.data).resolve()  # trials run in their own folders: a relative path would miss
+    load_manifest(data)  # a missing dataset fails here, once, not in every trial
+    base = from_dict(TrainStageConfig, {**to_dict(config.base), "data": str(data)})
     folder = Path(config.out).resolve() / grid.name
     trials = grid.trials()
     stages = [to_dict(_trial_stage(base, grid, t, folder)) for t in trials]

@@ -31,6 +31,8 @@ def test_yaml_then_set_then_explicit_arguments(tmp_path):
     (["graph.edge_types=[contextual,temporal]"], "unknown edge types"),
     (["train.epochs=many"], "expected int"),
     (["lr"], "key=value"),
+    (["lr=0.1"], r"did you mean train\.lr or one_stage\.train\.lr\?"),  # a key at the wrong level
+    (["train.bogus=1"], r"known: \[.*'weight_decay'\]\)$"),           # no guess when there is none
 ])
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -108,10 +108,12 @@ def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, 
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: tiny\ngrid:\n  model.num_samples: [1, 2, 4]\nmetrics: [fused/mAP@0.5]\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "workflows.cli", "tune", str(grid), "--data", str(prepared), "--out",
-               str(tmp_path), "--set", "max_concurrent=1", "--set", "base.num_workers=1",
+    # paths relative to where the user stands (trials run in folders of their own)
+    command = [sys.executable, "-m", "workflows.cli", "tune", "grid.yaml", "--data", os.path.relpath(prepared, tmp_path),
+               "--out", ".", "--set", "max_concurrent=1", "--set", "base.num_workers=1",
                "--set", "base.stream_lr={}", "--set", f"base.train={json.dumps({**FAST, 'epochs': 1})}"]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     trials = tmp_path / "tiny" / "trials"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(trials.glob("*/metrics.json"))) < 1:
