@@ -64,7 +64,12 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Checkpoint:
     """A checkpoint written by :func:`save_checkpoint`, models rebuilt and in eval mode."""
-    payload = torch.load(path, map_location=device, weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # truncated, corrupt, or holding objects that would need unpickling
+        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a gcm-tal checkpoint")
     model_config = ModelConfig(**payload["model_config"])

@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(err: BaseException) -> str:
+    """What went wrong, in the user's terms: a Ray task's own exception rather than Ray's wrapper
+    around it with the remote traceback (which --debug shows)."""
+    while isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause
+    return str(err)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = commands.REGISTRY[args.command][2]
@@ -65,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         else:
-            print(f"gcm {args.command}: error: {err}", file=sys.stderr)
+            print(f"gcm {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,29 @@ from workflows.shards import load_manifest, read_videos
 from workflows.tables import markdown_table
 
 
-def pair_name(checkpoint: str, data: str) -> str:
-    """A folder name for one (checkpoint, dataset) pair: run folder and dataset folder names."""
-    ckpt = Path(checkpoint)
-    label = ckpt.parent.name if ckpt.name == "model.pt" else ckpt.stem
-    return f"{label}__{Path(data).name}"
+class EvaluationError(RuntimeError):
+    """Pairs whose evaluation failed, each named with its error (the others' results are written)."""
 
 
-def evaluate_pair(checkpoint: str, data: str, out: str, protocol: str | None,
+def pair_folders(pairs: list[tuple[str, str]]) -> list[str]:
+    """A folder name per (checkpoint, dataset) pair: the run's and the dataset's folder names,
+    numbered where two pairs would share one (``runs/a/model.pt`` and ``old/a/model.pt``)."""
+    names = []
+    for checkpoint, data in pairs:
+        ckpt = Path(checkpoint)
+        names.append(f"{ckpt.parent.name if ckpt.name == 'model.pt' else ckpt.stem}__{Path(data).name}")
+    shared, seen = Counter(names), Counter()
+    folders = []
+    for name in names:
+        seen[name] += 1
+        folders.append(f"{name}-{seen[name]}" if shared[name] > 1 else name)
+    return folders
+
+
+def evaluate_pair(checkpoint: str, data: str, folder: str, protocol: str | None,
                   tiou: list[float] | None) -> dict[str, Any]:
-    """Evaluate one checkpoint on one preprocessed dataset's test split (runs as a Ray task)."""
+    """Evaluate one checkpoint on one preprocessed dataset's test split into ``folder`` (runs as a
+    Ray task)."""
     import torch
 
     torch.set_num_threads(1)
@@ -48,13 +62,12 @@ def evaluate_pair(checkpoint: str, data: str, out: str, protocol: str | None,
     protocol = protocol or manifest["protocol"]
     thresholds = tiou or manifest["tiou"]
     result = evaluate(videos, detections, ckpt.classes, protocol, thresholds)
-    folder = Path(out) / pair_name(checkpoint, data)
-    write_result_json(folder / "detections.json", detections)
+    write_result_json(Path(folder) / "detections.json", detections)
     summary = result.as_dict(ckpt.classes)
-    atomic_write_text(folder / "metrics.json", json.dumps(summary, indent=1))
+    atomic_write_text(Path(folder) / "metrics.json", json.dumps(summary, indent=1))
     return {"checkpoint": checkpoint, "data": data, "videos": len(videos), "protocol": protocol,
             "tiou": list(thresholds), "mAP": summary["mAP"], "average": summary["average"],
-            "detections": str(folder / "detections.json")}
+            "detections": str(Path(folder) / "detections.json")}
 
 
 def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, Any]]:
@@ -63,15 +76,26 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
 
     if not config.checkpoints or not config.data:
         raise ValueError("give at least one --checkpoint and one --data (a preprocessed dataset)")
+    for checkpoint in config.checkpoints:  # fail before any task starts, in one line
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt written by gcm train)")
+    for data in config.data:
+        load_manifest(data)
     task = ray.remote(num_cpus=1)(evaluate_pair)
-    pending = {task.remote(c, d, config.out, config.protocol, list(config.tiou) if config.tiou else None): (c, d)
-               for c in config.checkpoints for d in config.data}
-    progress = Progress(len(pending), "evaluations", "evaluate: ", quiet)
-    rows = []
+    pairs = [(c, d) for c in config.checkpoints for d in config.data]
+    tiou = list(config.tiou) if config.tiou else None
+    pending = {task.remote(c, d, str(Path(config.out) / folder), config.protocol, tiou): (c, d)
+               for (c, d), folder in zip(pairs, pair_folders(pairs))}
+    total = len(pending)
+    progress = Progress(total, "evaluations", "evaluate: ", quiet)
+    rows, failures = [], []
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
-        pending.pop(done[0])
-        rows.append(ray.get(done[0]))
+        checkpoint, data = pending.pop(done[0])
+        try:
+            rows.append(ray.get(done[0]))
+        except ray.exceptions.RayTaskError as err:  # one bad pair must not cost the others' results
+            failures.append(f"  {checkpoint} on {data}: {err.cause}")
         progress.update()
     progress.close()
     rows.sort(key=lambda r: (r["data"], r["checkpoint"]))
@@ -79,6 +103,9 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     atomic_write_text(out / "summary.md", summary_markdown(rows))
     atomic_write_text(out / "summary.csv", summary_csv(rows))
     atomic_write_text(out / "config.yaml", dump(config))
+    if failures:
+        raise EvaluationError(f"{len(failures)} of {total} evaluations failed (the other {len(rows)} are in "
+                              f"{out / 'summary.md'}):\n" + "\n".join(sorted(failures)))
     return rows
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import DatasetCard, load_card
+from gcm_core.data.cards import DatasetCard, data_root_path, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
@@ -151,13 +151,14 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
         use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
         workers = max(1, config.num_workers)
         shards = shard_count(len(todo), config.videos_per_shard, workers)
+        data_root = str(data_root_path(config.data_root).resolve())  # workers need not share our directory
         ds = ray.data.from_items(balanced_order(todo, shards), override_num_blocks=shards)
         # a block is a batch is a shard; Ray asks for a batch size with GPUs (it may then pair
         # blocks one row short of it, which only changes how the shards are cut)
         results = ds.map_batches(
             ShardWriter, batch_size=-(-len(todo) // shards) if use_gpu else None, batch_format="numpy",
-            fn_constructor_kwargs={"card_path": str(card_copy), "data_root": config.data_root, "out": str(out),
-                                   "config": to_dict(config)},
+            fn_constructor_kwargs={"card_path": str(card_copy.resolve()), "data_root": data_root,
+                                   "out": str(out.resolve()), "config": to_dict(config)},
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1, num_gpus=1 if use_gpu else 0)
         for row in results.iter_rows():

@@ -89,7 +89,7 @@ class DatasetCard:
         return {name: k for k, name in enumerate(self.classes)}
 
     def path(self, key: str, data_root: str | Path | None = None, **fields: str) -> Path:
-        """Absolute path of ``paths.<key>`` (dotted keys for nested entries) under the data root."""
+        """Path of ``paths.<key>`` (dotted keys for nested entries) under the data root."""
         entry: Any = self.paths
         for part in key.split("."):
             if not isinstance(entry, dict) or part not in entry:

@@ -41,7 +41,11 @@ class DatasetSource:
         self.card, self.role = card, role
         self.root = data_root_path(data_root)
         subset = card.subsets[role]
-        annotated = read_annotations(card.path("annotations", self.root), card)
+        annotations = card.path("annotations", self.root)
+        if not annotations.exists():
+            raise FormatError(annotations, f"no such file under the data root {self.root.resolve()} (give the folder "
+                                           "the card's paths start from: --data-root or $GCM_DATA_ROOT)")
+        annotated = read_annotations(annotations, card)
         self.videos = {k: v for k, v in annotated.items() if (v.subset or "").lower() == subset.lower()}
         if not self.videos:
             raise FormatError(card.path("annotations", self.root), f"no video of subset {subset!r}")

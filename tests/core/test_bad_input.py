@@ -41,6 +41,11 @@ def expect(call, *fragments):
     return err.value
 
 
+def test_wrong_data_root_is_named(dataset, tmp_path):
+    expect(lambda: DatasetSource(load_card(dataset / "card.yaml"), tmp_path, "train"), "annotations.json",
+           f"no such file under the data root {tmp_path.resolve()}", "--data-root")
+
+
 def test_missing_feature_file(broken):
     source, vid = first_video(broken)
     source.feature_path(vid, "flow").unlink()
@@ -141,6 +146,18 @@ def test_proposals_of_one_new_video(tmp_path, text, line, problem):
     path = tmp_path / "props.txt"
     path.write_text(text)
     expect(lambda: read_video_proposals(path, "my_video"), f"line {line}", "my_video", problem)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", pickle.dumps(ValueError("run me"), protocol=2)],
+                         ids=["garbage", "pickled object"])
+def test_unreadable_checkpoint(tmp_path, content):
+    from gcm_core.checkpoint import load_checkpoint
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{path}: unreadable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_unreadable_pickle_in_pt_file(tmp_path):

@@ -50,3 +50,18 @@ def test_help_shows_real_defaults_only(capsys):
         assert "(default: None)" not in text and "(default: False)" not in text, command
         if command == "synth":
             assert "--scale {small,medium,full} small: a few dozen videos" in text and "(default: small)" in text
+
+
+def test_a_failed_ray_task_is_reported_by_its_own_error(monkeypatch, capsys):
+    from ray.exceptions import RayTaskError
+
+    from workflows import commands
+
+    def failing_stage(args):
+        raise RayTaskError("evaluate_pair", "Traceback (most recent call last): ...", ValueError("video_7: bad"))
+
+    add_arguments = commands.REGISTRY["report"][1]
+    monkeypatch.setitem(commands.REGISTRY, "report", ("fails", add_arguments, failing_stage))
+    assert main(["report", "somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "gcm report: error: video_7: bad"

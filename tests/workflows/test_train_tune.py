@@ -1,8 +1,10 @@
 """Ray Train and Ray Tune stages on the small benchmark, including their recovery from faults."""
 from __future__ import annotations
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,8 @@ import torch
 from helpers import ROOT
 from gcm_core.checkpoint import load_checkpoint
 from gcm_core.data.cards import load_card
-from workflows.config import PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict
+from workflows.config import EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict
+from workflows.evaluate import EvaluationError, run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.ray_env import ray_session
 from workflows.shards import read_videos
@@ -62,6 +65,33 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     with pytest.raises(FileExistsError, match="--resume"):
         run_train(stage(prepared, run.parent, "gcm"), quiet=True)
 
+
+
+def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(prepared, runs, tmp_path):
+    gcm, mlp = (Path(runs[k]["run_dir"]) / "model.pt" for k in ("gcm", "mlp"))
+    namesake = tmp_path / "elsewhere" / "gcm" / "model.pt"  # same run folder name as gcm's
+    broken = tmp_path / "broken" / "model.pt"
+    namesake.parent.mkdir(parents=True)
+    broken.parent.mkdir()
+    shutil.copyfile(gcm, namesake)
+    broken.write_bytes(b"not a checkpoint")
+    out = tmp_path / "eval"
+    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken))), data=(str(prepared),),
+                            out=str(out))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_evaluate(EvaluateConfig(checkpoints=(str(tmp_path / "none.pt"),), data=(str(prepared),), out=str(out)))
+    with pytest.raises(EvaluationError, match="1 of 4 evaluations failed") as failed:
+        run_evaluate(config, quiet=True)
+    assert f"{broken} on {prepared}: {broken}: unreadable checkpoint" in str(failed.value)
+
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert sorted(r["checkpoint"] for r in rows) == sorted(map(str, (gcm, mlp, namesake)))
+    for run, folders in (("gcm", [f"gcm__{prepared.name}-1", f"gcm__{prepared.name}-2"]), ("mlp", [f"mlp__{prepared.name}"])):
+        trained = json.loads((Path(runs[run]["run_dir"]) / "metrics.json").read_text())["fused"]
+        for folder in folders:
+            evaluated = json.loads((out / folder / "metrics.json").read_text())
+            assert evaluated["mAP"] == pytest.approx(trained["mAP"], abs=1e-6), folder
+            assert json.loads((out / folder / "detections.json").read_text())["results"]
 
 
 def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, tmp_path):
