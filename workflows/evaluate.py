@@ -84,7 +84,9 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     task = ray.remote(num_cpus=1)(evaluate_pair)
     pairs = [(c, d) for c in config.checkpoints for d in config.data]
     tiou = list(config.tiou) if config.tiou else None
-    pending = {task.remote(c, d, str(Path(config.out) / folder), config.protocol, tiou): (c, d)
+    # tasks get absolute paths (workers need not share our directory); the table keeps the ones given
+    pending = {task.remote(str(Path(c).resolve()), str(Path(d).resolve()), str((Path(config.out) / folder).resolve()),
+                           config.protocol, tiou): (c, d)
                for (c, d), folder in zip(pairs, pair_folders(pairs))}
     total = len(pending)
     progress = Progress(total, "evaluations", "evaluate: ", quiet)
@@ -93,7 +95,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         done, _ = ray.wait(list(pending), num_returns=1)
         checkpoint, data = pending.pop(done[0])
         try:
-            rows.append(ray.get(done[0]))
+            rows.append({**ray.get(done[0]), "checkpoint": checkpoint, "data": data})
         except ray.exceptions.RayTaskError as err:  # one bad pair must not cost the others' results
             failures.append(f"  {checkpoint} on {data}: {err.cause}")
         progress.update()
