@@ -233,7 +233,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     with _session(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())
-    print(f"evaluate: {len(rows)} checkpoint x dataset pairs; summary in {Path(config.out) / 'summary.md'}")
+    print(f"evaluate: {len(config.checkpoints)} checkpoint(s) x {len(config.data)} dataset(s) = {len(rows)} "
+          f"evaluations; summary in {Path(config.out) / 'summary.md'}")
     return 0
 
 
