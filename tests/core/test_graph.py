@@ -11,6 +11,7 @@ from hypothesis import given, strategies as st
 from helpers import read_tag_proposals_frames
 from gcm_core.candidates import CandidateCaps, candidate_edges, select_edges
 from gcm_core.graph import EDGE_BIT, EDGE_TYPES, Graph, GraphSpec, build_dense_graph, build_graph
+from gcm_core.pairwise import rank_smallest
 
 
 def brute_force(intervals, feats, spec: GraphSpec) -> dict[tuple[int, int], tuple[int, float]]:
@@ -128,6 +129,23 @@ def test_selection_from_loose_candidates_equals_direct_build(video, theta_ctx, t
     for rule in ("disjoint-top", "knn-then-disjoint"):
         spec = GraphSpec(theta_ctx, theta_sur, k_sur, l_sem, edge_types, rule)
         assert_same_graph(select_edges(loose, spec), brute_force(intervals, feats, spec))
+
+
+@given(rows=st.integers(0, 5), n=st.integers(1, 70), k=st.sampled_from([None, 0, 1, 2, 3, 8, 20]),
+       inf_share=st.sampled_from([0.0, 0.5, 0.95]), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**16))
+def test_ranked_k_smallest_are_the_sorted_rows(rows, n, k, inf_share, dtype, seed):
+    """rank_smallest (the candidates' k nearest / most similar) against sorting each row by
+    (value, column): few distinct values make ties, +inf marks ineligible entries."""
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 6, size=(rows, n)).astype(float)
+    values[rng.random((rows, n)) < inf_share] = math.inf
+    keyed = torch.tensor(values, dtype=dtype)
+    row, col, rank = rank_smallest(keyed, k, torch.empty(rows, n, dtype=torch.bool))
+    expected = [(i, j, r) for i in range(rows)
+                for r, (_, j) in enumerate(sorted((v, j) for j, v in enumerate(values[i]) if v < math.inf))
+                if k is None or r < k]
+    assert list(zip(row.tolist(), col.tolist(), rank.tolist())) == expected
 
 
 def test_real_tag_proposals_match_brute_force(shared_data):
