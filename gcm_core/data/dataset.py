@@ -17,7 +17,7 @@ from gcm_core.data.cards import DatasetCard, data_root_path
 from gcm_core.data.features import load_features
 from gcm_core.data.model import FormatError, Proposals, Video
 from gcm_core.data.pooling import SnippetGrid
-from gcm_core.data.proposals import read_proposals
+from gcm_core.data.proposals import ProposalSource
 
 ROLES = ("train", "test")
 
@@ -51,14 +51,9 @@ class DatasetSource:
             raise FormatError(card.path("annotations", self.root), f"no video of subset {subset!r}")
 
     @cached_property
-    def proposals(self) -> dict[str, Proposals]:
-        """Every video's proposals, read on first use (planning needs only the annotations)."""
-        path = self.card.path(f"proposals.{self.role}", self.root)
-        proposals = read_proposals(path, self.videos)
-        missing = sorted(set(self.videos) - set(proposals))
-        if missing:
-            raise FormatError(path, f"no proposals for {len(missing)} annotated videos", video=missing[0])
-        return proposals
+    def proposals(self) -> ProposalSource:
+        """Each video's proposals, read when asked for (planning needs only the annotations)."""
+        return ProposalSource(self.card.path(f"proposals.{self.role}", self.root), self.videos)
 
     @property
     def video_ids(self) -> list[str]:

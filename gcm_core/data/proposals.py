@@ -57,6 +57,44 @@ def read_proposals(path: str | Path, videos: dict[str, Video] | None = None, *, 
     return _read_plain_text(path, videos, time_unit, tolerance)
 
 
+class ProposalSource:
+    """The proposals of one video at a time, from any file or folder :func:`read_proposals` reads.
+
+    A preprocessing worker needs the videos of its shards, not the whole dataset's: an SSN list
+    is indexed by its block headers and a block parsed when its video is asked for, a folder of
+    per-video CSVs reads that video's file, and other formats are read whole on first use.
+    """
+
+    def __init__(self, path: str | Path, videos: dict[str, Video], *, time_unit: str = "frames",
+                 tolerance: float = DEFAULT_TOLERANCE_S) -> None:
+        self.path, self.videos, self.time_unit, self.tolerance = Path(path), videos, time_unit, tolerance
+        self._lines: list[str] = []
+        self._headers: dict[str, int] | None = None
+        self._all: dict[str, Proposals] | None = None
+        if self.path.is_file() and self.path.suffix != ".csv":
+            with self.path.open() as f:
+                if f.readline().startswith("#"):
+                    self._lines = self.path.read_text().splitlines()
+                    self._headers = _ssn_headers(self.path, self._lines)
+
+    def __getitem__(self, video: str) -> Proposals:
+        if self._headers is not None:
+            if video in self._headers:
+                block = _ssn_block(self.path, self._lines, self._headers[video])
+                return _ssn_proposals(self.path, block, self.videos, self.tolerance)
+        elif self.path.is_dir():
+            file = self.path / f"{video}.csv"
+            if file.is_file():
+                return _read_bsn_file(file, self.videos, self.tolerance)
+        else:
+            if self._all is None:
+                self._all = read_proposals(self.path, self.videos, time_unit=self.time_unit,
+                                           tolerance=self.tolerance, skip_unknown=True)
+            if video in self._all:
+                return self._all[video]
+        raise FormatError(self.path, "no proposals for this annotated video", video=video)
+
+
 def _video_info(path: Path, videos: dict[str, Video] | None, vid: str, need: str) -> Video:
     video = (videos or {}).get(vid)
     if video is None:
@@ -128,8 +166,13 @@ def read_ssn_blocks(path: str | Path) -> list[SsnBlock]:
     """Parse an SSN / P-GCN proposal list without converting it (see the module docstring)."""
     path = Path(path)
     lines = path.read_text().splitlines()
-    blocks: list[SsnBlock] = []
-    seen: set[str] = set()
+    return [_ssn_block(path, lines, header) for header in _ssn_headers(path, lines).values()]
+
+
+def _ssn_headers(path: Path, lines: list[str]) -> dict[str, int]:
+    """Each video's block header line (index), in file order: the list's structure (headers,
+    counts, no truncation, no video twice) checked without parsing its proposal lines."""
+    headers: dict[str, int] = {}
     i = 0
     while i < len(lines):
         if not lines[i].strip():
@@ -139,30 +182,41 @@ def read_ssn_blocks(path: str | Path) -> list[SsnBlock]:
             raise FormatError(path, f"expected a '# <index>' block header, got {lines[i]!r}", line=i + 1)
         if i + 5 > len(lines):
             raise FormatError(path, "truncated block header", line=i + 1)
-        vid = lines[i + 1].strip().rstrip("/").split("/")[-1]
-        if vid in seen:
+        vid = _ssn_video(lines[i + 1])
+        if vid in headers:
             raise FormatError(path, "duplicate video id", video=vid, line=i + 2)
-        seen.add(vid)
-        frames = _int(path, lines[i + 2], i + 3, "frame count", vid)
-        try:
-            multiplier = float(lines[i + 3])
-        except ValueError:
-            raise FormatError(path, "multiplier must be a number", video=vid, line=i + 4) from None
-        n_gt = _int(path, lines[i + 4], i + 5, "ground-truth count", vid)
-        gt = [_numbers(path, lines, k, vid, 3, "label start end") for k in range(i + 5, min(i + 5 + n_gt, len(lines)))]
-        i += 5 + n_gt
+        headers[vid] = i
+        i += 5 + _int(path, lines[i + 4], i + 5, "ground-truth count", vid)
         if i >= len(lines):
             raise FormatError(path, "truncated block: the proposal count is missing", video=vid, line=i)
         n_prop = _int(path, lines[i], i + 1, "proposal count", vid)
         if i + 1 + n_prop > len(lines):
             raise FormatError(path, f"truncated block: {n_prop} proposals announced, "
                                     f"{len(lines) - i - 1} lines left", video=vid, line=len(lines))
-        proposals = [(*_numbers(path, lines, k, vid, 5, "label best_iou overlap start end")[3:], k + 1)
-                     for k in range(i + 1, i + 1 + n_prop)]
         i += 1 + n_prop
-        n_frames = int(frames * multiplier)
-        blocks.append(SsnBlock(vid, n_frames, n_frames == 1, [(int(l), s, e) for l, s, e in gt], proposals))
-    return blocks
+    return headers
+
+
+def _ssn_video(line: str) -> str:
+    return line.strip().rstrip("/").split("/")[-1]
+
+
+def _ssn_block(path: Path, lines: list[str], i: int) -> SsnBlock:
+    """The block whose header is line ``i`` (its extent checked by :func:`_ssn_headers`)."""
+    vid = _ssn_video(lines[i + 1])
+    frames = _int(path, lines[i + 2], i + 3, "frame count", vid)
+    try:
+        multiplier = float(lines[i + 3])
+    except ValueError:
+        raise FormatError(path, "multiplier must be a number", video=vid, line=i + 4) from None
+    n_gt = _int(path, lines[i + 4], i + 5, "ground-truth count", vid)
+    gt = [_numbers(path, lines, k, vid, 3, "label start end") for k in range(i + 5, i + 5 + n_gt)]
+    i += 5 + n_gt
+    n_prop = _int(path, lines[i], i + 1, "proposal count", vid)
+    proposals = [(*_numbers(path, lines, k, vid, 5, "label best_iou overlap start end")[3:], k + 1)
+                 for k in range(i + 1, i + 1 + n_prop)]
+    n_frames = int(frames * multiplier)
+    return SsnBlock(vid, n_frames, n_frames == 1, [(int(l), s, e) for l, s, e in gt], proposals)
 
 
 def _numbers(path: Path, lines: list[str], k: int, vid: str, count: int, layout: str) -> list[float]:
@@ -177,20 +231,21 @@ def _numbers(path: Path, lines: list[str], k: int, vid: str, count: int, layout:
 
 def _read_ssn_list(path: Path, videos: dict[str, Video] | None, tolerance: float,
                    skip_unknown: bool) -> dict[str, Proposals]:
-    out: dict[str, Proposals] = {}
-    for block in read_ssn_blocks(path):
-        if skip_unknown and block.video not in (videos or {}):
-            continue
-        if block.normalized:
-            duration = _duration(path, videos, block.video)
-            scale = duration
-        else:
-            fps = _fps(path, videos, block.video, block.n_frames)
-            duration = videos[block.video].duration or block.n_frames / fps
-            scale = 1 / fps
-        rows = [(s * scale, e * scale, 1.0, line) for s, e, line in block.proposals]
-        out[block.video] = _finish(path, block.video, rows, duration, tolerance)
-    return out
+    return {block.video: _ssn_proposals(path, block, videos, tolerance) for block in read_ssn_blocks(path)
+            if not (skip_unknown and block.video not in (videos or {}))}
+
+
+def _ssn_proposals(path: Path, block: SsnBlock, videos: dict[str, Video] | None, tolerance: float) -> Proposals:
+    """One block's proposals in seconds."""
+    if block.normalized:
+        duration = _duration(path, videos, block.video)
+        scale = duration
+    else:
+        fps = _fps(path, videos, block.video, block.n_frames)
+        duration = videos[block.video].duration or block.n_frames / fps
+        scale = 1 / fps
+    return _finish(path, block.video, [(s * scale, e * scale, 1.0, line) for s, e, line in block.proposals],
+                   duration, tolerance)
 
 
 def _read_plain_text(path: Path, videos: dict[str, Video] | None, time_unit: str,
@@ -275,11 +330,13 @@ def _read_bsn_folder(folder: Path, videos: dict[str, Video] | None, tolerance: f
     files = sorted(folder.glob("*.csv"))
     if not files:
         raise FormatError(folder, "no <video>.csv proposal files in this folder")
-    out = {}
-    for file in files:
-        rows = _csv_rows(file, file.stem, videos).get(file.stem, [])
-        out[file.stem] = _finish(file, file.stem, rows, _known_duration(videos, file.stem), tolerance)
-    return out
+    return {file.stem: _read_bsn_file(file, videos, tolerance) for file in files}
+
+
+def _read_bsn_file(file: Path, videos: dict[str, Video] | None, tolerance: float) -> Proposals:
+    """One ``<video>.csv`` of a BSN / BMN folder."""
+    rows = _csv_rows(file, file.stem, videos).get(file.stem, [])
+    return _finish(file, file.stem, rows, _known_duration(videos, file.stem), tolerance)
 
 
 def _known_duration(videos: dict[str, Video] | None, vid: str) -> float | None:

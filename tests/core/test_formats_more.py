@@ -10,8 +10,8 @@ import torch
 from gcm_core.data.atomic import atomic_write, atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
-    Detections, Instance, Proposals, Video, load_features, read_annotations, read_detections, read_proposals,
-    write_annotations_json, write_result_json, write_ssn_list, write_thumos_text,
+    Detections, Instance, ProposalSource, Proposals, Video, load_features, read_annotations, read_detections,
+    read_proposals, write_annotations_json, write_result_json, write_ssn_list, write_thumos_text,
 )
 
 
@@ -40,6 +40,8 @@ def test_bsn_csv_folder_and_single_csv(tmp_path):
     single.write_text("video-name,t-start,t-end,score\nv1,3.0,9.5,0.8\nv2,1.0,2.0,0.1\n")
     props = read_proposals(single, videos)
     assert props["v1"].intervals.tolist() == [[3.0, 9.5]] and props["v2"].score.tolist() == [0.1]
+    for path, video, expected in ((folder, "v1", [[10, 30], [50, 60]]), (single, "v1", [[3.0, 9.5]])):
+        np.testing.assert_allclose(ProposalSource(path, videos)[video].intervals, expected)  # one video at a time
 
 
 def test_written_files_read_back(tmp_path):

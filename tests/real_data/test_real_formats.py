@@ -10,8 +10,8 @@ import pytest
 
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
-    load_features, read_annotations, read_avoid_list, read_detections, read_proposals, read_ssn_blocks,
-    read_video_info,
+    FormatError, ProposalSource, Video, load_features, read_annotations, read_avoid_list, read_detections,
+    read_proposals, read_ssn_blocks, read_video_info,
 )
 
 
@@ -106,10 +106,21 @@ def test_thumos_proposal_lists(shared_data, thumos):
     annotated = sorted((i.label, i.start, i.end) for i in test_gt[block.video].instances)
     assert [x[0] for x in embedded] == [x[0] for x in annotated]
     assert np.abs(np.array([x[1:] for x in embedded]) - np.array([x[1:] for x in annotated])).max() < 0.1
-    turn = read_proposals(root / "proposals/test_proposals_from_TURN.txt",
-                          read_annotations(root / "annotations/thumos14_test_groundtruth.csv", thumos))
+    turn_gt = read_annotations(root / "annotations/thumos14_test_groundtruth.csv", thumos)
+    turn = read_proposals(root / "proposals/test_proposals_from_TURN.txt", turn_gt)
     n_lines = sum(1 for ln in (root / "proposals/test_proposals_from_TURN.txt").read_text().splitlines() if ln.strip())
     assert len(turn) == 213 and sum(map(len, turn.values())) == n_lines
+    # what a preprocessing worker reads: one video at a time, the same proposals
+    for path, whole, videos in ((root / "proposals/tag_test_proposal_list.txt", test, test_gt),
+                                (root / "proposals/test_proposals_from_TURN.txt", turn, turn_gt)):
+        source = ProposalSource(path, videos)
+        for vid in list(whole)[::20]:
+            one = source[vid]
+            for field in ("start", "end", "score"):
+                np.testing.assert_array_equal(getattr(one, field), getattr(whole[vid], field))
+        with pytest.raises(FormatError, match="video_test_9999999: no proposals for this annotated video"):
+            ProposalSource(path, {**videos, "video_test_9999999": Video("video_test_9999999", 10.0, 30.0)})[
+                "video_test_9999999"]
 
 
 def test_cbr_results_and_untrimmednet_scores(shared_data, thumos):
