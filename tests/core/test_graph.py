@@ -148,6 +148,14 @@ def test_ranked_k_smallest_are_the_sorted_rows(rows, n, k, inf_share, dtype, see
     assert list(zip(row.tolist(), col.tolist(), rank.tolist())) == expected
 
 
+def test_ranked_k_smallest_of_rows_all_tied_are_the_first_columns():
+    """Equal keys everywhere (units with equal features): the bound keeps every entry, so the
+    argmin passes decide; ties go to the lower columns."""
+    row, col, rank = rank_smallest(torch.zeros(3, 100), 8, torch.empty(3, 100, dtype=torch.bool))
+    assert row.tolist() == [r for r in range(3) for _ in range(8)]
+    assert col.tolist() == rank.tolist() == list(range(8)) * 3
+
+
 def test_real_tag_proposals_match_brute_force(shared_data):
     """Real THUMOS'14 TAG proposal geometry (frames), seeded random features."""
     proposals = read_tag_proposals_frames(shared_data / "thumos14/proposals/tag_test_proposal_list.txt", 6)
