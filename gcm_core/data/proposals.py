@@ -48,9 +48,7 @@ def read_proposals(path: str | Path, videos: dict[str, Video] | None = None, *, 
         raise FormatError(path, "no such file or folder")
     if path.suffix == ".csv":
         return _read_bsn_csv(path, videos, tolerance)
-    with path.open() as f:
-        first = f.readline()
-    if first.startswith("#"):
+    if _is_ssn_list(path):
         return _read_ssn_list(path, videos, tolerance, skip_unknown)
     if time_unit not in ("frames", "seconds"):
         raise ValueError(f"time_unit must be 'frames' or 'seconds', got {time_unit!r}")
@@ -71,11 +69,9 @@ class ProposalSource:
         self._lines: list[str] = []
         self._headers: dict[str, int] | None = None
         self._all: dict[str, Proposals] | None = None
-        if self.path.is_file() and self.path.suffix != ".csv":
-            with self.path.open() as f:
-                if f.readline().startswith("#"):
-                    self._lines = self.path.read_text().splitlines()
-                    self._headers = _ssn_headers(self.path, self._lines)
+        if _is_ssn_list(self.path):
+            self._lines = self.path.read_text().splitlines()
+            self._headers = _ssn_headers(self.path, self._lines)
 
     def __getitem__(self, video: str) -> Proposals:
         if self._headers is not None:
@@ -93,6 +89,14 @@ class ProposalSource:
             if video in self._all:
                 return self._all[video]
         raise FormatError(self.path, "no proposals for this annotated video", video=video)
+
+
+def _is_ssn_list(path: Path) -> bool:
+    """An SSN / P-GCN list is a text file whose first line is a ``# <index>`` block header."""
+    if not path.is_file() or path.suffix == ".csv":
+        return False
+    with path.open() as f:
+        return f.readline().startswith("#")
 
 
 def _video_info(path: Path, videos: dict[str, Video] | None, vid: str, need: str) -> Video:
