@@ -124,8 +124,6 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_detect(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from gcm_core.checkpoint import detect_video, load_checkpoint
     from gcm_core.data.formats import load_features, read_video_proposals, result_json, write_result_json
 
@@ -136,8 +134,7 @@ def _run_detect(args: argparse.Namespace) -> int:
     video_id = args.video_id or args.features[0].stem
     features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
     proposals = read_video_proposals(args.proposals, video_id)
-    detections = detect_video(checkpoint, features, np.stack([proposals.start, proposals.end], axis=1), video_id,
-                              args.fps, args.duration)
+    detections = detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration)
     if args.out:
         write_result_json(args.out, detections)
         print(f"wrote {len(detections)} detections of {video_id} to {args.out}")

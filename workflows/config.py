@@ -161,8 +161,9 @@ def _nested_homes(cls: type, name: str, prefix: str) -> list[str]:
     """Dotted paths inside dataclass ``cls`` where a field called ``name`` lives: a key given at the
     wrong level (``train.lr`` to ``gcm tune``, whose trial settings sit under ``base``)."""
     homes = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = hints[f.name]
         if _is_dataclass_type(tp):
             if name in {g.name for g in dataclasses.fields(tp)}:
                 homes.append(f"{prefix}{f.name}.{name}")
