@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from gcm_core.data.model import Detections, Video
+from gcm_core.data.model import Detections, Video, video_key
 from gcm_core.metrics import MapResult, Segments, activitynet_ap, thumos14_ap
 
 PROTOCOLS = ("thumos14", "activitynet")
@@ -16,26 +16,33 @@ def evaluate_detections(videos: dict[str, Video], detections: Detections, classe
     """mAP of ``detections`` on the ground truth ``videos`` (the evaluated set).
 
     Detections on videos outside that set count as false positives, and detections of labels
-    outside ``classes`` are ignored, as in both official evaluators.
+    outside ``classes`` are ignored, as in both official evaluators. Videos are matched by
+    :func:`~gcm_core.data.model.video_key` (ActivityNet ids with or without ``v_``); detections
+    of which not one names a ground-truth video are an error, not a silent mAP of 0.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
     class_index = {name: k for k, name in enumerate(classes)}
-    video_index = {vid: k for k, vid in enumerate(videos)}
-    gt_rows = [(video_index[v.id], class_index[i.label], i.start, i.end)
+    video_index = {video_key(vid): k for k, vid in enumerate(videos)}
+    gt_rows = [(video_index[video_key(v.id)], class_index[i.label], i.start, i.end)
                for v in videos.values() for i in v.instances if i.label in class_index]
     gt = _segments(gt_rows)
+    det_videos = [video_key(v) for v in detections.video]
+    if det_videos and video_index and video_index.keys().isdisjoint(det_videos):
+        raise ValueError(f"none of the {len(set(det_videos))} videos of the detections is a ground-truth video "
+                         f"(detections: {sorted(set(detections.video))[:3]}, ground truth: {sorted(videos)[:3]}): "
+                         "do the two files name the same videos, and the same subset?")
     det_keep = [k for k, lab in enumerate(detections.label) if lab in class_index]
-    for vid in {detections.video[k] for k in det_keep} - video_index.keys():
+    for vid in {det_videos[k] for k in det_keep} - video_index.keys():
         video_index[vid] = len(video_index)
     det = Segments(
-        video=[video_index[detections.video[k]] for k in det_keep],
+        video=[video_index[det_videos[k]] for k in det_keep],
         label=[class_index[detections.label[k]] for k in det_keep],
         start=detections.start[det_keep], end=detections.end[det_keep], score=detections.score[det_keep],
     )
     if protocol == "activitynet":
         return activitynet_ap(gt, det, tiou, len(classes))
-    ambiguous = _segments([(video_index[v.id], -1, s, e) for v in videos.values() for s, e in v.ambiguous])
+    ambiguous = _segments([(video_index[video_key(v.id)], -1, s, e) for v in videos.values() for s, e in v.ambiguous])
     return thumos14_ap(gt, det, tiou, len(classes), ambiguous)
 
 

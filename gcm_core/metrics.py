@@ -18,7 +18,10 @@ non-interpolated mean of the precision at each true positive over all ground tru
 mean over all classes of the dataset.
 
 Both protocols re-order reversed intervals (start > end), as the THUMOS'14 code does; the
-official ActivityNet code would give such a detection a negative length.
+official ActivityNet code would give such a detection a negative length. A zero-length detection
+never matches a zero-length ground truth (tIoU 0/0): the THUMOS'14 code's comparisons with NaN
+reject it, the ActivityNet code's accept it (a true positive; real ActivityNet validation holds
+three such instances, so an evaluated copy of its ground truth scores 0.07 mAP points lower here).
 
 Ties: sorting is stable, so detections of equal score keep their input order, and a detection
 equally close to two free ground truths (or a ground truth to two free detections) takes the one

@@ -9,9 +9,11 @@ import numpy as np
 
 
 def loop_tiou(a, b):
+    """tIoU; 0 for two zero-length segments at one point (0/0: gcm_core.metrics' rule, see its docstring)."""
     a, b = sorted(a), sorted(b)
     inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
-    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
 
 
 def loop_activitynet_ap(gt, det, thr, num_classes):

@@ -23,6 +23,13 @@ class FormatError(ValueError):
         self.path, self.video, self.line, self.field = Path(path), video, line, field
 
 
+def video_key(video_id: str) -> str:
+    """The name videos are matched by across files. ActivityNet's YouTube ids (11 characters)
+    appear bare in the official ground truth, submissions and TAG lists and with BSN / BMN's
+    ``v_`` prefix in their annotation, proposal and feature files: the prefix is dropped."""
+    return video_id[2:] if len(video_id) == 13 and video_id.startswith("v_") else video_id
+
+
 @dataclass
 class Instance:
     """One annotated action: a class name and its extent in seconds."""

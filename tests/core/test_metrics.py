@@ -134,3 +134,32 @@ def test_threshold_boundary_differs_between_protocols():
     det = Segments([0], [0], [0.0], [2.0], [1.0])  # tIoU = 2 / 4 = 0.5
     assert activitynet_ap(gt, det, [0.5], 1).map.item() == 1.0
     assert thumos14_ap(gt, det, [0.5], 1).map.item() == 0.0
+
+
+def test_activitynet_ids_match_with_and_without_the_v_prefix(shared_data):
+    """The official example submission names videos by bare YouTube id, BSN's annotations with
+    'v_': scored as the official loop scores them once the ids are made to agree by hand."""
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.formats import read_annotations, read_detections
+    from gcm_core.evaluation import evaluate_detections, select_subset
+
+    card = load_card("activitynet13")
+    root = shared_data / "activitynet"
+    gt = select_subset(read_annotations(root / "anet_anno_action.json", card), "validation")
+    det = read_detections(root / "sample_detection_prediction.json")
+    assert all(v.startswith("v_") for v in gt) and not any(v.startswith("v_") for v in det.video)
+    result = evaluate_detections(gt, det, card.classes, "activitynet", [0.5, 0.95])
+
+    videos = {v.removeprefix("v_"): k for k, v in enumerate(gt)}
+    videos.update({v: len(videos) + k for k, v in enumerate(sorted(set(det.video) - videos.keys()))})
+    cls = {c: k for k, c in enumerate(card.classes)}
+    gt_rows = [(videos[v.removeprefix("v_")], cls[i.label], i.start, i.end) for v, g in gt.items() for i in g.instances]
+    det_rows = [(videos[v], cls[lab], min(s, e), max(s, e), sc)
+                for v, lab, s, e, sc in zip(det.video, det.label, det.start, det.end, det.score)]
+    expected = np.nanmean(loop_activitynet_ap(gt_rows, det_rows, [0.5, 0.95], len(card.classes)), axis=1)
+    np.testing.assert_allclose(result.map.numpy(), expected, atol=1e-9)
+    assert result.map.min() > 0.9  # the example is the ground truth itself, plus videos BSN's list lacks
+
+    thumos = read_detections(shared_data / "thumos14/results/CBR/CBR_THUMOS-14_IoU0.5.txt", load_card("thumos14"))
+    with pytest.raises(ValueError, match="none of the 213 videos of the detections is a ground-truth video"):
+        evaluate_detections(gt, thumos, card.classes, "activitynet", [0.5])
