@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.model import FormatError, Proposals, Video
+from gcm_core.data.model import FormatError, Proposals, Video, video_key
 from gcm_core.units import pairwise_overlap, pairwise_tiou
 
 DEFAULT_TOLERANCE_S = 1.0
@@ -71,23 +71,26 @@ class ProposalSource:
         self._all: dict[str, Proposals] | None = None
         if _is_ssn_list(self.path):
             self._lines = self.path.read_text().splitlines()
-            self._headers = _ssn_headers(self.path, self._lines)
+            self._headers = {video_key(v): i for v, i in _ssn_headers(self.path, self._lines).items()}
 
     def __getitem__(self, video: str) -> Proposals:
+        """``video``'s proposals; the file may spell an ActivityNet id with or without ``v_``."""
+        key = video_key(video)
         if self._headers is not None:
-            if video in self._headers:
-                block = _ssn_block(self.path, self._lines, self._headers[video])
+            if key in self._headers:
+                block = _ssn_block(self.path, self._lines, self._headers[key])
                 return _ssn_proposals(self.path, block, self.videos, self.tolerance)
         elif self.path.is_dir():
-            file = self.path / f"{video}.csv"
-            if file.is_file():
-                return _read_bsn_file(file, self.videos, self.tolerance)
+            for name in dict.fromkeys((video, key, f"v_{key}")):
+                if (self.path / f"{name}.csv").is_file():
+                    return _read_bsn_file(self.path / f"{name}.csv", self.videos, self.tolerance)
         else:
             if self._all is None:
-                self._all = read_proposals(self.path, self.videos, time_unit=self.time_unit,
-                                           tolerance=self.tolerance, skip_unknown=True)
-            if video in self._all:
-                return self._all[video]
+                self._all = {video_key(v): p for v, p in read_proposals(
+                    self.path, self.videos, time_unit=self.time_unit, tolerance=self.tolerance,
+                    skip_unknown=True).items()}
+            if key in self._all:
+                return self._all[key]
         raise FormatError(self.path, "no proposals for this annotated video", video=video)
 
 
@@ -99,8 +102,18 @@ def _is_ssn_list(path: Path) -> bool:
         return f.readline().startswith("#")
 
 
+def _annotation(videos: dict[str, Video] | None, vid: str) -> Video | None:
+    """The annotation of ``vid``, under either spelling of an ActivityNet id (``video_key``)."""
+    videos = videos or {}
+    found = videos.get(vid)
+    key = video_key(vid)
+    if found is None and len(key) == 11:
+        found = videos.get(key) or videos.get(f"v_{key}")
+    return found
+
+
 def _video_info(path: Path, videos: dict[str, Video] | None, vid: str, need: str) -> Video:
-    video = (videos or {}).get(vid)
+    video = _annotation(videos, vid)
     if video is None:
         raise FormatError(path, f"no annotation for this video: its {need} is needed to place its proposals "
                                 "in seconds (pass the annotations)", video=vid)
@@ -236,7 +249,7 @@ def _numbers(path: Path, lines: list[str], k: int, vid: str, count: int, layout:
 def _read_ssn_list(path: Path, videos: dict[str, Video] | None, tolerance: float,
                    skip_unknown: bool) -> dict[str, Proposals]:
     return {block.video: _ssn_proposals(path, block, videos, tolerance) for block in read_ssn_blocks(path)
-            if not (skip_unknown and block.video not in (videos or {}))}
+            if not (skip_unknown and _annotation(videos, block.video) is None)}
 
 
 def _ssn_proposals(path: Path, block: SsnBlock, videos: dict[str, Video] | None, tolerance: float) -> Proposals:
@@ -246,7 +259,7 @@ def _ssn_proposals(path: Path, block: SsnBlock, videos: dict[str, Video] | None,
         scale = duration
     else:
         fps = _fps(path, videos, block.video, block.n_frames)
-        duration = videos[block.video].duration or block.n_frames / fps
+        duration = _video_info(path, videos, block.video, "fps").duration or block.n_frames / fps
         scale = 1 / fps
     return _finish(path, block.video, [(s * scale, e * scale, 1.0, line) for s, e, line in block.proposals],
                    duration, tolerance)
@@ -344,7 +357,7 @@ def _read_bsn_file(file: Path, videos: dict[str, Video] | None, tolerance: float
 
 
 def _known_duration(videos: dict[str, Video] | None, vid: str) -> float | None:
-    video = (videos or {}).get(vid)
+    video = _annotation(videos, vid)
     return video.duration if video else None
 
 

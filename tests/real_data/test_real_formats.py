@@ -154,12 +154,15 @@ def test_activitynet_tag_list_prediction_sample_and_feature(shared_data):
     root = shared_data / "activitynet"
     blocks = read_ssn_blocks(root / "activitynet1.2_tag_val_normalized_proposal_list.txt")
     assert len(blocks) == 2383 and all(b.normalized for b in blocks)
-    annotated = {k.removeprefix("v_"): v for k, v in read_annotations(root / "anet_anno_action.json").items()}
-    props = read_proposals(root / "activitynet1.2_tag_val_normalized_proposal_list.txt", annotated, skip_unknown=True)
+    bsn = read_annotations(root / "anet_anno_action.json")  # BSN spells ids v_<YouTube id>, the list bare
+    annotated = {k.removeprefix("v_"): v for k, v in bsn.items()}
+    tag_list = root / "activitynet1.2_tag_val_normalized_proposal_list.txt"
+    props = read_proposals(tag_list, bsn, skip_unknown=True)
     known = [b.video for b in blocks if b.video in annotated]
     assert sorted(props) == sorted(known) and len(known) < 2383  # v1.2 videos gone from v1.3 are skipped
     vid = known[0]
     assert props[vid].end.max() <= annotated[vid].duration
+    np.testing.assert_array_equal(ProposalSource(tag_list, bsn)[f"v_{vid}"].intervals, props[vid].intervals)
     pred = read_detections(root / "sample_detection_prediction.json")
     assert len(pred) > 0 and len(set(pred.video)) > 1
     feat = load_features(root / "features/example_feat.npy")
