@@ -18,7 +18,8 @@ def evaluate_detections(videos: dict[str, Video], detections: Detections, classe
     Detections on videos outside that set count as false positives, and detections of labels
     outside ``classes`` are ignored, as in both official evaluators. Videos are matched by
     :func:`~gcm_core.data.model.video_key` (ActivityNet ids with or without ``v_``); detections
-    of which not one names a ground-truth video are an error, not a silent mAP of 0.
+    of which not one names a ground-truth video, or has a label among ``classes``, are an error,
+    not a silent mAP of 0.
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
@@ -33,6 +34,10 @@ def evaluate_detections(videos: dict[str, Video], detections: Detections, classe
                          f"(detections: {sorted(set(detections.video))[:3]}, ground truth: {sorted(videos)[:3]}): "
                          "do the two files name the same videos, and the same subset?")
     det_keep = [k for k, lab in enumerate(detections.label) if lab in class_index]
+    if len(detections) and not det_keep:
+        raise ValueError(f"none of the {len(detections)} detections has a label among the {len(classes)} classes "
+                         f"(labels: {sorted(set(detections.label))[:3]}, classes: {list(classes)[:3]}): "
+                         "check the card and, for THUMOS text, the label convention")
     for vid in {det_videos[k] for k in det_keep} - video_index.keys():
         video_index[vid] = len(video_index)
     det = Segments(

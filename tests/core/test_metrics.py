@@ -163,3 +163,5 @@ def test_activitynet_ids_match_with_and_without_the_v_prefix(shared_data):
     thumos = read_detections(shared_data / "thumos14/results/CBR/CBR_THUMOS-14_IoU0.5.txt", load_card("thumos14"))
     with pytest.raises(ValueError, match="none of the 213 videos of the detections is a ground-truth video"):
         evaluate_detections(gt, thumos, card.classes, "activitynet", [0.5])
+    with pytest.raises(ValueError, match=f"none of the {len(det)} detections has a label among the 20 classes"):
+        evaluate_detections(gt, det, load_card("thumos14").classes, "activitynet", [0.5])
