@@ -15,7 +15,7 @@ import numpy as np
 from gcm_core.data.annotations import read_annotations
 from gcm_core.data.cards import DatasetCard, data_root_path
 from gcm_core.data.features import load_features
-from gcm_core.data.model import FormatError, Proposals, Video
+from gcm_core.data.model import FormatError, Proposals, Video, video_spellings
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.proposals import ProposalSource
 
@@ -60,7 +60,10 @@ class DatasetSource:
         return sorted(self.videos)
 
     def feature_path(self, video: str, stream: str) -> Path:
-        return self.card.path("features", self.root, stream=stream, video=video)
+        """The feature file of ``video``: the first of its spellings (an ActivityNet id with or
+        without ``v_``) whose file exists, else the card's own spelling."""
+        paths = [self.card.path("features", self.root, stream=stream, video=name) for name in video_spellings(video)]
+        return next((p for p in paths if p.is_file()), paths[0])
 
     def grid(self, video: Video, num_snippets: int) -> SnippetGrid:
         snippets = self.card.snippets

@@ -30,6 +30,13 @@ def video_key(video_id: str) -> str:
     return video_id[2:] if len(video_id) == 13 and video_id.startswith("v_") else video_id
 
 
+def video_spellings(video_id: str) -> tuple[str, ...]:
+    """The names a video may have in a file: its own, then, for an ActivityNet id, the other
+    spelling (``v_`` added or dropped; see :func:`video_key`)."""
+    key = video_key(video_id)
+    return tuple(dict.fromkeys((video_id, key, f"v_{key}"))) if len(key) == 11 else (video_id,)
+
+
 @dataclass
 class Instance:
     """One annotated action: a class name and its extent in seconds."""

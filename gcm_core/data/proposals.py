@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.model import FormatError, Proposals, Video, video_key
+from gcm_core.data.model import FormatError, Proposals, Video, video_key, video_spellings
 from gcm_core.units import pairwise_overlap, pairwise_tiou
 
 DEFAULT_TOLERANCE_S = 1.0
@@ -81,7 +81,7 @@ class ProposalSource:
                 block = _ssn_block(self.path, self._lines, self._headers[key])
                 return _ssn_proposals(self.path, block, self.videos, self.tolerance)
         elif self.path.is_dir():
-            for name in dict.fromkeys((video, key, f"v_{key}")):
+            for name in video_spellings(video):
                 if (self.path / f"{name}.csv").is_file():
                     return _read_bsn_file(self.path / f"{name}.csv", self.videos, self.tolerance)
         else:
@@ -103,13 +103,8 @@ def _is_ssn_list(path: Path) -> bool:
 
 
 def _annotation(videos: dict[str, Video] | None, vid: str) -> Video | None:
-    """The annotation of ``vid``, under either spelling of an ActivityNet id (``video_key``)."""
-    videos = videos or {}
-    found = videos.get(vid)
-    key = video_key(vid)
-    if found is None and len(key) == 11:
-        found = videos.get(key) or videos.get(f"v_{key}")
-    return found
+    """The annotation of ``vid``, under any of its spellings (:func:`video_spellings`)."""
+    return next((videos[name] for name in video_spellings(vid) if name in (videos or {})), None)
 
 
 def _video_info(path: Path, videos: dict[str, Video] | None, vid: str, need: str) -> Video:

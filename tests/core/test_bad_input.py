@@ -46,6 +46,22 @@ def test_wrong_data_root_is_named(dataset, tmp_path):
            f"no such file under the data root {tmp_path.resolve()}", "--data-root")
 
 
+def test_activitynet_ids_are_found_under_either_spelling(broken):
+    """Annotations naming a video v_<YouTube id>, its features and proposal block the bare id
+    (BSN's files beside official ones): the video loads as it did under one name."""
+    source, vid = first_video(broken, "test")
+    before = source.load(vid)
+    for path in (broken / "annotations.json", broken / "proposals/test_proposal_list.txt"):
+        new_id = "v_abcdefghijk" if path.suffix == ".json" else "abcdefghijk"
+        path.write_text(path.read_text().replace(vid, new_id))
+    for stream in ("rgb", "flow"):
+        (broken / f"features/{stream}/{vid}.npy").rename(broken / f"features/{stream}/abcdefghijk.npy")
+    after = DatasetSource(load_card(broken / "card.yaml"), broken, "test").load("v_abcdefghijk")
+    np.testing.assert_array_equal(after.proposals.intervals, before.proposals.intervals)
+    for stream in ("rgb", "flow"):
+        np.testing.assert_array_equal(after.features[stream], before.features[stream])
+
+
 def test_missing_feature_file(broken):
     source, vid = first_video(broken)
     source.feature_path(vid, "flow").unlink()
