@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +22,9 @@ LOCAL_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DATA_LOG_LEVEL": "ERROR",   # the stages print their own progress
 }
+
+
+_embedded = False  # whether the Ray in use is one ray_session started here (fixed resources)
 
 
 def quiet_ray_environment() -> None:
@@ -40,6 +44,7 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
         yield
         return
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+    global _embedded
     if config.address:
         ray.init(address=config.address, **kwargs)
     else:
@@ -47,10 +52,12 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
         # address of in Ray's temp folder), which address=None would try to join
         ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                  object_store_memory=config.object_store_mb * 1024 ** 2, **kwargs)
+        _embedded = True
     quiet_data()
     try:
         yield
     finally:
+        _embedded = False
         ray.shutdown()
 
 
@@ -71,3 +78,20 @@ def cluster_gpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def require_resources(what: str, needed: dict[str, float]) -> None:
+    """Stop with a clear error where Ray would wait forever: ``needed`` (totals such as
+    ``{"CPU": 2.25}``) beyond what the embedded Ray has. A cluster may still grow (an autoscaler
+    adds nodes), so there the shortfall is printed and the stage waits."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = [f"{need:g} {name} (the cluster has {have.get(name, 0.0):g})" for name, need in needed.items()
+             if need > have.get(name, 0.0) + 1e-9]
+    if not short:
+        return
+    message = f"{what} needs {', '.join(short)}"
+    if _embedded:
+        raise RuntimeError(f"{message}: Ray would wait for them forever; use fewer workers")
+    print(f"{message}; waiting for the cluster to provide them", file=sys.stderr)

@@ -43,6 +43,17 @@ def run_dir(stage: TrainStageConfig) -> Path:
     return Path(stage.out).resolve() / stage.name
 
 
+# a fraction of a CPU: whole-CPU read tasks would starve beside the training workers (RAY_NOTES.md)
+READ_TASK_CPUS = 0.25
+
+
+def training_resources(stage: TrainStageConfig, use_gpu: bool) -> dict[str, float]:
+    """What one fit holds at once: its workers, and room for one task reading its shards (without
+    it the workers wait for data forever)."""
+    return {"CPU": stage.num_workers * stage.cpus_per_worker + READ_TASK_CPUS,
+            **({"GPU": float(stage.num_workers)} if use_gpu else {})}
+
+
 def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str):
     """A Ray dataset of one role's videos, one row per video, read from the shards on the workers
     (only the videos the manifest lists for each shard)."""
@@ -50,8 +61,8 @@ def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str):
 
     items = [{"path": str(Path(folder).resolve() / s["path"]), "videos": s["videos"]}
              for s in manifest["shards"] if s["role"] == role]
-    # a fraction of a CPU: whole-CPU read tasks would starve beside the training workers (RAY_NOTES.md)
-    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(_listed_rows, num_cpus=0.25)
+    return ray.data.from_items(items, override_num_blocks=max(1, len(items))).flat_map(_listed_rows,
+                                                                                       num_cpus=READ_TASK_CPUS)
 
 
 def _listed_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
@@ -222,15 +233,16 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from workflows.ray_env import cluster_gpus
+    from workflows.ray_env import cluster_gpus, require_resources
 
     manifest = load_manifest(stage.data)
+    use_gpu = stage.use_gpu if stage.use_gpu is not None else cluster_gpus() > 0
+    require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu))
     folder = run_dir(stage)
     if (folder / SNAPSHOT).exists() and not stage.resume:
         raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump(stage))
-    use_gpu = stage.use_gpu if stage.use_gpu is not None else cluster_gpus() > 0
     card_snippets = _card_snippets(stage.data)
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
             "threads": max(1, int(stage.cpus_per_worker))}

@@ -18,7 +18,9 @@ import torch
 from helpers import ROOT
 from gcm_core.checkpoint import load_checkpoint
 from gcm_core.data.cards import load_card
-from workflows.config import EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict
+from workflows.config import (
+    EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
+)
 from workflows.evaluate import EvaluationError, run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.ray_env import ray_session
@@ -65,6 +67,13 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     with pytest.raises(FileExistsError, match="--resume"):
         run_train(stage(prepared, run.parent, "gcm"), quiet=True)
 
+
+
+def test_more_workers_than_the_embedded_ray_holds_is_an_error_not_a_hang(prepared, tmp_path):
+    too_many = from_dict(TrainStageConfig, {**to_dict(stage(prepared, tmp_path, "crowd")), "num_workers": 4})
+    with pytest.raises(RuntimeError, match=r"needs 2.25 CPU \(the cluster has 2\).*fewer workers"):
+        run_train(too_many, quiet=True)  # 4 x 0.5 CPU + a read task: Ray would wait forever
+    assert not (tmp_path / "crowd").exists()
 
 
 def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(prepared, runs, tmp_path):
