@@ -130,7 +130,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     """Run the stage on the connected Ray; returns the manifest it wrote."""
     import ray.data
 
-    from workflows.ray_env import cluster_gpus
+    from workflows.ray_env import cluster_gpus, require_resources
 
     card = load_card(config.card)
     out = Path(config.out)
@@ -150,6 +150,8 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     if todo:
         use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
         workers = max(1, config.num_workers)
+        if use_gpu:
+            require_resources("preprocessing on GPU workers", {"GPU": 1.0}, "leave use_gpu unset or false")
         shards = shard_count(len(todo), config.videos_per_shard, workers)
         data_root = str(data_root_path(config.data_root).resolve())  # workers need not share our directory
         ds = ray.data.from_items(balanced_order(todo, shards), override_num_blocks=shards)

@@ -80,10 +80,10 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def require_resources(what: str, needed: dict[str, float]) -> None:
+def require_resources(what: str, needed: dict[str, float], remedy: str) -> None:
     """Stop with a clear error where Ray would wait forever: ``needed`` (totals such as
-    ``{"CPU": 2.25}``) beyond what the embedded Ray has. A cluster may still grow (an autoscaler
-    adds nodes), so there the shortfall is printed and the stage waits."""
+    ``{"CPU": 2.25}``) beyond what the embedded Ray has; ``remedy`` ends the message. A cluster may
+    still grow (an autoscaler adds nodes), so there the shortfall is printed and the stage waits."""
     import ray
 
     have = ray.cluster_resources()
@@ -93,5 +93,5 @@ def require_resources(what: str, needed: dict[str, float]) -> None:
         return
     message = f"{what} needs {', '.join(short)}"
     if _embedded:
-        raise RuntimeError(f"{message}: Ray would wait for them forever; use fewer workers")
+        raise RuntimeError(f"{message}: Ray would wait for them forever; {remedy}")
     print(f"{message}; waiting for the cluster to provide them", file=sys.stderr)

@@ -237,7 +237,8 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
     manifest = load_manifest(stage.data)
     use_gpu = stage.use_gpu if stage.use_gpu is not None else cluster_gpus() > 0
-    require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu))
+    require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
+                      "use fewer --workers (or less cpus_per_worker)")
     folder = run_dir(stage)
     if (folder / SNAPSHOT).exists() and not stage.resume:
         raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")

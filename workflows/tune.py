@@ -141,7 +141,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     use_gpu = base.use_gpu if base.use_gpu is not None else cluster_gpus() > 0
     trial = training_resources(base, use_gpu)
     require_resources(f"one trial of {grid.name} ({base.num_workers} workers)",
-                      {**trial, "CPU": trial["CPU"] + resources["cpu"]})
+                      {**trial, "CPU": trial["CPU"] + resources["cpu"]}, "use fewer workers (--set base.num_workers=N)")
     trainable = tune.with_resources(run_trial, resources)
     if config.resume and tune.Tuner.can_restore(str(folder)):
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)

@@ -1,7 +1,10 @@
 """The embedded default starts its own Ray, whatever address the environment names."""
 from __future__ import annotations
 
-from workflows.config import RayConfig
+import pytest
+
+from workflows.config import PreprocessConfig, RayConfig
+from workflows.preprocess import run_preprocess
 from workflows.ray_env import ray_session
 
 
@@ -13,3 +16,12 @@ def test_the_embedded_default_ignores_a_cluster_address_that_is_gone(monkeypatch
         assert ray.cluster_resources()["CPU"] == 1
         assert ray.get(ray.put(41)) + 1 == 42
     assert not ray.is_initialized()
+
+
+def test_gpu_preprocessing_without_gpus_is_an_error_not_a_hang(small_dataset, tmp_path):
+    with ray_session(RayConfig(num_cpus=1, object_store_mb=100)):
+        config = PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=str(small_dataset),
+                                  out=str(tmp_path), use_gpu=True)
+        with pytest.raises(RuntimeError, match=r"needs 1 GPU \(the cluster has 0\).*use_gpu"):
+            run_preprocess(config, quiet=True)  # Ray Data would wait for a GPU forever
+        assert not list((tmp_path / "shards").glob("*"))

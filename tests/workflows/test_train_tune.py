@@ -71,7 +71,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 def test_more_workers_than_the_embedded_ray_holds_is_an_error_not_a_hang(prepared, tmp_path):
     too_many = from_dict(TrainStageConfig, {**to_dict(stage(prepared, tmp_path, "crowd")), "num_workers": 4})
-    with pytest.raises(RuntimeError, match=r"needs 2.25 CPU \(the cluster has 2\).*fewer workers"):
+    with pytest.raises(RuntimeError, match=r"needs 2.25 CPU \(the cluster has 2\).*fewer --workers"):
         run_train(too_many, quiet=True)  # 4 x 0.5 CPU + a read task: Ray would wait forever
     assert not (tmp_path / "crowd").exists()
 
