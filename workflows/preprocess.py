@@ -20,7 +20,7 @@ import heapq
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,9 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
 
     from workflows.ray_env import cluster_gpus, require_resources
 
+    # the data root as an absolute path: workers, and the stages that read the manifest later, run
+    # in other directories
+    config = replace(config, data_root=str(data_root_path(config.data_root).resolve()))
     card = load_card(config.card)
     out = Path(config.out)
     if config.overwrite and (out / "shards").exists():
@@ -153,13 +156,12 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
         if use_gpu:
             require_resources("preprocessing on GPU workers", {"GPU": 1.0}, "leave use_gpu unset or false")
         shards = shard_count(len(todo), config.videos_per_shard, workers)
-        data_root = str(data_root_path(config.data_root).resolve())  # workers need not share our directory
         ds = ray.data.from_items(balanced_order(todo, shards), override_num_blocks=shards)
         # a block is a batch is a shard; Ray asks for a batch size with GPUs (it may then pair
         # blocks one row short of it, which only changes how the shards are cut)
         results = ds.map_batches(
             ShardWriter, batch_size=-(-len(todo) // shards) if use_gpu else None, batch_format="numpy",
-            fn_constructor_kwargs={"card_path": str(card_copy.resolve()), "data_root": data_root,
+            fn_constructor_kwargs={"card_path": str(card_copy.resolve()), "data_root": config.data_root,
                                    "out": str(out.resolve()), "config": to_dict(config)},
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1, num_gpus=1 if use_gpu else 0)

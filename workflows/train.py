@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
     from workflows.ray_env import cluster_gpus, require_resources
 
+    stage = replace(stage, data=str(Path(stage.data).resolve()))  # workers run in other directories
     manifest = load_manifest(stage.data)
     use_gpu = stage.use_gpu if stage.use_gpu is not None else cluster_gpus() > 0
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),

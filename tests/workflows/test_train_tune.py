@@ -103,9 +103,14 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
             assert json.loads((out / folder / "detections.json").read_text())["results"]
 
 
-def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, tmp_path):
+def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_dataset, tmp_path, monkeypatch):
+    # paths relative to where the user stands, as typed on the command line: Ray's workers run elsewhere
+    monkeypatch.chdir(tmp_path)
+    run_preprocess(PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=os.path.relpath(small_dataset),
+                                    out="prep", videos_per_shard=12), quiet=True)
+    prepared = Path("prep")
     config = from_dict(TrainStageConfig, {
-        "data": str(prepared), "out": str(tmp_path), "name": "dssad-gcm", "kind": "one-stage",
+        "data": "prep", "out": "runs", "name": "dssad-gcm", "kind": "one-stage",
         "one_stage": {"model": {"hidden": 32, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0, 2]},
                       "train": {"optimizer": "adam", "lr": 0.003, "epochs": 2, "batch_videos": 8}}})
     result = run_train(config, quiet=True)
