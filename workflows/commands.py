@@ -126,7 +126,11 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.checkpoint import detect_video, load_checkpoint
     from gcm_core.data.formats import load_features, read_video_proposals, result_json, write_result_json
+    from workflows.train_one_stage import is_one_stage_checkpoint
 
+    if is_one_stage_checkpoint(args.checkpoint):
+        raise ValueError(f"{args.checkpoint} holds a one-stage D-SSAD run: gcm detect takes a two-stage checkpoint "
+                         "(model.pt) and proposals; evaluate D-SSAD runs with gcm evaluate")
     checkpoint = load_checkpoint(args.checkpoint)
     streams = list(checkpoint.streams)
     if len(args.features) != len(streams):
@@ -213,7 +217,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", nargs="+", help="checkpoints (model.pt of gcm train runs)")
+    p.add_argument("--checkpoint", nargs="+",
+                   help="checkpoints written by gcm train (model.pt, or dssad.pt of one-stage runs)")
     p.add_argument("--data", nargs="+", help="preprocessed datasets whose test split is evaluated")
     p.add_argument("--out", help="output folder (detections and metrics per pair, summary table)")
     p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")

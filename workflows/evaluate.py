@@ -1,6 +1,7 @@
 """Parallel evaluation: many checkpoints x many preprocessed datasets at once, as Ray tasks.
 
-Each (checkpoint, dataset) pair is one task: inference on every test video without sampling,
+Each (checkpoint, dataset) pair is one task: inference on every test video without sampling (a
+two-stage head on the prepared units, or D-SSAD on the snippet features they were prepared from),
 detections written as ActivityNet result JSON, mAP under the dataset's protocol (or the one asked
 for); the driver gathers one summary table (``summary.md`` and ``summary.csv``).
 """
@@ -15,12 +16,16 @@ from typing import Any
 
 from gcm_core.checkpoint import load_checkpoint
 from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.cards import load_card
 from gcm_core.data.formats import write_result_json
-from gcm_core.engine import UnitDataset, detections_of, evaluate, predict
+from gcm_core.data.model import Detections, Video
+from gcm_core.engine import UnitDataset, detections_of, predict
+from gcm_core.evaluation import evaluate_detections
 from workflows.config import EvaluateConfig, dump
 from workflows.progress import Progress
 from workflows.shards import load_manifest, read_videos
 from workflows.tables import markdown_table
+from workflows.train_one_stage import WEIGHTS, is_one_stage_checkpoint, load_one_stage, test_split_detections
 
 
 class EvaluationError(RuntimeError):
@@ -33,7 +38,8 @@ def pair_folders(pairs: list[tuple[str, str]]) -> list[str]:
     names = []
     for checkpoint, data in pairs:
         ckpt = Path(checkpoint)
-        names.append(f"{ckpt.parent.name if ckpt.name == 'model.pt' else ckpt.stem}__{Path(data).name}")
+        run = ckpt.parent.name if ckpt.name in ("model.pt", WEIGHTS) else ckpt.stem  # a run's weights: its name
+        names.append(f"{run}__{Path(data).name}")
     shared, seen = Counter(names), Counter()
     folders = []
     for name in names:
@@ -44,30 +50,48 @@ def pair_folders(pairs: list[tuple[str, str]]) -> list[str]:
 
 def evaluate_pair(checkpoint: str, data: str, folder: str, protocol: str | None,
                   tiou: list[float] | None) -> dict[str, Any]:
-    """Evaluate one checkpoint on one preprocessed dataset's test split into ``folder`` (runs as a
-    Ray task)."""
+    """Evaluate one checkpoint (a two-stage ``model.pt`` or a D-SSAD ``dssad.pt``) on one
+    preprocessed dataset's test split into ``folder`` (runs as a Ray task)."""
     import torch
 
     torch.set_num_threads(1)
-    ckpt = load_checkpoint(checkpoint)
     manifest = load_manifest(data)
-    if list(manifest["classes"]) != list(ckpt.classes):
+    infer = _one_stage_detections if is_one_stage_checkpoint(checkpoint) else _two_stage_detections
+    classes, truth, detections = infer(checkpoint, data, manifest)
+    if list(manifest["classes"]) != classes:
         raise ValueError(f"{checkpoint} was trained on other classes than dataset {data} "
-                         f"({len(ckpt.classes)} vs {len(manifest['classes'])})")
+                         f"({len(classes)} vs {len(manifest['classes'])})")
+    protocol = protocol or manifest["protocol"]
+    thresholds = tiou or manifest["tiou"]
+    result = evaluate_detections(truth, detections, classes, protocol, thresholds)
+    write_result_json(Path(folder) / "detections.json", detections)
+    summary = result.as_dict(classes)
+    atomic_write_text(Path(folder) / "metrics.json", json.dumps(summary, indent=1))
+    return {"checkpoint": checkpoint, "data": data, "videos": len(truth), "protocol": protocol,
+            "tiou": list(thresholds), "mAP": summary["mAP"], "average": summary["average"],
+            "detections": str(Path(folder) / "detections.json")}
+
+
+def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
+                          ) -> tuple[list[str], dict[str, Video], Detections]:
+    """Classes, test ground truth and fused detections of a two-stage head on the prepared units."""
+    ckpt = load_checkpoint(checkpoint)
+    classes = list(ckpt.classes)
     videos = read_videos(data, "test", manifest)
     comp = ckpt.model_config.comp_input if ckpt.model_config.detector == "ssn" else None
     per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats)
                   for s, head in ckpt.heads.items()}
-    detections = detections_of(videos, per_stream, ckpt.classes, ckpt.inference)
-    protocol = protocol or manifest["protocol"]
-    thresholds = tiou or manifest["tiou"]
-    result = evaluate(videos, detections, ckpt.classes, protocol, thresholds)
-    write_result_json(Path(folder) / "detections.json", detections)
-    summary = result.as_dict(ckpt.classes)
-    atomic_write_text(Path(folder) / "metrics.json", json.dumps(summary, indent=1))
-    return {"checkpoint": checkpoint, "data": data, "videos": len(videos), "protocol": protocol,
-            "tiou": list(thresholds), "mAP": summary["mAP"], "average": summary["average"],
-            "detections": str(Path(folder) / "detections.json")}
+    truth = {v.video_id: v.as_video(classes) for v in videos}
+    return classes, truth, detections_of(videos, per_stream, classes, ckpt.inference)
+
+
+def _one_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
+                          ) -> tuple[list[str], dict[str, Video], Detections]:
+    """The same for D-SSAD, which reads the snippet features the dataset was prepared from."""
+    models, stage, classes = load_one_stage(checkpoint)
+    truth, detections = test_split_detections(models, stage, load_card(Path(data) / "card.yaml"),
+                                              manifest["config"]["data_root"])
+    return classes, truth, detections["fused"]
 
 
 def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, Any]]:
@@ -78,7 +102,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         raise ValueError("give at least one --checkpoint and one --data (a preprocessed dataset)")
     for checkpoint in config.checkpoints:  # fail before any task starts, in one line
         if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt written by gcm train)")
+            raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
     for data in config.data:
         load_manifest(data)
     task = ray.remote(num_cpus=1)(evaluate_pair)

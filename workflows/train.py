@@ -251,7 +251,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     resources = {"CPU": stage.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     one_stage = stage.kind == "one-stage"
     if one_stage:
-        from workflows.train_one_stage import one_stage_loop
+        from workflows.train_one_stage import WEIGHTS, one_stage_loop
     trainer = TorchTrainer(
         one_stage_loop if one_stage else train_loop, train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=stage.num_workers, use_gpu=use_gpu,
@@ -268,7 +268,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     result = follow(trainer.fit, folder / "progress.jsonl", epochs, f"train {stage.name}: ", quiet)
     if result.checkpoint is None:
         raise RuntimeError(f"training of {stage.name} ended without a checkpoint ({result.error})")
-    weights = "dssad.pt" if one_stage else "model.pt"
+    weights = WEIGHTS if one_stage else "model.pt"
     with result.checkpoint.as_directory() as ckpt_dir:
         shutil.copyfile(Path(ckpt_dir) / weights, folder / weights)
     metrics = dict(result.metrics or {})

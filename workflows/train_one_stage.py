@@ -21,15 +21,61 @@ from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import write_result_json
+from gcm_core.data.model import Detections, Video
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.evaluation import evaluate_detections
 from gcm_core.one_stage import dataset_clips, predict_fused, train_one_epoch
-from workflows.config import TrainStageConfig
+from workflows.config import TrainStageConfig, from_dict
+
+
+WEIGHTS = "dssad.pt"
 
 
 class OneStageModels(torch.nn.ModuleDict):
     """One D-SSAD per stream (trained independently, fused late)."""
+
+
+def save_one_stage(path: Path, models: OneStageModels, stage: dict[str, Any], classes: list[str], dim: int) -> None:
+    """``dssad.pt``: each stream's weights with what rebuilding them needs (plain types only)."""
+    torch.save({"models": models.state_dict(), "config": stage, "classes": classes, "dim": dim}, path)
+
+
+def is_one_stage_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` holds a D-SSAD run's weights (``dssad.pt``) rather than a two-stage head
+    (an unreadable file is left to the two-stage loader to report)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and {"models", "config", "classes", "dim"} <= payload.keys()
+
+
+def load_one_stage(path: str | Path) -> tuple[OneStageModels, TrainStageConfig, list[str]]:
+    """The D-SSAD models of ``dssad.pt`` in eval mode, the run's stage config and its classes."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    stage = from_dict(TrainStageConfig, payload["config"])
+    models = OneStageModels({s: DSSAD(stage.one_stage.model, payload["dim"], len(payload["classes"]))
+                             for s in stage.streams})
+    models.load_state_dict(payload["models"])
+    return models.eval(), stage, list(payload["classes"])
+
+
+def test_split_detections(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard,
+                          data_root: str | None, device: torch.device | str = "cpu"
+                          ) -> tuple[dict[str, Video], dict[str, Detections]]:
+    """Every test video's ground truth, and detections per stream and ``fused`` (all streams)."""
+    source = DatasetSource(card, data_root, "test")
+    tests, durations, seconds = {}, {}, 0.0
+    for stream in stage.streams:
+        tests[stream], durations, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
+                                                          stage.one_stage.model.window_stride)
+    groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
+    detections = {name: predict_fused({s: models[s] for s in streams}, {s: tests[s] for s in streams}, durations,
+                                      card.classes, seconds, dict(stage.inference.fusion), stage.inference,
+                                      device=device)
+                  for name, streams in groups}
+    return dict(source.videos), detections
 
 
 def one_stage_loop(loop: dict[str, Any]) -> None:
@@ -59,7 +105,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     resumed = ray.train.get_checkpoint()
     if resumed is not None:
         with resumed.as_directory() as folder:
-            models.load_state_dict(torch.load(Path(folder) / "dssad.pt", weights_only=True)["models"])
+            models.load_state_dict(torch.load(Path(folder) / WEIGHTS, weights_only=True)["models"])
             start, last_metrics = restore_state(Path(folder), optimizer, schedule, generator, rank)
     if start >= config.epochs:
         ray.train.report(last_metrics)
@@ -78,8 +124,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
             if rank == 0:
                 if epoch + 1 == config.epochs and stage.evaluate:
                     metrics.update(_evaluate(models, stage, card, manifest, out, device))
-                torch.save({"models": models.state_dict(), "config": loop["stage"], "classes": list(card.classes)},
-                           Path(tmp) / "dssad.pt")
+                save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], list(card.classes), dim)
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
                 log_epoch(out, writer, metrics)
@@ -89,17 +134,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any],
               out: Path, device: torch.device) -> dict[str, float]:
-    source = DatasetSource(card, manifest["config"]["data_root"], "test")
-    tests, durations, seconds = {}, {}, 0.0
-    for stream in stage.streams:
-        tests[stream], durations, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
-                                                          stage.one_stage.model.window_stride)
-    videos = dict(source.videos)
+    videos, detections = test_split_detections(models, stage, card, manifest["config"]["data_root"], device)
     metrics: dict[str, float] = {}
-    groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
-    for name, streams in groups:
-        dets = predict_fused({s: models[s] for s in streams}, {s: tests[s] for s in streams}, durations,
-                             card.classes, seconds, dict(stage.inference.fusion), stage.inference, device=device)
+    for name, dets in detections.items():
         result = evaluate_detections(videos, dets, card.classes, card.protocol, card.tiou)
         for t, value in zip(card.tiou, result.map.tolist()):
             metrics[f"{name}/mAP@{t:g}"] = 100 * value
@@ -110,4 +147,3 @@ def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard
                 {"fused": {"protocol": card.protocol, **result.as_dict(card.classes)}, "metrics": metrics,
                  "videos": len(videos)}, indent=1))
     return metrics
-

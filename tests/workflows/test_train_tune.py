@@ -95,7 +95,8 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
 
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert sorted(r["checkpoint"] for r in rows) == sorted(map(str, (gcm, mlp, namesake)))
-    for run, folders in (("gcm", [f"gcm__{prepared.name}-1", f"gcm__{prepared.name}-2"]), ("mlp", [f"mlp__{prepared.name}"])):
+    for run, folders in (("gcm", [f"gcm__{prepared.name}-1", f"gcm__{prepared.name}-2"]),
+                         ("mlp", [f"mlp__{prepared.name}"])):
         trained = json.loads((Path(runs[run]["run_dir"]) / "metrics.json").read_text())["fused"]
         for folder in folders:
             evaluated = json.loads((out / folder / "metrics.json").read_text())
@@ -125,6 +126,10 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
     assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
     detections = json.loads((run / "detections.json").read_text())["results"]
     assert set(detections) <= {v.video_id for v in read_videos(prepared, "test")}
+    # gcm evaluate scores the D-SSAD weights as the run scored itself
+    rows = run_evaluate(EvaluateConfig(checkpoints=(str(run / "dssad.pt"),), data=("prep",), out="eval"), quiet=True)
+    assert rows[0]["mAP"] == pytest.approx(metrics["fused"]["mAP"], abs=1e-6)
+    assert json.loads(Path("eval/dssad-gcm__prep/detections.json").read_text())["results"] == detections
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
     reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
