@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gcm_core.data.model import Detections
+from gcm_core.data.model import Detections, Video
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats, SamplingConfig, sample_units
 from gcm_core.detectors.base import ModelConfig, UnitBatch, UnitOutputs, build_detector
@@ -205,8 +205,12 @@ def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[Un
 def evaluate(videos: Sequence[PreparedVideo], detections: Detections, classes: Sequence[str], protocol: str,
              tiou: Sequence[float]) -> MapResult:
     """mAP of ``detections`` on the prepared videos' ground truth under ``protocol``."""
-    truth = {v.video_id: v.as_video(classes) for v in videos}
-    return evaluate_detections(truth, detections, classes, protocol, tiou)
+    return evaluate_detections(ground_truth(videos, classes), detections, classes, protocol, tiou)
+
+
+def ground_truth(videos: Sequence[PreparedVideo], classes: Sequence[str]) -> dict[str, Video]:
+    """The prepared videos' annotations, as the evaluators take them."""
+    return {v.video_id: v.as_video(classes) for v in videos}
 
 
 def fit(videos: Sequence[PreparedVideo], streams: Sequence[str], model_config: ModelConfig, spec: GraphSpec,

@@ -19,13 +19,13 @@ from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
-from gcm_core.engine import UnitDataset, detections_of, predict
+from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import EvaluateConfig, dump
 from workflows.progress import Progress
 from workflows.shards import load_manifest, read_videos
 from workflows.tables import markdown_table
-from workflows.train_one_stage import WEIGHTS, is_one_stage_checkpoint, load_one_stage, test_split_detections
+from workflows.train_one_stage import WEIGHTS, is_one_stage_checkpoint, load_one_stage, detect_test_split
 
 
 class EvaluationError(RuntimeError):
@@ -81,15 +81,14 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     comp = ckpt.model_config.comp_input if ckpt.model_config.detector == "ssn" else None
     per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats)
                   for s, head in ckpt.heads.items()}
-    truth = {v.video_id: v.as_video(classes) for v in videos}
-    return classes, truth, detections_of(videos, per_stream, classes, ckpt.inference)
+    return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
 
 
 def _one_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the snippet features the dataset was prepared from."""
     models, stage, classes = load_one_stage(checkpoint)
-    truth, detections = test_split_detections(models, stage, load_card(Path(data) / "card.yaml"),
+    truth, detections = detect_test_split(models, stage, load_card(Path(data) / "card.yaml"),
                                               manifest["config"]["data_root"])
     return classes, truth, detections["fused"]
 

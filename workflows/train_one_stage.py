@@ -44,8 +44,8 @@ def save_one_stage(path: Path, models: OneStageModels, stage: dict[str, Any], cl
 def is_one_stage_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` holds a D-SSAD run's weights (``dssad.pt``) rather than a two-stage head
     (an unreadable file is left to the two-stage loader to report)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # mapped, not read: only the keys are looked at
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return False
     return isinstance(payload, dict) and {"models", "config", "classes", "dim"} <= payload.keys()
@@ -61,7 +61,7 @@ def load_one_stage(path: str | Path) -> tuple[OneStageModels, TrainStageConfig, 
     return models.eval(), stage, list(payload["classes"])
 
 
-def test_split_detections(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard,
+def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard,
                           data_root: str | None, device: torch.device | str = "cpu"
                           ) -> tuple[dict[str, Video], dict[str, Detections]]:
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams)."""
@@ -134,7 +134,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any],
               out: Path, device: torch.device) -> dict[str, float]:
-    videos, detections = test_split_detections(models, stage, card, manifest["config"]["data_root"], device)
+    videos, detections = detect_test_split(models, stage, card, manifest["config"]["data_root"], device)
     metrics: dict[str, float] = {}
     for name, dets in detections.items():
         result = evaluate_detections(videos, dets, card.classes, card.protocol, card.tiou)
