@@ -179,5 +179,5 @@ def test_unreadable_checkpoint(tmp_path, content):
 def test_unreadable_pickle_in_pt_file(tmp_path):
     from gcm_core.data.features import load_features
     path = tmp_path / "v.pt"
-    path.write_bytes(pickle.dumps({"x": 1}))
+    path.write_bytes(pickle.dumps(ValueError("run me"), protocol=2))  # an object only unpickling could make
     expect(lambda: load_features(path, "v"), "unreadable", "v.pt")
