@@ -130,7 +130,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     """Run the stage on the connected Ray; returns the manifest it wrote."""
     import ray.data
 
-    from workflows.ray_env import cluster_gpus, require_resources
+    from workflows.ray_env import require_resources, use_gpus
 
     # the data root as an absolute path: workers, and the stages that read the manifest later, run
     # in other directories
@@ -151,7 +151,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     progress.skip(len(plan) - len(todo))
     failures = []
     if todo:
-        use_gpu = config.use_gpu if config.use_gpu is not None else cluster_gpus() > 0
+        use_gpu = use_gpus(config.use_gpu)
         workers = max(1, config.num_workers)
         if use_gpu:
             require_resources("preprocessing on GPU workers", {"GPU": 1.0}, "leave use_gpu unset or false")

@@ -73,11 +73,11 @@ def quiet_data() -> None:
     ctx.execution_options.preserve_order = True
 
 
-def cluster_gpus() -> int:
-    """How many GPUs the connected cluster has (0 on a CPU-only one)."""
+def use_gpus(setting: bool | None) -> bool:
+    """A stage's ``use_gpu`` setting, or, when unset, whether the connected cluster has GPUs."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    return setting if setting is not None else ray.cluster_resources().get("GPU", 0) > 0
 
 
 def require_resources(what: str, needed: dict[str, float], remedy: str) -> None:

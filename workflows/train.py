@@ -47,11 +47,16 @@ def run_dir(stage: TrainStageConfig) -> Path:
 READ_TASK_CPUS = 0.25
 
 
+def worker_resources(stage: TrainStageConfig, use_gpu: bool) -> dict[str, float]:
+    """What each training worker asks Ray for."""
+    return {"CPU": stage.cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+
+
 def training_resources(stage: TrainStageConfig, use_gpu: bool) -> dict[str, float]:
     """What one fit holds at once: its workers, and room for one task reading its shards (without
     it the workers wait for data forever)."""
-    return {"CPU": stage.num_workers * stage.cpus_per_worker + READ_TASK_CPUS,
-            **({"GPU": float(stage.num_workers)} if use_gpu else {})}
+    total = {name: stage.num_workers * amount for name, amount in worker_resources(stage, use_gpu).items()}
+    return {**total, "CPU": total["CPU"] + READ_TASK_CPUS}
 
 
 def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str):
@@ -233,11 +238,11 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from workflows.ray_env import cluster_gpus, require_resources
+    from workflows.ray_env import require_resources, use_gpus
 
     stage = replace(stage, data=str(Path(stage.data).resolve()))  # workers run in other directories
     manifest = load_manifest(stage.data)
-    use_gpu = stage.use_gpu if stage.use_gpu is not None else cluster_gpus() > 0
+    use_gpu = use_gpus(stage.use_gpu)
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
     folder = run_dir(stage)
@@ -248,14 +253,13 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     card_snippets = _card_snippets(stage.data)
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
             "threads": max(1, int(stage.cpus_per_worker))}
-    resources = {"CPU": stage.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     one_stage = stage.kind == "one-stage"
     if one_stage:
         from workflows.train_one_stage import WEIGHTS, one_stage_loop
     trainer = TorchTrainer(
         one_stage_loop if one_stage else train_loop, train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=stage.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(stage, use_gpu)),
         datasets={"train": shard_dataset(stage.data, manifest, "train"),
                   "test": shard_dataset(stage.data, manifest, "test")},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),

@@ -127,7 +127,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # keep finished trials across a hard kill
     from ray import tune
 
-    from workflows.ray_env import cluster_gpus, require_resources
+    from workflows.ray_env import require_resources, use_gpus
     from workflows.train import training_resources
 
     grid = load_grid(config.grid)
@@ -138,7 +138,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     trials = grid.trials()
     stages = [to_dict(_trial_stage(base, grid, t, folder)) for t in trials]
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
-    use_gpu = base.use_gpu if base.use_gpu is not None else cluster_gpus() > 0
+    use_gpu = use_gpus(base.use_gpu)
     trial = training_resources(base, use_gpu)
     require_resources(f"one trial of {grid.name} ({base.num_workers} workers)",
                       {**trial, "CPU": trial["CPU"] + resources["cpu"]}, "use fewer workers (--set base.num_workers=N)")

@@ -48,7 +48,7 @@ class DatasetSource:
         annotated = read_annotations(annotations, card)
         self.videos = {k: v for k, v in annotated.items() if (v.subset or "").lower() == subset.lower()}
         if not self.videos:
-            raise FormatError(card.path("annotations", self.root), f"no video of subset {subset!r}")
+            raise FormatError(annotations, f"no video of subset {subset!r}")
 
     @cached_property
     def proposals(self) -> ProposalSource:

@@ -254,7 +254,7 @@ def _ssn_proposals(path: Path, block: SsnBlock, videos: dict[str, Video] | None,
         scale = duration
     else:
         fps = _fps(path, videos, block.video, block.n_frames)
-        duration = _video_info(path, videos, block.video, "fps").duration or block.n_frames / fps
+        duration = _known_duration(videos, block.video) or block.n_frames / fps
         scale = 1 / fps
     return _finish(path, block.video, [(s * scale, e * scale, 1.0, line) for s, e, line in block.proposals],
                    duration, tolerance)
