@@ -23,6 +23,13 @@ def _duration(seconds: float) -> str:
         f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def _rate(per_second: float, unit: str) -> str:
+    """``12.5 videos/s``, or for slow work the time per item: ``26.4 s/trial``."""
+    if 0 < per_second < 1:
+        return f"{1 / per_second:.1f} s/{unit.removesuffix('s')}"
+    return f"{per_second:.1f} {unit}/s"
+
+
 class Progress:
     """``Progress(total, "videos")``; call ``update(n)`` as work completes and ``close()`` at the end."""
 
@@ -34,7 +41,7 @@ class Progress:
         self.skipped = 0            # work found already done: counted, but not in the rate
         self.start = time.perf_counter()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._next_line = 0.1
+        self._next_tenth = 1        # without a terminal, the next line comes at this many tenths
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.start
@@ -50,7 +57,7 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else (0.0 if self.done >= self.total else float("nan"))
         eta_text = _duration(eta) if eta == eta else "?"
         return (f"{self.label}{self.done}/{self.total} {self.unit} "
-                f"({rate:.1f} {self.unit}/s, elapsed {_duration(time.perf_counter() - self.start)}, ETA {eta_text})")
+                f"({_rate(rate, self.unit)}, elapsed {_duration(time.perf_counter() - self.start)}, ETA {eta_text})")
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -59,11 +66,10 @@ class Progress:
         if self.tty:
             self.stream.write("\r" + self.line())
             self.stream.flush()
-        elif self.total and self.done / self.total >= self._next_line - 1e-9:
+        elif self.total and self.done * 10 >= self._next_tenth * self.total:
             self.stream.write(self.line() + "\n")
             self.stream.flush()
-            while self._next_line <= self.done / self.total:
-                self._next_line += 0.1
+            self._next_tenth = self.done * 10 // self.total + 1
 
     def close(self) -> None:
         if not self.quiet and self.tty:

@@ -21,8 +21,15 @@ LOCAL_ENV = {
     "RAY_SCHEDULER_EVENTS": "0",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_DATA_LOG_LEVEL": "ERROR",   # the stages print their own progress
+    "RAY_AIR_NEW_OUTPUT": "0",       # Tune's legacy output honours verbose=0 (the new one prints
+                                     # a header and a TensorBoard hint into Ray's temp folder anyway)
 }
 
+
+# A new local Ray turns token authentication on where RAY_AUTH_MODE is unset (kept: it guards the
+# embedded Ray against other local users) and says so at every start; for a local start that
+# notice is all this logger says.
+_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
 
 _embedded = False  # whether the Ray in use is one ray_session started here (fixed resources)
 
@@ -50,8 +57,9 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
     else:
         # "local": a new embedded Ray, never one that `ray start` left running (or left a stale
         # address of in Ray's temp folder), which address=None would try to join
-        ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-                 object_store_memory=config.object_store_mb * 1024 ** 2, **kwargs)
+        with _quiet_logger(_AUTH_NOTICE):
+            ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+                     object_store_memory=config.object_store_mb * 1024 ** 2, **kwargs)
         _embedded = True
     quiet_data()
     try:
@@ -59,6 +67,18 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
     finally:
         _embedded = False
         ray.shutdown()
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Run the block with the logger ``name`` showing errors only."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def quiet_data() -> None:
@@ -70,6 +90,7 @@ def quiet_data() -> None:
     ctx.print_on_execution_start = False
     for name in ("ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did
     ctx.execution_options.preserve_order = True
 
 

@@ -1,7 +1,13 @@
 """The embedded default starts its own Ray, whatever address the environment names."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+
 import pytest
+from helpers import ROOT
 
 from workflows.config import PreprocessConfig, RayConfig
 from workflows.preprocess import run_preprocess
@@ -25,3 +31,16 @@ def test_gpu_preprocessing_without_gpus_is_an_error_not_a_hang(small_dataset, tm
         with pytest.raises(RuntimeError, match=r"needs 1 GPU \(the cluster has 0\).*use_gpu"):
             run_preprocess(config, quiet=True)  # Ray Data would wait for a GPU forever
         assert not list((tmp_path / "shards").glob("*"))
+
+
+def test_a_stage_prints_its_own_lines_not_rays_notices(small_dataset, tmp_path):
+    # as a user runs it: token authentication left to Ray's default
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    command = [sys.executable, "-m", "workflows.cli", "preprocess", "--card", str(small_dataset / "card.yaml"),
+               "--data-root", str(small_dataset), "--out", str(tmp_path / "prep")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout + proc.stderr
+    notices = [line for line in proc.stderr.splitlines() if re.search(r"\b(WARNING|INFO)\b", line)]
+    assert not notices

@@ -1,0 +1,50 @@
+"""Progress lines: counts, rate (or time per item for slow work), ETA; plain lines in logs."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from workflows import progress
+from workflows.progress import Progress
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    return now
+
+
+def test_fast_work_shows_items_per_second_and_the_time_left(clock):
+    bar = Progress(100, "videos", "preprocess: ", stream=io.StringIO())
+    clock[0] += 4.0
+    bar.update(50)
+    assert bar.line() == "preprocess: 50/100 videos (12.5 videos/s, elapsed 0:04, ETA 0:04)"
+
+
+def test_slow_work_shows_seconds_per_item(clock):
+    bar = Progress(5, "trials", "tune: ", stream=io.StringIO())
+    clock[0] += 53.0
+    bar.update(2)
+    assert bar.line() == "tune: 2/5 trials (26.5 s/trial, elapsed 0:53, ETA 1:20)"
+
+
+def test_resumed_work_does_not_count_in_the_rate(clock):
+    bar = Progress(10, "trials", stream=io.StringIO())
+    bar.skip(6)
+    clock[0] += 10.0
+    bar.update(2)
+    assert bar.line() == "8/10 trials (5.0 s/trial, elapsed 0:10, ETA 0:10)"
+
+
+def test_a_log_gets_a_plain_line_every_tenth_of_the_work(clock):
+    log = io.StringIO()  # not a terminal
+    bar = Progress(40, "videos", stream=log)
+    for _ in range(40):
+        clock[0] += 0.5
+        bar.update()
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == [f"{n}/40" for n in range(4, 41, 4)]
+    assert "\r" not in log.getvalue()
