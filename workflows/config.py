@@ -22,6 +22,7 @@ from gcm_core.detectors.dssad import DSSADConfig
 from gcm_core.engine import TrainConfig
 from gcm_core.candidates import CandidateCaps
 from gcm_core.graph import GraphSpec
+from gcm_core.one_stage import default_recipe
 from gcm_core.postprocess import InferenceConfig
 
 T = TypeVar("T")
@@ -63,8 +64,7 @@ class OneStageConfig:
     """D-SSAD (+ GCM): clips of the snippet features of the dataset the preprocessing read."""
 
     model: DSSADConfig = field(default_factory=DSSADConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=1e-3, weight_decay=1e-4,
-                                                                   batch_videos=8, epochs=10, lr_step_epochs=7))
+    train: TrainConfig = field(default_factory=default_recipe)
 
 
 @dataclass
