@@ -39,7 +39,8 @@ class Clip:
     """One window of a video: padded snippets and the instances it holds (seconds, clip-relative)."""
 
     video_id: str
-    features: Tensor        # [clip_snippets, C]
+    features: Tensor        # [clip_snippets, C], zero-padded past the video's end
+    snippets: int           # how many of them are the video's (the rest is padding)
     start: float            # seconds of the window's first snippet boundary in the video
     gt: Tensor              # [G, 2], clip-relative seconds
     gt_labels: Tensor       # [G]
@@ -65,7 +66,8 @@ def clips_of(video_id: str, snippets: np.ndarray, snippet_seconds: float, gt: Te
         if train and not bool(keep.any()):
             continue
         rel = (gt[keep] - t0).clamp(0, t1 - t0)
-        out.append(Clip(video_id, pad_clip(feats[s:s + length], length), t0, rel, gt_labels[keep]))
+        out.append(Clip(video_id, pad_clip(feats[s:s + length], length), min(length, t - s), t0, rel,
+                        gt_labels[keep]))
     return out
 
 
@@ -97,7 +99,8 @@ def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.
     order = torch.randperm(len(clips), generator=generator).tolist()
     for start in range(0, len(order), config.batch_videos):
         idx = order[start:start + config.batch_videos]
-        logits, offsets = model(torch.stack([clips[i].features for i in idx]).to(device), snippet_seconds)
+        logits, offsets = model(torch.stack([clips[i].features for i in idx]).to(device), snippet_seconds,
+                                [clips[i].snippets for i in idx])
         cls_t = torch.cat([targets[i][0] for i in idx]).to(device)
         off_t = torch.cat([targets[i][1] for i in idx]).to(device)
         terms = anchor_loss(logits.reshape(-1, logits.shape[-1]), offsets.reshape(-1, 2), cls_t, off_t, matching)
@@ -132,7 +135,8 @@ def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], du
         probs, offsets = 0.0, 0.0
         for s in streams:
             chunk = clips[s][start:start + batch]
-            logits, off = models[s](torch.stack([c.features for c in chunk]).to(device), snippet_seconds)
+            logits, off = models[s](torch.stack([c.features for c in chunk]).to(device), snippet_seconds,
+                                    [c.snippets for c in chunk])
             probs = probs + w[s] * torch.softmax(logits.double().cpu(), dim=-1)[..., 1:]
             offsets = offsets + w[s] * off.double().cpu()
         for c, p, o in zip(reference[start:start + batch], probs / total, offsets / total):

@@ -3,6 +3,9 @@ temporal feature maps -> anchors at every cell, with decoupled classification an
 branches. A GCM with surrounding and semantic edges only (cells of one map do not overlap) can be
 inserted on the maps of 1, 2 or 3 scales (Tables 11, 12); its units are the cells, with their
 temporal extents, and its graph is rebuilt for every clip from the cells' current features.
+Cells that lie wholly in the zero padding of a clip shorter than ``clip_snippets`` (a short video)
+are not units: the paper does not say, but they are not part of the video, their features are
+alike, and as neighbours they would be the "most similar" cells of every background cell.
 
 Where the papers are silent (layer widths, anchor ratios, matching thresholds) the choices are
 SSAD-like and written in :class:`DSSADConfig`. An inserted GCM's last layer starts at zero, so the
@@ -77,25 +80,34 @@ class DSSAD(nn.Module):
             out.append(torch.stack([centre[:, None] - half, centre[:, None] + half], -1).reshape(-1, 2))
         return torch.cat(out)
 
-    def _relate(self, scale: int, x: Tensor, snippet_seconds: float) -> Tensor:
+    def cell_graph(self, scale: int, cells: Tensor, snippet_seconds: float, snippets: int) -> Graph:
+        """The graph over one clip's cells [n, H] at ``scale``, of which those holding any of the
+        clip's first ``snippets`` snippets are units; the others (padding) get no edges."""
+        n, span = cells.shape[0], 4 << scale
+        units = min(n, -(-snippets // span))
+        edges = torch.arange(units + 1, dtype=torch.float64) * snippet_seconds * span
+        graph = build_graph(torch.stack([edges[:-1], edges[1:]], dim=1), cells[:units], self.config.graph)
+        return Graph(n, graph.edge_index, graph.edge_type, graph.weight)
+
+    def _relate(self, scale: int, x: Tensor, snippet_seconds: float, snippets: list[int]) -> Tensor:
         """GCM over the cells of every clip of the batch: x [B, H, n] -> [B, H, n]."""
         b, h, n = x.shape
-        length = snippet_seconds * (4 << scale)
-        edges = torch.arange(n + 1, dtype=torch.float64) * length
-        intervals = torch.stack([edges[:-1], edges[1:]], dim=1)
         units = x.transpose(1, 2).reshape(b * n, h)
         detached = units.detach().float().cpu()
-        graph = Graph.batch([build_graph(intervals, detached[k * n:(k + 1) * n], self.config.graph)
+        graph = Graph.batch([self.cell_graph(scale, detached[k * n:(k + 1) * n], snippet_seconds, snippets[k])
                              for k in range(b)]).to(x.device)
         return self.gcms[str(scale)](units, graph).reshape(b, n, h).transpose(1, 2)
 
-    def forward(self, clips: Tensor, snippet_seconds: float) -> tuple[Tensor, Tensor]:
-        """``clips`` [B, L, C] snippet features -> logits [B, A, K + 1] and offsets [B, A, 2]."""
+    def forward(self, clips: Tensor, snippet_seconds: float, snippets: list[int] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """``clips`` [B, L, C] snippet features, of which the first ``snippets[b]`` of clip b are the
+        video's (default: all) -> logits [B, A, K + 1] and offsets [B, A, 2]."""
         x = self.base(clips.transpose(1, 2))
+        real = snippets if snippets is not None else [clips.shape[1]] * clips.shape[0]
         logits, offsets = [], []
         for s, down in enumerate(self.down):
             x = down(x)
-            y = self._relate(s, x, snippet_seconds) if str(s) in self.gcms else x
+            y = self._relate(s, x, snippet_seconds, real) if str(s) in self.gcms else x
             b, _, n = y.shape
             logits.append(self.cls_branch[s](y).view(b, -1, self.num_classes + 1, n).permute(0, 3, 1, 2)
                           .reshape(b, -1, self.num_classes + 1))

@@ -41,8 +41,26 @@ def test_a_short_video_is_one_zero_padded_window():
     snippets = np.ones((100, 3), dtype=np.float32)
     (clip,) = one_stage.clips_of("v", snippets, SNIPPET_SECONDS, torch.zeros(0, 2, dtype=torch.float64),
                                  torch.zeros(0, dtype=torch.long), 512, 256, train=False)
-    assert clip.features.shape == (512, 3)
+    assert clip.features.shape == (512, 3) and clip.snippets == 100
     assert bool((clip.features[:100] == 1).all()) and bool((clip.features[100:] == 0).all())
+    every = one_stage.clips_of("v", np.ones((1300, 3), dtype=np.float32), SNIPPET_SECONDS,
+                               torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long), 512, 256,
+                               train=False)
+    assert {c.snippets for c in every} == {512}
+
+
+def test_the_cells_of_a_clips_padding_are_no_units_of_its_graph():
+    model = DSSAD(DSSADConfig(hidden=8, clip_snippets=64, gcm_scales=(0,)), dim=4, num_classes=2)
+    cells = torch.ones(16, 8)               # padding cells look alike: each the most similar to all
+    cells[:6] = torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
+    graph = model.cell_graph(0, cells, SNIPPET_SECONDS, snippets=21)   # cells of 4 snippets: 6 hold video
+    assert graph.num_nodes == 16
+    pairs = set(map(tuple, graph.edge_index.t().tolist()))
+    # edges join real cells only, each of which has its neighbours (2 nearest, 2 most similar)
+    assert {i for pair in pairs for i in pair} == set(range(6))
+    assert all(sum(1 for i, _ in pairs if i == cell) >= 2 for cell in range(6))
+    full = model.cell_graph(0, cells, SNIPPET_SECONDS, snippets=64)
+    assert {i for pair in map(tuple, full.edge_index.t().tolist()) for i in pair} == set(range(16))
 
 
 def test_anchors_and_outputs_follow_the_multiscale_maps():
