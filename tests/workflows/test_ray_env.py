@@ -42,5 +42,8 @@ def test_a_stage_prints_its_own_lines_not_rays_notices(small_dataset, tmp_path):
                           env={**env, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout + proc.stderr
-    notices = [line for line in proc.stderr.splitlines() if re.search(r"\b(WARNING|INFO)\b", line)]
+    # Ray's notices about what the stage chose (token authentication, no Ray Data progress bars);
+    # warnings about the machine (e.g. a small /dev/shm) are the user's to see
+    notices = [line for line in proc.stderr.splitlines()
+               if re.search(r"\b(WARNING|INFO)\b", line) and re.search("authentication|progress bars", line, re.I)]
     assert not notices
