@@ -34,8 +34,8 @@ def test_gpu_preprocessing_without_gpus_is_an_error_not_a_hang(small_dataset, tm
 
 
 def test_a_stage_prints_its_own_lines_not_rays_notices(small_dataset, tmp_path):
-    # as a user runs it: token authentication left to Ray's default
-    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
+    # as a user runs it: token authentication left to Ray's default (its token goes to $HOME/.ray)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(tmp_path)}
     command = [sys.executable, "-m", "workflows.cli", "preprocess", "--card", str(small_dataset / "card.yaml"),
                "--data-root", str(small_dataset), "--out", str(tmp_path / "prep")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
