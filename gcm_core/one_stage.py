@@ -116,35 +116,50 @@ def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.
 
 
 @torch.no_grad()
+def anchor_scores(model: DSSAD, clips: Sequence[Clip], snippet_seconds: float, batch: int = 16,
+                  device: torch.device | str = "cpu") -> list[tuple[Tensor, Tensor]]:
+    """Per clip: its anchors' class probabilities [A, K] (background left out) and offsets [A, 2],
+    float64 on the CPU, computed once whatever fusions they enter."""
+    model.eval()
+    out: list[tuple[Tensor, Tensor]] = []
+    for start in range(0, len(clips), batch):
+        chunk = clips[start:start + batch]
+        logits, offsets = model(torch.stack([c.features for c in chunk]).to(device), snippet_seconds,
+                                [c.snippets for c in chunk])
+        out += zip(torch.softmax(logits.double().cpu(), dim=-1)[..., 1:], offsets.double().cpu())
+    return out
+
+
+def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Sequence[Clip], anchors: Tensor,
+                    durations: dict[str, float], classes: Sequence[str], weights: dict[str, float] | None = None,
+                    config: InferenceConfig = InferenceConfig()) -> Detections:
+    """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
+    fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
+    are the same windows), windows merged by per-class NMS."""
+    w = {s: (weights or {}).get(s, 1.0) for s in scores}
+    total = sum(w.values())
+    per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+    for k, clip in enumerate(clips):
+        probs, offsets = 0.0, 0.0
+        for s, per_clip in scores.items():
+            probs = probs + w[s] * per_clip[k][0]
+            offsets = offsets + w[s] * per_clip[k][1]
+        segments = apply_regression(anchors, offsets / total) + clip.start
+        score, label = (probs / total).max(dim=1)
+        keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]
+        per_video.setdefault(clip.video_id, []).append((segments[keep], label[keep], score[keep]))
+    return _merge(per_video, durations, classes, config)
+
+
 def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], durations: dict[str, float],
                   classes: Sequence[str], snippet_seconds: float, weights: dict[str, float] | None = None,
                   config: InferenceConfig = InferenceConfig(), batch: int = 16,
                   device: torch.device | str = "cpu") -> Detections:
-    """Detections of every video whose clips are given, streams fused late (weighted mean of the
-    anchors' class probabilities and offsets; the streams' clips are the same windows), windows
-    merged by per-class NMS."""
+    """:func:`fuse_detections` of the given streams' models on their clips."""
     streams = list(models)
-    w = {s: (weights or {}).get(s, 1.0) for s in streams}
-    total = sum(w.values())
-    anchors = models[streams[0]].anchors(snippet_seconds)
-    for model in models.values():
-        model.eval()
-    per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
-    reference = clips[streams[0]]
-    for start in range(0, len(reference), batch):
-        probs, offsets = 0.0, 0.0
-        for s in streams:
-            chunk = clips[s][start:start + batch]
-            logits, off = models[s](torch.stack([c.features for c in chunk]).to(device), snippet_seconds,
-                                    [c.snippets for c in chunk])
-            probs = probs + w[s] * torch.softmax(logits.double().cpu(), dim=-1)[..., 1:]
-            offsets = offsets + w[s] * off.double().cpu()
-        for c, p, o in zip(reference[start:start + batch], probs / total, offsets / total):
-            segments = apply_regression(anchors, o) + c.start
-            score, label = p.max(dim=1)
-            keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]
-            per_video.setdefault(c.video_id, []).append((segments[keep], label[keep], score[keep]))
-    return _merge(per_video, durations, classes, config)
+    scores = {s: anchor_scores(models[s], clips[s], snippet_seconds, batch, device) for s in streams}
+    return fuse_detections(scores, clips[streams[0]], models[streams[0]].anchors(snippet_seconds), durations,
+                           classes, weights, config)
 
 
 def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations: dict[str, float],

@@ -25,7 +25,7 @@ from workflows.config import EvaluateConfig, dump
 from workflows.progress import Progress
 from workflows.shards import load_manifest, read_videos
 from workflows.tables import markdown_table
-from workflows.train_one_stage import WEIGHTS, is_one_stage_checkpoint, load_one_stage, detect_test_split
+from workflows.train_one_stage import WEIGHTS, detect_test_split, is_one_stage_checkpoint, load_one_stage
 
 
 class EvaluationError(RuntimeError):
@@ -89,7 +89,7 @@ def _one_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     """The same for D-SSAD, which reads the snippet features the dataset was prepared from."""
     models, stage, classes = load_one_stage(checkpoint)
     truth, detections = detect_test_split(models, stage, load_card(Path(data) / "card.yaml"),
-                                              manifest["config"]["data_root"])
+                                          manifest["config"]["data_root"])
     return classes, truth, detections["fused"]
 
 

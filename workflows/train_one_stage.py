@@ -25,7 +25,7 @@ from gcm_core.data.model import Detections, Video
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.evaluation import evaluate_detections
-from gcm_core.one_stage import dataset_clips, predict_fused, train_one_epoch
+from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
 from workflows.config import TrainStageConfig, from_dict
 
 
@@ -61,19 +61,20 @@ def load_one_stage(path: str | Path) -> tuple[OneStageModels, TrainStageConfig, 
     return models.eval(), stage, list(payload["classes"])
 
 
-def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard,
-                          data_root: str | None, device: torch.device | str = "cpu"
-                          ) -> tuple[dict[str, Video], dict[str, Detections]]:
-    """Every test video's ground truth, and detections per stream and ``fused`` (all streams)."""
+def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
+                      device: torch.device | str = "cpu") -> tuple[dict[str, Video], dict[str, Detections]]:
+    """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
+    model runs once over the clips)."""
     source = DatasetSource(card, data_root, "test")
     tests, durations, seconds = {}, {}, 0.0
     for stream in stage.streams:
         tests[stream], durations, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
                                                           stage.one_stage.model.window_stride)
+    scores = {s: anchor_scores(models[s], tests[s], seconds, device=device) for s in stage.streams}
+    anchors = models[stage.streams[0]].anchors(seconds)
     groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
-    detections = {name: predict_fused({s: models[s] for s in streams}, {s: tests[s] for s in streams}, durations,
-                                      card.classes, seconds, dict(stage.inference.fusion), stage.inference,
-                                      device=device)
+    detections = {name: fuse_detections({s: scores[s] for s in streams}, tests[stage.streams[0]], anchors, durations,
+                                        card.classes, dict(stage.inference.fusion), stage.inference)
                   for name, streams in groups}
     return dict(source.videos), detections
 
