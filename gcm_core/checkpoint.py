@@ -82,25 +82,28 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
                       payload.get("extra", {}))
 
 
+def video_layout(checkpoint: Checkpoint, num_snippets: int, video_id: str = "video", fps: float | None = None,
+                 duration: float | None = None) -> tuple[Video, SnippetGrid]:
+    """A new video of ``num_snippets`` snippets on the checkpoint's snippet grid: ``fps`` defaults
+    to the checkpoint's (30 if it says 'native'), ``duration`` to the time the snippets cover."""
+    snippets = checkpoint.snippets
+    rate = fps or (30.0 if snippets.get("fps", "native") == "native" else float(snippets["fps"]))
+    grid = SnippetGrid(snippets.get("convention", "i3d"), num_snippets, 1.0, rate,
+                       int(snippets.get("stride_frames", 8)), int(snippets.get("clip_frames", 64)))
+    length = duration or grid.covered_until()
+    grid = SnippetGrid(grid.convention, num_snippets, length, rate, grid.stride_frames, grid.clip_frames)
+    return Video(video_id, duration=length, fps=rate), grid
+
+
 def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray,
                  video_id: str = "video", fps: float | None = None, duration: float | None = None) -> Detections:
-    """Detections of one new video from its snippet features (per stream) and proposals (seconds).
-
-    The snippet grid is the checkpoint's; ``fps`` defaults to the checkpoint's (30 if it says
-    'native'), ``duration`` to the time the snippets cover.
-    """
+    """Detections of one new video from its snippet features (per stream) and proposals (seconds),
+    the video laid out by :func:`video_layout`."""
     missing = set(checkpoint.streams) - set(features)
     if missing:
         raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
                          f"features missing for {sorted(missing)}")
-    snippets = checkpoint.snippets
-    rate = fps or (30.0 if snippets.get("fps", "native") == "native" else float(snippets["fps"]))
-    t = next(iter(features.values())).shape[0]
-    grid = SnippetGrid(snippets.get("convention", "i3d"), t, 1.0, rate, int(snippets.get("stride_frames", 8)),
-                       int(snippets.get("clip_frames", 64)))
-    length = duration or grid.covered_until()
-    grid = SnippetGrid(grid.convention, t, length, rate, grid.stride_frames, grid.clip_frames)
-    video = Video(video_id, duration=length, fps=rate)
+    video, grid = video_layout(checkpoint, next(iter(features.values())).shape[0], video_id, fps, duration)
     iv = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
     inputs = VideoInputs(video, Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv))),
                          {s: features[s] for s in checkpoint.streams}, grid)

@@ -116,7 +116,10 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by gcm train")
     p.add_argument("--features", required=True, type=Path, nargs="+",
                    help="snippet features of the video, one file per stream in the checkpoint's order (rgb flow)")
-    p.add_argument("--proposals", required=True, type=Path, help="text with one 'start end [score]' (seconds) per line")
+    p.add_argument("--proposals", required=True, type=Path,
+                   help="the video's proposals: text with one 'start end [score]' (seconds) per line or its "
+                        "BSN/BMN CSV; or a file or folder of many videos' (SSN list, CSV with a video column, "
+                        "folder of <video>.csv), of which those of --video-id are used")
     p.add_argument("--out", type=Path, help="ActivityNet result JSON to write (default: print it)")
     p.add_argument("--video-id", default=None, help="name of the video in the output (default: the features' stem)")
     p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
@@ -124,7 +127,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 
 
 def _run_detect(args: argparse.Namespace) -> int:
-    from gcm_core.checkpoint import detect_video, load_checkpoint
+    from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
     from gcm_core.data.formats import load_features, read_video_proposals, result_json, write_result_json
     from workflows.train_one_stage import is_one_stage_checkpoint
 
@@ -137,7 +140,8 @@ def _run_detect(args: argparse.Namespace) -> int:
         raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order")
     video_id = args.video_id or args.features[0].stem
     features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
-    proposals = read_video_proposals(args.proposals, video_id)
+    video, _ = video_layout(checkpoint, next(iter(features.values())).shape[0], video_id, args.fps, args.duration)
+    proposals = read_video_proposals(args.proposals, video)
     detections = detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration)
     if args.out:
         write_result_json(args.out, detections)

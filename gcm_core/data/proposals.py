@@ -91,7 +91,7 @@ class ProposalSource:
                     skip_unknown=True).items()}
             if key in self._all:
                 return self._all[key]
-        raise FormatError(self.path, "no proposals for this annotated video", video=video)
+        raise FormatError(self.path, "no proposals for this video", video=video)
 
 
 def _is_ssn_list(path: Path) -> bool:
@@ -284,12 +284,28 @@ def _read_plain_text(path: Path, videos: dict[str, Video] | None, time_unit: str
     return out
 
 
-def read_video_proposals(path: str | Path, video: str = "video") -> Proposals:
-    """One video's proposals from ``start end [score]`` lines in seconds (what ``gcm detect``
-    takes for a new video); blank lines are skipped, every other line is checked."""
+def read_video_proposals(path: str | Path, video: Video, tolerance: float = DEFAULT_TOLERANCE_S) -> Proposals:
+    """The proposals of one new video (what ``gcm detect`` takes), from a file of its own, with
+    ``start end [score]`` lines in seconds or a BSN / BMN CSV without a video column, or picked
+    from a file or folder of many that :func:`read_proposals` reads (an SSN list, a CSV with a
+    video column, a folder of ``<video>.csv``). ``video`` gives the id to pick and the fps and
+    duration that place frames and normalized positions in seconds."""
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(path, "no such file", video=video)
+    if not path.exists():
+        raise FormatError(path, "no such file or folder", video=video.id)
+    videos = {video.id: video}
+    if path.suffix == ".csv" and not {"video", "video-name"} & set(_csv_columns(path)):
+        proposals = _read_bsn_file(path, videos, tolerance, video.id)
+    elif path.is_dir() or path.suffix == ".csv" or _is_ssn_list(path):
+        proposals = ProposalSource(path, videos, tolerance=tolerance)[video.id]
+    else:
+        proposals = _read_plain_video_text(path, video, tolerance)
+    if not len(proposals):
+        raise FormatError(path, "no proposals", video=video.id)
+    return proposals
+
+
+def _read_plain_video_text(path: Path, video: Video, tolerance: float) -> Proposals:
     rows = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         parts = line.split()
@@ -300,12 +316,15 @@ def read_video_proposals(path: str | Path, video: str = "video") -> Proposals:
                 raise ValueError
             values = [float(p) for p in parts]
         except ValueError:
-            raise FormatError(path, f"expected 'start end [score]' in seconds, got {line.strip()!r}", video=video,
+            raise FormatError(path, f"expected 'start end [score]' in seconds, got {line.strip()!r}", video=video.id,
                               line=line_no) from None
         rows.append((values[0], values[1], values[2] if len(values) == 3 else 1.0, line_no))
-    if not rows:
-        raise FormatError(path, "no proposals", video=video)
-    return _finish(path, video, rows, None, DEFAULT_TOLERANCE_S)
+    return _finish(path, video.id, rows, video.duration, tolerance)
+
+
+def _csv_columns(path: Path) -> list[str]:
+    with path.open(newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _csv_rows(path: Path, video: str | None, videos: dict[str, Video] | None) -> dict[str, list]:
@@ -345,10 +364,12 @@ def _read_bsn_folder(folder: Path, videos: dict[str, Video] | None, tolerance: f
     return {file.stem: _read_bsn_file(file, videos, tolerance) for file in files}
 
 
-def _read_bsn_file(file: Path, videos: dict[str, Video] | None, tolerance: float) -> Proposals:
-    """One ``<video>.csv`` of a BSN / BMN folder."""
-    rows = _csv_rows(file, file.stem, videos).get(file.stem, [])
-    return _finish(file, file.stem, rows, _known_duration(videos, file.stem), tolerance)
+def _read_bsn_file(file: Path, videos: dict[str, Video] | None, tolerance: float, video: str | None = None
+                   ) -> Proposals:
+    """One BSN / BMN CSV of one video: ``video``'s, by default the one its name (``<video>.csv``) says."""
+    vid = video or file.stem
+    rows = _csv_rows(file, vid, videos).get(vid, [])
+    return _finish(file, vid, rows, _known_duration(videos, vid), tolerance)
 
 
 def _known_duration(videos: dict[str, Video] | None, vid: str) -> float | None:

@@ -10,6 +10,7 @@ import pytest
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import FormatError, read_annotations, read_detections, read_proposals, read_video_proposals
+from gcm_core.data.model import Video
 from gcm_core.data.synthetic import generate_dataset
 
 
@@ -157,11 +158,13 @@ def test_truncated_lines(tmp_path):
     ("1.0 2.0\n\n3.0\n", 3, "expected 'start end [score]'"),
     ("1.0 2.0 0.9\n3.0 4.0 high\n", 2, "expected 'start end [score]'"),
     ("1.0 2.0\n5.0 4.0\n", 2, "end > start"),
+    ("1.0 2.0\n50.0 64.0\n", 2, "outside the video"),
 ])
 def test_proposals_of_one_new_video(tmp_path, text, line, problem):
     path = tmp_path / "props.txt"
     path.write_text(text)
-    expect(lambda: read_video_proposals(path, "my_video"), f"line {line}", "my_video", problem)
+    expect(lambda: read_video_proposals(path, Video("my_video", duration=60.0, fps=30.0)), f"line {line}", "my_video",
+           problem)
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", pickle.dumps(ValueError("run me"), protocol=2)],

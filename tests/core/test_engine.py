@@ -89,3 +89,19 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
                  str(tmp_path / "flow.npy"), "--proposals", str(props), "--duration", str(video.duration),
                  "--video-id", video.video_id]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
+
+    # the same proposals picked from the dataset's SSN list (frames of every test video), or given as
+    # the video's BSN/BMN CSV (positions normalized by the duration), give the same detections; a
+    # normalized position comes back within 1e-14 s, which can move a boundary lying exactly on a
+    # snippet edge (proposals are whole frames) into the next snippet, hence the tolerance
+    bsn = tmp_path / f"{video.video_id}.csv"
+    bsn.write_text("xmin,xmax,score\n" + "\n".join(f"{s / video.duration!r},{e / video.duration!r},1"
+                                                     for s, e in video.intervals.tolist()))
+    for source in (small_dataset / "proposals" / "test_proposal_list.txt", bsn):
+        again = tmp_path / "again.json"
+        assert main(["detect", "--checkpoint", str(path), "--features", str(tmp_path / "rgb.npy"),
+                     str(tmp_path / "flow.npy"), "--proposals", str(source), "--duration", str(video.duration),
+                     "--video-id", video.video_id, "--out", str(again)]) == 0
+        found = json.loads(again.read_text())["results"][video.video_id]
+        assert [d["label"] for d in found] == reference.label, source
+        np.testing.assert_allclose([d["segment"] for d in found], [d["segment"] for d in written], atol=1e-3, err_msg=str(source))
