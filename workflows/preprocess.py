@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.atomic import atomic_copy, atomic_write_text
 from gcm_core.data.cards import DatasetCard, data_root_path, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
@@ -142,7 +142,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     (out / "shards").mkdir(parents=True, exist_ok=True)
     card_copy = out / "card.yaml"
     if card.source is not None and card.source.resolve() != card_copy.resolve():
-        shutil.copyfile(card.source, card_copy)
+        atomic_copy(card.source, card_copy)
     plan = _plan(card, config)
     done = {(r, v) for side in _finished_shards(out).values()
             for v, r in zip(side["summary"]["video_id"], side["summary"]["role"])}

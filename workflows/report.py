@@ -27,7 +27,7 @@ import matplotlib.ticker  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from gcm_core.data.atomic import atomic_write_text  # noqa: E402
+from gcm_core.data.atomic import atomic_write, atomic_write_text  # noqa: E402
 from gcm_core.data.formats import read_detections  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
@@ -81,7 +81,7 @@ def discover(folders: list[Path]) -> dict[str, list]:
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
     return path
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
-from gcm_core.data.atomic import atomic_write_text
+from gcm_core.data.atomic import atomic_copy, atomic_write_text
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
@@ -274,7 +273,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
         raise RuntimeError(f"training of {stage.name} ended without a checkpoint ({result.error})")
     weights = WEIGHTS if one_stage else "model.pt"
     with result.checkpoint.as_directory() as ckpt_dir:
-        shutil.copyfile(Path(ckpt_dir) / weights, folder / weights)
+        atomic_copy(Path(ckpt_dir) / weights, folder / weights)
     metrics = dict(result.metrics or {})
     return {"run_dir": str(folder), "checkpoint": str(folder / weights), "metrics": metrics}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,12 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """Copy ``source`` to ``path``, which holds either its old content or the whole copy."""
+    with open(source, "rb") as f:
+        atomic_write(path, lambda out: shutil.copyfileobj(f, out))
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:

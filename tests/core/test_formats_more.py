@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gcm_core.data.atomic import atomic_write, atomic_write_text
+from gcm_core.data.atomic import atomic_copy, atomic_write, atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
     Detections, Instance, ProposalSource, Proposals, Video, load_features, read_annotations, read_detections,
@@ -80,4 +80,9 @@ def test_atomic_write_keeps_old_file_on_failure_and_uses_normal_permissions(tmp_
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, fail_midway)
     assert target.read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.md", "results.md"]
+    with pytest.raises(FileNotFoundError):  # a copy (a run's weights, a card) whose source vanished
+        atomic_copy(tmp_path / "gone.md", target)
+    atomic_copy(reference, target)
+    assert target.read_text() == "plain"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.md", "results.md"]
