@@ -82,11 +82,11 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
                       payload.get("extra", {}))
 
 
-def video_layout(checkpoint: Checkpoint, num_snippets: int, video_id: str = "video", fps: float | None = None,
+def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "video", fps: float | None = None,
                  duration: float | None = None) -> tuple[Video, SnippetGrid]:
-    """A new video of ``num_snippets`` snippets on the checkpoint's snippet grid: ``fps`` defaults
-    to the checkpoint's (30 if it says 'native'), ``duration`` to the time the snippets cover."""
-    snippets = checkpoint.snippets
+    """A new video of ``num_snippets`` snippets on a checkpoint's snippet layout (a card's
+    ``snippets``): ``fps`` defaults to the layout's (30 if it says 'native'), ``duration`` to the
+    time the snippets cover."""
     rate = fps or (30.0 if snippets.get("fps", "native") == "native" else float(snippets["fps"]))
     grid = SnippetGrid(snippets.get("convention", "i3d"), num_snippets, 1.0, rate,
                        int(snippets.get("stride_frames", 8)), int(snippets.get("clip_frames", 64)))
@@ -103,7 +103,7 @@ def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], interv
     if missing:
         raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
                          f"features missing for {sorted(missing)}")
-    video, grid = video_layout(checkpoint, next(iter(features.values())).shape[0], video_id, fps, duration)
+    video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
     iv = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
     inputs = VideoInputs(video, Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv))),
                          {s: features[s] for s in checkpoint.streams}, grid)

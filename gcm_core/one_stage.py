@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import Detections
+from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.sampling import apply_regression
 from gcm_core.detectors.dssad import DSSAD, pad_clip
 from gcm_core.engine import TrainConfig, make_optimizer
@@ -79,14 +80,19 @@ def dataset_clips(source: DatasetSource, stream: str, length: int = 512, stride:
     clips, durations, seconds = [], {}, 0.0
     for vid in source.video_ids:
         inputs = source.load(vid)
-        grid = inputs.grid
-        seconds = grid.stride_frames / grid.fps
+        seconds, offset = snippet_timing(inputs.grid)
         gt = torch.tensor([(i.start, i.end) for i in inputs.video.instances], dtype=torch.float64).reshape(-1, 2)
         labels = torch.tensor([card.classes.index(i.label) for i in inputs.video.instances], dtype=torch.long)
-        clips += clips_of(vid, inputs.features[stream], seconds, gt, labels, length, stride, train,
-                          float(grid.centres()[0]) - seconds / 2)
+        clips += clips_of(vid, inputs.features[stream], seconds, gt, labels, length, stride, train, offset)
         durations[vid] = inputs.video.duration
     return clips, durations, seconds
+
+
+def snippet_timing(grid: SnippetGrid) -> tuple[float, float]:
+    """Seconds per snippet (the grid's stride) and the time at which snippet 0's share of the time
+    axis starts, as :func:`clips_of` takes them."""
+    seconds = grid.stride_frames / grid.fps
+    return seconds, float(grid.centres()[0]) - seconds / 2
 
 
 def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -149,6 +155,22 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
         keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]
         per_video.setdefault(clip.video_id, []).append((segments[keep], label[keep], score[keep]))
     return _merge(per_video, durations, classes, config)
+
+
+def detect_video(models: dict[str, DSSAD], features: dict[str, np.ndarray], grid: SnippetGrid, video_id: str,
+                 classes: Sequence[str], weights: dict[str, float] | None = None,
+                 config: InferenceConfig = InferenceConfig(), device: torch.device | str = "cpu") -> Detections:
+    """Detections of one new video from its snippet features per stream: its windows as in
+    :func:`dataset_clips`, every stream's model once over them, fused late."""
+    seconds, offset = snippet_timing(grid)
+    layout = next(iter(models.values())).config
+    no_gt = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    clips = {s: clips_of(video_id, features[s], seconds, *no_gt, layout.clip_snippets, layout.window_stride,
+                         train=False, time_offset=offset) for s in models}
+    scores = {s: anchor_scores(model, clips[s], seconds, device=device) for s, model in models.items()}
+    first = next(iter(models))
+    return fuse_detections(scores, clips[first], models[first].anchors(seconds), {video_id: grid.duration}, classes,
+                           weights, config)
 
 
 def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], durations: dict[str, float],

@@ -113,10 +113,12 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 
 def _add_detect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint written by gcm train")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a checkpoint written by gcm train: a two-stage model.pt (needs --proposals) or a "
+                        "one-stage dssad.pt (reads the features alone)")
     p.add_argument("--features", required=True, type=Path, nargs="+",
                    help="snippet features of the video, one file per stream in the checkpoint's order (rgb flow)")
-    p.add_argument("--proposals", required=True, type=Path,
+    p.add_argument("--proposals", type=Path,
                    help="the video's proposals: text with one 'start end [score]' (seconds) per line or its "
                         "BSN/BMN CSV; or a file or folder of many videos' (SSN list, CSV with a video column, "
                         "folder of <video>.csv), of which those of --video-id are used")
@@ -129,20 +131,30 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
     from gcm_core.data.formats import load_features, read_video_proposals, result_json, write_result_json
-    from workflows.train_one_stage import is_one_stage_checkpoint
+    from gcm_core.one_stage import detect_video as detect_video_one_stage
+    from workflows.train_one_stage import is_one_stage_checkpoint, load_one_stage
 
-    if is_one_stage_checkpoint(args.checkpoint):
-        raise ValueError(f"{args.checkpoint} holds a one-stage D-SSAD run: gcm detect takes a two-stage checkpoint "
-                         "(model.pt) and proposals; evaluate D-SSAD runs with gcm evaluate")
-    checkpoint = load_checkpoint(args.checkpoint)
-    streams = list(checkpoint.streams)
+    one_stage = is_one_stage_checkpoint(args.checkpoint)
+    if one_stage and args.proposals:
+        raise ValueError(f"{args.checkpoint} holds a one-stage D-SSAD run, which finds actions in the features "
+                         "alone: leave out --proposals")
+    if not one_stage and not args.proposals:
+        raise ValueError(f"{args.checkpoint} holds a two-stage head, which scores proposals: give --proposals")
+    checkpoint = load_one_stage(args.checkpoint) if one_stage else load_checkpoint(args.checkpoint)
+    streams = list(checkpoint.stage.streams if one_stage else checkpoint.streams)
     if len(args.features) != len(streams):
         raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order")
     video_id = args.video_id or args.features[0].stem
     features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
-    video, _ = video_layout(checkpoint, next(iter(features.values())).shape[0], video_id, args.fps, args.duration)
-    proposals = read_video_proposals(args.proposals, video)
-    detections = detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration)
+    video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, args.fps,
+                               args.duration)
+    if one_stage:
+        stage = checkpoint.stage
+        detections = detect_video_one_stage(dict(checkpoint.models), features, grid, video_id, checkpoint.classes,
+                                            dict(stage.inference.fusion), stage.inference)
+    else:
+        proposals = read_video_proposals(args.proposals, video)
+        detections = detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration)
     if args.out:
         write_result_json(args.out, detections)
         print(f"wrote {len(detections)} detections of {video_id} to {args.out}")

@@ -87,10 +87,10 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
 def _one_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the snippet features the dataset was prepared from."""
-    models, stage, classes = load_one_stage(checkpoint)
-    truth, detections = detect_test_split(models, stage, load_card(Path(data) / "card.yaml"),
+    run = load_one_stage(checkpoint)
+    truth, detections = detect_test_split(run.models, run.stage, load_card(Path(data) / "card.yaml"),
                                           manifest["config"]["data_root"])
-    return classes, truth, detections["fused"]
+    return run.classes, truth, detections["fused"]
 
 
 def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,19 @@ class OneStageModels(torch.nn.ModuleDict):
     """One D-SSAD per stream (trained independently, fused late)."""
 
 
-def save_one_stage(path: Path, models: OneStageModels, stage: dict[str, Any], classes: list[str], dim: int) -> None:
-    """``dssad.pt``: each stream's weights with what rebuilding them needs (plain types only)."""
-    torch.save({"models": models.state_dict(), "config": stage, "classes": classes, "dim": dim}, path)
+def save_one_stage(path: Path, models: OneStageModels, stage: dict[str, Any], card: DatasetCard, dim: int) -> None:
+    """``dssad.pt``: each stream's weights with what rebuilding them and reading a new video's
+    features need (plain types only)."""
+    torch.save({"models": models.state_dict(), "config": stage, "classes": list(card.classes), "dim": dim,
+                "snippets": dict(card.snippets)}, path)
+
+
+@dataclass
+class OneStageCheckpoint:
+    models: OneStageModels          # in eval mode
+    stage: TrainStageConfig         # the run's resolved config
+    classes: list[str]
+    snippets: dict[str, Any]        # the snippet layout of the features (card ``snippets``)
 
 
 def is_one_stage_checkpoint(path: str | Path) -> bool:
@@ -51,14 +62,14 @@ def is_one_stage_checkpoint(path: str | Path) -> bool:
     return isinstance(payload, dict) and {"models", "config", "classes", "dim"} <= payload.keys()
 
 
-def load_one_stage(path: str | Path) -> tuple[OneStageModels, TrainStageConfig, list[str]]:
-    """The D-SSAD models of ``dssad.pt`` in eval mode, the run's stage config and its classes."""
+def load_one_stage(path: str | Path) -> OneStageCheckpoint:
+    """The D-SSAD run of ``dssad.pt``, models rebuilt."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     stage = from_dict(TrainStageConfig, payload["config"])
     models = OneStageModels({s: DSSAD(stage.one_stage.model, payload["dim"], len(payload["classes"]))
                              for s in stage.streams})
     models.load_state_dict(payload["models"])
-    return models.eval(), stage, list(payload["classes"])
+    return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}))
 
 
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
@@ -125,7 +136,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
             if rank == 0:
                 if epoch + 1 == config.epochs and stage.evaluate:
                     metrics.update(_evaluate(models, stage, card, manifest, out, device))
-                save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], list(card.classes), dim)
+                save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], card, dim)
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
                 log_epoch(out, writer, metrics)

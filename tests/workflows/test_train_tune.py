@@ -23,6 +23,7 @@ from workflows.config import (
 )
 from workflows.evaluate import EvaluationError, run_evaluate
 from workflows.preprocess import run_preprocess
+from workflows.cli import main as cli_main
 from workflows.ray_env import ray_session
 from workflows.shards import read_videos
 from workflows.train import run_train
@@ -130,6 +131,16 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
     rows = run_evaluate(EvaluateConfig(checkpoints=(str(run / "dssad.pt"),), data=("prep",), out="eval"), quiet=True)
     assert rows[0]["mAP"] == pytest.approx(metrics["fused"]["mAP"], abs=1e-6)
     assert json.loads(Path("eval/dssad-gcm__prep/detections.json").read_text())["results"] == detections
+    # gcm detect finds the same actions in one test video from its features alone
+    video = next(v for v in read_videos(prepared, "test") if v.video_id in detections)
+    features = [str(small_dataset / f"features/{s}/{video.video_id}.npy") for s in ("rgb", "flow")]
+    assert cli_main(["detect", "--checkpoint", str(run / "dssad.pt"), "--features", *features,
+                     "--duration", str(video.duration), "--out", "one.json"]) == 0
+    found, expected = json.loads(Path("one.json").read_text())["results"][video.video_id], detections[video.video_id]
+    assert [d["label"] for d in found] == [d["label"] for d in expected]
+    assert [d["score"] for d in found] == pytest.approx([d["score"] for d in expected], abs=1e-6)
+    assert [t for d in found for t in d["segment"]] == pytest.approx([t for d in expected for t in d["segment"]],
+                                                                     abs=1e-5)
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
     reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
