@@ -1,12 +1,14 @@
 """Detection quality on the synthetic benchmark: GCM against its baselines and ablations.
 
     python benchmarks/quality.py [--scale small|medium|full] [--seeds 3] [--json] [--out DIR]
-                                 [--settings ssn+gcm ssn+mlp ...]
+                                 [--settings ssn+gcm ssn+mlp ...] [--streams rgb flow] [--threads N]
 
 For each seed s: writes the synthetic benchmark (seed s) and its relation-free control (every
 relation knob at 0), prepares the videos in-process (pooling, candidate edges, labels), trains each
 setting on both streams (seeded with s), fuses RGB : Flow = 2 : 3 and evaluates the test split with
-the THUMOS'14 protocol. Prints a table of mean and std over seeds (mAP %, tIoU 0.1-0.5), the checks
+the THUMOS'14 protocol. ``--streams flow`` trains and evaluates one stream alone (the paper's
+ablations report RGB and Flow apart); ``--threads`` fixes torch's CPU threads, since the order
+of float sums, and so a run's result, depends on it. Prints a table of mean and std over seeds (mAP %, tIoU 0.1-0.5), the checks
 of issue 4 and the time taken; ``--json`` prints one JSON object {setting: {"mAP@0.5", "std"}}.
 
 Settings: ssn+gcm, ssn+mlp (Table 4), ssn+mp (Table 6), ssn+gcm-no-{contextual,surrounding,
@@ -75,21 +77,21 @@ def prepare(root: Path, scale: str, seed: int, control: bool) -> dict:
     return out
 
 
-def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int) -> list[float]:
+def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams: list[str]) -> list[float]:
     card = data["card"]
     config = TrainConfig(seed=seed, **RECIPE)
-    heads, stats = fit(data["train"], card.streams, model, spec, config, card.num_classes)
+    heads, stats = fit(data["train"], streams, model, spec, config, card.num_classes)
     per_stream = {s: predict(heads[s], UnitDataset(data["test"], s, spec, model.comp_input), stats)
-                  for s in card.streams}
+                  for s in streams}
     dets = detections_of(data["test"], per_stream, card.classes)
     return [100 * v for v in evaluate(data["test"], dets, card.classes, "thumos14", TIOU).map.tolist()]
 
 
-def run_dssad(data: dict, scales: tuple[int, ...], seed: int) -> list[float]:
+def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]) -> list[float]:
     card = data["card"]
     config = replace(one_stage.default_recipe(), seed=seed)
     models, tests = {}, {}
-    for stream in card.streams:
+    for stream in streams:
         train, _, seconds = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), stream)
         tests[stream], durations, _ = one_stage.dataset_clips(DatasetSource(card, data["root"], "test"), stream)
         seed_everything(seed)
@@ -127,7 +129,11 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
+    parser.add_argument("--streams", nargs="+", default=["rgb", "flow"], choices=["rgb", "flow"])
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     began = time.perf_counter()
     results: dict[str, list[list[float]]] = {s: [] for s in args.settings}
     for seed in range(args.seeds):
@@ -139,17 +145,18 @@ def main() -> None:
         for setting in args.settings:
             t0 = time.perf_counter()
             if setting in SSN:
-                maps = run_ssn(datasets[setting.startswith("control:")], *SSN[setting], seed)
+                maps = run_ssn(datasets[setting.startswith("control:")], *SSN[setting], seed, args.streams)
             else:
-                maps = run_dssad(datasets[False], DSSAD_SETTINGS[setting], seed)
+                maps = run_dssad(datasets[False], DSSAD_SETTINGS[setting], seed, args.streams)
             results[setting].append(maps)
             print(f"seed {seed} {setting:24s} mAP@0.5 {maps[-1]:6.2f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
     minutes = (time.perf_counter() - began) / 60
     summary = {s: {"mAP@0.5": statistics.mean(r[-1] for r in runs),
                    "std": statistics.stdev(r[-1] for r in runs) if len(runs) > 1 else 0.0} for s, runs in results.items()}
-    lines = [f"Synthetic benchmark ({args.scale}), THUMOS'14 protocol, RGB + Flow fused 2:3, {args.seeds} seeds "
-             f"(mean +- std, mAP %), `python benchmarks/quality.py --scale {args.scale} --seeds {args.seeds}`, "
+    streams = "RGB + Flow fused 2:3" if len(args.streams) > 1 else f"{args.streams[0]} stream alone"
+    lines = [f"Synthetic benchmark ({args.scale}), THUMOS'14 protocol, {streams}, {args.seeds} seeds "
+             f"(mean +- std, mAP %), `python benchmarks/quality.py {' '.join(sys.argv[1:])}`, "
              f"{minutes:.0f} min on this machine:", "",
              "| setting | " + " | ".join(f"mAP@{t}" for t in TIOU) + " |", "|---" * (len(TIOU) + 1) + "|"]
     for setting, runs in results.items():
