@@ -268,7 +268,8 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
     epochs = stage.one_stage.train.epochs if one_stage else stage.train.epochs
-    result = follow(trainer.fit, folder / "progress.jsonl", epochs, f"train {stage.name}: ", quiet)
+    summed = f" (losses summed over {' + '.join(stage.streams)})" if len(stage.streams) > 1 else ""
+    result = follow(trainer.fit, folder / "progress.jsonl", epochs, f"train {stage.name}: ", quiet, summed)
     if result.checkpoint is None:
         raise RuntimeError(f"training of {stage.name} ended without a checkpoint ({result.error})")
     weights = WEIGHTS if one_stage else "model.pt"
@@ -284,8 +285,9 @@ def _card_snippets(data: str | Path) -> dict[str, Any]:
     return dict(load_card(Path(data) / "card.yaml").snippets)
 
 
-def follow(fit, log: Path, epochs: int, label: str, quiet: bool):
-    """Run ``fit`` in a thread and print progress from the per-epoch log its rank 0 writes."""
+def follow(fit, log: Path, epochs: int, label: str, quiet: bool, loss_note: str = ""):
+    """Run ``fit`` in a thread and print progress from the per-epoch log its rank 0 writes; each
+    epoch's line of losses says ``loss_note`` after the epoch number."""
     outcome: dict[str, Any] = {}
 
     def target() -> None:
@@ -308,7 +310,7 @@ def follow(fit, log: Path, epochs: int, label: str, quiet: bool):
                 progress.update(metrics["epoch"] - progress.done)
                 if not quiet:
                     losses = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_"))
-                    print(f"  epoch {metrics['epoch']}: {losses}", flush=True)
+                    print(f"  epoch {metrics['epoch']}{loss_note}: {losses}", flush=True)
         seen = len(logged)
     progress.close()
     if "error" in outcome:
