@@ -8,8 +8,9 @@ relation knob at 0), prepares the videos in-process (pooling, candidate edges, l
 setting on both streams (seeded with s), fuses RGB : Flow = 2 : 3 and evaluates the test split with
 the THUMOS'14 protocol. ``--streams flow`` trains and evaluates one stream alone (the paper's
 ablations report RGB and Flow apart); ``--threads`` fixes torch's CPU threads, since the order
-of float sums, and so a run's result, depends on it. Prints a table of mean and std over seeds (mAP %, tIoU 0.1-0.5), the checks
-of issue 4 and the time taken; ``--json`` prints one JSON object {setting: {"mAP@0.5", "std"}}.
+of float sums, and so a run's result, depends on it. Prints a table of mean and std over seeds
+(mAP %, tIoU 0.1-0.5), the checks of issue 4 and the time taken; ``--json`` prints one JSON
+object {setting: {"mAP@0.5", "std"}}.
 
 Settings: ssn+gcm, ssn+mlp (Table 4), ssn+mp (Table 6), ssn+gcm-no-{contextual,surrounding,
 semantic} (Table 9), control:ssn+gcm, control:ssn+mlp, dssad, dssad+gcm3 (Table 11, GCM at 3

@@ -46,10 +46,13 @@ def save_one_stage(path: Path, models: OneStageModels, stage: dict[str, Any], ca
 
 @dataclass
 class OneStageCheckpoint:
+    """A D-SSAD run as ``dssad.pt`` holds it, models rebuilt."""
+
     models: OneStageModels          # in eval mode
     stage: TrainStageConfig         # the run's resolved config
     classes: list[str]
-    snippets: dict[str, Any]        # the snippet layout of the features (card ``snippets``)
+    snippets: dict[str, Any]        # the features' snippet layout (card ``snippets``); {} in files written
+                                    # before it was recorded, which video_layout reads as its defaults
 
 
 def is_one_stage_checkpoint(path: str | Path) -> bool:
