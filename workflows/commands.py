@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from workflows import GRID_DIR
 from workflows.tables import markdown_table
 
 
@@ -257,7 +258,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_tune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("grid", help="grid YAML (path or shipped name: table9_edges, table4_6_modules, ...)")
+    shipped = sorted(path.stem for path in GRID_DIR.glob("*.yaml"))
+    p.add_argument("grid", help=f"grid YAML: a path or a shipped name ({', '.join(shipped)})")
     p.add_argument("--data", help="the preprocessed dataset every trial uses")
     p.add_argument("--out", help="experiments folder")
     p.add_argument("--resume", action="store_true", default=None, help="finish an interrupted experiment")

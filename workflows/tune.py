@@ -21,11 +21,10 @@ import yaml
 
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import shipped_yaml
+from workflows import GRID_DIR
 from workflows.config import ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, to_dict
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
-
-GRID_DIR = Path(__file__).resolve().parent / "grids"
 
 
 @dataclass
