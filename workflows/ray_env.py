@@ -61,12 +61,26 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
             ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus,
                      object_store_memory=config.object_store_mb * 1024 ** 2, **kwargs)
         _embedded = True
+        _warn_unless_loopback()
     quiet_data()
     try:
         yield
     finally:
         _embedded = False
         ray.shutdown()
+
+
+def _warn_unless_loopback() -> None:
+    """Say so when the embedded Ray listens beyond this machine: Ray reads the switch that keeps
+    it on loopback (``LOCAL_ENV``) when ``ray`` is first imported, which code run before this
+    session may have done."""
+    import ray
+
+    host = ray.get_runtime_context().gcs_address.rsplit(":", 1)[0]
+    if host != "127.0.0.1":
+        print(f"warning: the embedded Ray listens on {host}, not only on 127.0.0.1: ray was imported before "
+              "gcm-tal could keep it on loopback (set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before importing ray)",
+              file=sys.stderr)
 
 
 @contextmanager

@@ -41,6 +41,7 @@ def test_preprocess_and_train_on_three_nodes(cluster, small_dataset, tmp_path):
     import ray
 
     assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}  # the nodes talk over loopback
     manifest = run_preprocess(config(small_dataset, tmp_path / "prep"), quiet=True)
     assert manifest["counts"]["train"]["videos"] == 48 and manifest["counts"]["test"]["videos"] == 24
     stage = from_dict(TrainStageConfig, {"data": str(tmp_path / "prep"), "out": str(tmp_path), "name": "run",

@@ -14,14 +14,17 @@ from workflows.preprocess import run_preprocess
 from workflows.ray_env import ray_session
 
 
-def test_the_embedded_default_ignores_a_cluster_address_that_is_gone(monkeypatch):
+def test_the_embedded_default_ignores_a_cluster_address_that_is_gone_and_stays_on_loopback(monkeypatch, capsys):
     import ray
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # nothing listens there (e.g. a stopped `ray start`)
     with ray_session(RayConfig(num_cpus=1, object_store_mb=100)):
         assert ray.cluster_resources()["CPU"] == 1
         assert ray.get(ray.put(41)) + 1 == 42
+        assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert not ray.is_initialized()
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_gpu_preprocessing_without_gpus_is_an_error_not_a_hang(small_dataset, tmp_path):
