@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from workflows import GRID_DIR
 from workflows.config import ConfigError, PreprocessConfig, TrainStageConfig, dump, from_dict, resolve
-from workflows.tune import GRID_DIR, load_grid, trial_config
+from workflows.tune import load_grid, trial_config
 
 
 def test_defaults_are_the_papers_settings():
