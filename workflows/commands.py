@@ -118,7 +118,8 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint written by gcm train: a two-stage model.pt (needs --proposals) or a "
                         "one-stage dssad.pt (reads the features alone)")
     p.add_argument("--features", required=True, type=Path, nargs="+",
-                   help="snippet features of the video, one file per stream in the checkpoint's order (rgb flow)")
+                   help="snippet features of the video, one file per stream in the checkpoint's order (rgb flow), "
+                        "or one file holding every stream where the dataset's card gives snippets.stream_columns")
     p.add_argument("--proposals", type=Path,
                    help="the video's proposals: text with one 'start end [score]' (seconds) per line or its "
                         "BSN/BMN CSV; or a file or folder of many videos' (SSN list, CSV with a video column, "
@@ -131,7 +132,9 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
-    from gcm_core.data.formats import load_features, read_video_proposals, result_json, write_result_json
+    from gcm_core.data.formats import (
+        load_features, read_video_proposals, result_json, split_streams, write_result_json,
+    )
     from gcm_core.one_stage import detect_video as detect_video_one_stage
     from workflows.train_one_stage import is_one_stage_checkpoint, load_one_stage
 
@@ -143,10 +146,16 @@ def _run_detect(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint} holds a two-stage head, which scores proposals: give --proposals")
     checkpoint = load_one_stage(args.checkpoint) if one_stage else load_checkpoint(args.checkpoint)
     streams = list(checkpoint.stage.streams if one_stage else checkpoint.streams)
-    if len(args.features) != len(streams):
-        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order")
+    columns = checkpoint.snippets.get("stream_columns")
     video_id = args.video_id or args.features[0].stem
-    features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
+    if columns and len(args.features) == 1:  # one file, every stream side by side
+        both = split_streams(load_features(args.features[0], video_id), columns, args.features[0], video_id)
+        features = {s: both[s] for s in streams}
+    elif len(args.features) == len(streams):
+        features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
+    else:
+        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order"
+                         + (", or the one file holding them all" if columns else ""))
     video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, args.fps,
                                args.duration)
     if one_stage:

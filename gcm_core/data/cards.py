@@ -139,6 +139,7 @@ def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCa
     if len(set(names)) != len(names):
         raise CardError(f"{where}: duplicate class names")
     official = tuple(int(c["official_index"]) for c in entries) if all("official_index" in c for c in entries) else None
+    _check_stream_columns(raw, where)
     known = set(required) | {"stream_fusion", "snippets", "units_per_video_test"}
     return DatasetCard(
         name=str(raw["name"]),
@@ -154,3 +155,25 @@ def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCa
         source=source,
         extra={k: v for k, v in raw.items() if k not in known},
     )
+
+
+def _check_stream_columns(raw: dict[str, Any], where: Any) -> None:
+    """A feature file either holds one stream (``{stream}`` in its path pattern) or every stream
+    side by side, each at the ``[start, stop)`` columns ``snippets.stream_columns`` gives."""
+    streams = list(raw["streams"])
+    columns = (raw.get("snippets") or {}).get("stream_columns")
+    per_stream_files = "{stream}" in str(raw["paths"].get("features", "{stream}"))
+    if columns is None:
+        if len(streams) > 1 and not per_stream_files:
+            raise CardError(f"{where}: paths.features has no {{stream}}, so one file holds every stream: give "
+                            f"snippets.stream_columns, each stream's [start, stop) columns in it")
+        return
+    if per_stream_files:
+        raise CardError(f"{where}: snippets.stream_columns describes one file holding every stream, but "
+                        "paths.features names a file per stream ({stream})")
+    valid = isinstance(columns, dict) and set(columns) == set(streams) and all(
+        isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(x, int) for x in c) and 0 <= c[0] < c[1]
+        for c in columns.values())
+    if not valid:
+        raise CardError(f"{where}: snippets.stream_columns must give [start, stop) columns for each of the "
+                        f"streams {streams}, got {columns!r}")

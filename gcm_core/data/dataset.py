@@ -14,7 +14,7 @@ import numpy as np
 
 from gcm_core.data.annotations import read_annotations
 from gcm_core.data.cards import DatasetCard, data_root_path
-from gcm_core.data.features import load_features
+from gcm_core.data.features import load_features, split_streams
 from gcm_core.data.model import FormatError, Proposals, Video, video_spellings
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.proposals import ProposalSource
@@ -65,6 +65,15 @@ class DatasetSource:
         paths = [self.card.path("features", self.root, stream=stream, video=name) for name in video_spellings(video)]
         return next((p for p in paths if p.is_file()), paths[0])
 
+    def _features(self, video_id: str) -> dict[str, np.ndarray]:
+        """Every stream's features of ``video_id``: a file each, or one file read once and cut
+        into the streams' columns (the card's ``snippets.stream_columns``)."""
+        columns = self.card.snippets.get("stream_columns")
+        if columns:
+            path = self.feature_path(video_id, self.card.streams[0])
+            return split_streams(load_features(path, video_id), columns, path, video_id)
+        return {s: load_features(self.feature_path(video_id, s), video_id) for s in self.card.streams}
+
     def grid(self, video: Video, num_snippets: int) -> SnippetGrid:
         snippets = self.card.snippets
         fps = snippets.get("fps", "native")
@@ -78,7 +87,7 @@ class DatasetSource:
         video = self.videos[video_id]
         if not video.duration:
             raise FormatError(self.card.path("annotations", self.root), "no duration", video=video_id, field="duration")
-        features = {s: load_features(self.feature_path(video_id, s), video_id) for s in self.card.streams}
+        features = self._features(video_id)
         lengths = {s: f.shape[0] for s, f in features.items()}
         if len(set(lengths.values())) > 1:
             raise FormatError(self.feature_path(video_id, self.card.streams[0]),

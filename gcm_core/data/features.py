@@ -6,6 +6,7 @@ and names the file and video when something is wrong.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,13 @@ def check_features(array: np.ndarray, path: str | Path, video: str | None = None
         t = int(np.argwhere(~np.isfinite(array))[0, 0])
         raise FormatError(path, f"non-finite value (NaN or inf) at snippet {t}", video=video)
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def split_streams(array: np.ndarray, columns: Mapping[str, Sequence[int]], path: str | Path,
+                  video: str | None = None) -> dict[str, np.ndarray]:
+    """Each stream's ``[start, stop)`` columns of a file that holds several streams side by side
+    (ActionFormer's THUMOS'14 I3D release: RGB in the first 1024 columns, flow in the next 1024)."""
+    width = max(int(stop) for _, stop in columns.values())
+    if array.shape[1] < width:
+        raise FormatError(path, f"features are {array.shape[1]}-d, the streams' columns need {width}", video=video)
+    return {s: np.ascontiguousarray(array[:, int(start):int(stop)]) for s, (start, stop) in columns.items()}

@@ -6,8 +6,9 @@ import pickle
 
 import numpy as np
 import pytest
+import yaml
 
-from gcm_core.data.cards import load_card
+from gcm_core.data.cards import CardError, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import FormatError, read_annotations, read_detections, read_proposals, read_video_proposals
 from gcm_core.data.model import Video
@@ -184,3 +185,29 @@ def test_unreadable_pickle_in_pt_file(tmp_path):
     path = tmp_path / "v.pt"
     path.write_bytes(pickle.dumps(ValueError("run me"), protocol=2))  # an object only unpickling could make
     expect(lambda: load_features(path, "v"), "unreadable", "v.pt")
+
+
+def test_one_feature_file_holding_every_stream(broken):
+    # ActionFormer's THUMOS'14 layout: RGB and flow side by side in one file per video
+    card_path = broken / "card.yaml"
+    separate = DatasetSource(load_card(card_path), broken, "test")
+    vid = separate.video_ids[0]
+    expected = separate.load(vid).features
+    dim = expected["rgb"].shape[1]
+    (broken / "features" / "both").mkdir()
+    np.save(broken / f"features/both/{vid}.npy", np.concatenate([expected["rgb"], expected["flow"]], axis=1))
+    raw = yaml.safe_load(card_path.read_text())
+    raw["paths"]["features"] = "features/both/{video}.npy"
+    raw["snippets"]["stream_columns"] = {"rgb": [0, dim], "flow": [dim, 2 * dim]}
+    card_path.write_text(yaml.safe_dump(raw))
+    joined = DatasetSource(load_card(card_path), broken, "test").load(vid).features
+    for stream in ("rgb", "flow"):
+        np.testing.assert_array_equal(joined[stream], expected[stream])
+
+    np.save(broken / f"features/both/{vid}.npy", expected["rgb"])  # one stream's width only
+    expect(lambda: DatasetSource(load_card(card_path), broken, "test").load(vid), f"both/{vid}.npy", vid,
+           f"features are {dim}-d, the streams' columns need {2 * dim}")
+    del raw["snippets"]["stream_columns"]  # one file for every stream, but where does each lie?
+    card_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CardError, match="paths.features has no {stream}.*stream_columns"):
+        load_card(card_path)

@@ -104,4 +104,17 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
                      "--video-id", video.video_id, "--out", str(again)]) == 0
         found = json.loads(again.read_text())["results"][video.video_id]
         assert [d["label"] for d in found] == reference.label, source
-        np.testing.assert_allclose([d["segment"] for d in found], [d["segment"] for d in written], atol=1e-3, err_msg=str(source))
+        np.testing.assert_allclose([d["segment"] for d in found], [d["segment"] for d in written], atol=1e-3,
+                                   err_msg=str(source))
+
+    # features as one file holding both streams, where the checkpoint's snippet layout says which columns
+    dim = feats["rgb"].shape[1]
+    joined = tmp_path / "joined.pt"
+    save_checkpoint(joined, Checkpoint(list(card.classes), ModelConfig(), GraphSpec(), InferenceConfig(top_k=50),
+                                       {**card.snippets, "stream_columns": {"rgb": [0, dim], "flow": [dim, 2 * dim]}},
+                                       heads, stats))
+    np.save(tmp_path / "both.npy", np.concatenate([feats["rgb"], feats["flow"]], axis=1))
+    again = tmp_path / "joined.json"
+    assert main(["detect", "--checkpoint", str(joined), "--features", str(tmp_path / "both.npy"), "--proposals",
+                 str(props), "--duration", str(video.duration), "--video-id", video.video_id, "--out", str(again)]) == 0
+    assert json.loads(again.read_text()) == json.loads(out.read_text())
