@@ -132,9 +132,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
-    from gcm_core.data.formats import (
-        load_features, read_video_proposals, result_json, split_streams, write_result_json,
-    )
+    from gcm_core.data.formats import read_video_proposals, result_json, write_result_json
     from gcm_core.one_stage import detect_video as detect_video_one_stage
     from workflows.train_one_stage import is_one_stage_checkpoint, load_one_stage
 
@@ -146,16 +144,8 @@ def _run_detect(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint} holds a two-stage head, which scores proposals: give --proposals")
     checkpoint = load_one_stage(args.checkpoint) if one_stage else load_checkpoint(args.checkpoint)
     streams = list(checkpoint.stage.streams if one_stage else checkpoint.streams)
-    columns = checkpoint.snippets.get("stream_columns")
     video_id = args.video_id or args.features[0].stem
-    if columns and len(args.features) == 1:  # one file, every stream side by side
-        both = split_streams(load_features(args.features[0], video_id), columns, args.features[0], video_id)
-        features = {s: both[s] for s in streams}
-    elif len(args.features) == len(streams):
-        features = {s: load_features(path, video_id) for s, path in zip(streams, args.features)}
-    else:
-        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order"
-                         + (", or the one file holding them all" if columns else ""))
+    features = _video_features(args.features, streams, checkpoint.snippets.get("stream_columns"), video_id)
     video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, args.fps,
                                args.duration)
     if one_stage:
@@ -171,6 +161,21 @@ def _run_detect(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result_json(detections)))
     return 0
+
+
+def _video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,
+                    video_id: str) -> dict:
+    """A new video's features of each stream: a file each, in the streams' order, or one file
+    holding them all side by side where the checkpoint's snippet layout gives their ``columns``."""
+    from gcm_core.data.formats import load_features, split_streams
+
+    if columns and len(paths) == 1:
+        every = split_streams(load_features(paths[0], video_id), columns, paths[0], video_id)
+        return {s: every[s] for s in streams}
+    if len(paths) != len(streams):
+        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order"
+                         + (", or the one file holding them all" if columns else ""))
+    return {s: load_features(path, video_id) for s, path in zip(streams, paths)}
 
 
 def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:
