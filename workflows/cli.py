@@ -20,7 +20,7 @@ A typical session (each stage writes its outputs and resolved config.yaml into i
   gcm tune table9_edges --data runs/prep --out runs/tune        the paper's ablation grids
   gcm report runs/ssn-gcm runs/eval                              tables and figures
   gcm demo                                                       all of the above, small
-Other tools: eval-detections (score a result file), detect (one new video).
+Other tools: eval-detections (score a result file), detect (new videos: one, or a folder of them).
 Add --address auto (before the command) to run on a Ray cluster (see ray_cluster.yaml).
 """
 

@@ -117,22 +117,31 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint written by gcm train: a two-stage model.pt (needs --proposals) or a "
                         "one-stage dssad.pt (reads the features alone)")
-    p.add_argument("--features", required=True, type=Path, nargs="+",
-                   help="snippet features of the video, one file per stream in the checkpoint's order (rgb flow), "
-                        "or one file holding every stream where the dataset's card gives snippets.stream_columns")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--features", type=Path, nargs="+",
+                        help="snippet features of the video, one file per stream in the checkpoint's order (rgb "
+                             "flow), or one file holding every stream where the dataset's card gives "
+                             "snippets.stream_columns")
+    source.add_argument("--features-dir", type=Path,
+                        help="a folder of many videos' features, laid out as a dataset's (<stream>/<video>.npy, or "
+                             "<video>.npy holding every stream): each video is detected, all into one result file")
     p.add_argument("--proposals", type=Path,
                    help="the video's proposals: text with one 'start end [score]' (seconds) per line or its "
                         "BSN/BMN CSV; or a file or folder of many videos' (SSN list, CSV with a video column, "
                         "folder of <video>.csv), of which those of --video-id are used")
     p.add_argument("--out", type=Path, help="ActivityNet result JSON to write (default: print it)")
-    p.add_argument("--video-id", default=None, help="name of the video in the output (default: the features' stem)")
+    p.add_argument("--video-id", default=None,
+                   help="name of the video in the output (default: the features' stem; not with --features-dir)")
     p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
-    p.add_argument("--duration", type=float, help="duration in seconds (default: what the snippets cover)")
+    p.add_argument("--duration", type=float,
+                   help="duration in seconds (default: what the snippets cover; not with --features-dir)")
 
 
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
-    from gcm_core.data.formats import read_video_proposals, result_json, write_result_json
+    from gcm_core.data.formats import (
+        Detections, holds_many_videos, read_video_proposals, result_json, write_result_json,
+    )
     from gcm_core.one_stage import detect_video as detect_video_one_stage
     from workflows.train_one_stage import is_one_stage_checkpoint, load_one_stage
 
@@ -142,25 +151,48 @@ def _run_detect(args: argparse.Namespace) -> int:
                          "alone: leave out --proposals")
     if not one_stage and not args.proposals:
         raise ValueError(f"{args.checkpoint} holds a two-stage head, which scores proposals: give --proposals")
+    if args.features_dir and (args.video_id or args.duration):
+        raise ValueError("--video-id and --duration describe one video: give them with --features")
+    if args.features_dir and args.proposals and not holds_many_videos(args.proposals):
+        raise ValueError(f"{args.proposals} holds one video's proposals: with --features-dir give a file or folder "
+                         "of every video's (SSN list, CSV with a video column, folder of <video>.csv)")
     checkpoint = load_one_stage(args.checkpoint) if one_stage else load_checkpoint(args.checkpoint)
     streams = list(checkpoint.stage.streams if one_stage else checkpoint.streams)
-    video_id = args.video_id or args.features[0].stem
-    features = _video_features(args.features, streams, checkpoint.snippets.get("stream_columns"), video_id)
-    video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, args.fps,
-                               args.duration)
-    if one_stage:
-        stage = checkpoint.stage
-        detections = detect_video_one_stage(dict(checkpoint.models), features, grid, video_id, checkpoint.classes,
-                                            dict(stage.inference.fusion), stage.inference)
-    else:
-        proposals = read_video_proposals(args.proposals, video)
-        detections = detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration)
+    columns = checkpoint.snippets.get("stream_columns")
+    inputs = (_folder_videos(args.features_dir, streams, columns) if args.features_dir
+              else [(args.video_id or args.features[0].stem, args.features)])
+    found = []
+    for video_id, paths in inputs:
+        features = _video_features(paths, streams, columns, video_id)
+        video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, args.fps,
+                                   args.duration)
+        if one_stage:
+            stage = checkpoint.stage
+            found.append(detect_video_one_stage(dict(checkpoint.models), features, grid, video_id, checkpoint.classes,
+                                                dict(stage.inference.fusion), stage.inference))
+        else:
+            proposals = read_video_proposals(args.proposals, video)
+            found.append(detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration))
+    detections = Detections.concat(found)
     if args.out:
         write_result_json(args.out, detections)
-        print(f"wrote {len(detections)} detections of {video_id} to {args.out}")
+        which = inputs[0][0] if len(inputs) == 1 else f"{len(inputs)} videos"
+        print(f"wrote {len(detections)} detections of {which} to {args.out}")
     else:
         print(json.dumps(result_json(detections)))
     return 0
+
+
+def _folder_videos(folder: Path, streams: list[str], columns: dict[str, list[int]] | None
+                   ) -> list[tuple[str, list[Path]]]:
+    """Every video of a features folder with its files: ``<video>.<ext>`` holding every stream
+    (``columns``), else ``<stream>/<video>.<ext>`` per stream (the first stream's folder lists them)."""
+    listed = folder if columns else folder / streams[0]
+    files = sorted(f for f in listed.glob("*") if f.suffix in (".npy", ".npz", ".pt"))
+    if not files:
+        layout = "<video>.npy" if columns else f"{streams[0]}/<video>.npy"
+        raise FileNotFoundError(f"no feature files in {listed} (expected {layout} under {folder})")
+    return [(f.stem, [f] if columns else [folder / s / f.name for s in streams]) for f in files]
 
 
 def _video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,
@@ -338,7 +370,8 @@ REGISTRY: dict[str, Command] = {
     "tune": ("run an ablation grid of train + evaluate trials (Ray Tune)", _add_tune, _run_tune),
     "evaluate": ("evaluate checkpoints on preprocessed datasets in parallel (Ray)", _add_evaluate, _run_evaluate),
     "synth": ("write a synthetic THUMOS'14-like benchmark in the layout of real data", _add_synth, _run_synth),
-    "detect": ("detect actions in one new video with a trained checkpoint", _add_detect, _run_detect),
+    "detect": ("detect actions in new videos (one, or a folder of them) with a trained checkpoint", _add_detect,
+               _run_detect),
     "report": ("write REPORT.md with paper-style tables and figures from run folders", _add_report, _run_report),
     "demo": ("the main job end to end on a small synthetic benchmark (embedded Ray by default)", _add_demo,
              _run_demo),

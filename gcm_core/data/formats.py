@@ -10,12 +10,14 @@ from gcm_core.data.detections import read_detections, result_json, write_result_
 from gcm_core.data.features import check_features, load_features, split_streams
 from gcm_core.data.model import Detections, FormatError, Instance, Proposals, Video
 from gcm_core.data.proposals import (
-    ProposalSource, SsnBlock, read_proposals, read_ssn_blocks, read_video_proposals, write_ssn_list,
+    ProposalSource, SsnBlock, holds_many_videos, read_proposals, read_ssn_blocks, read_video_proposals,
+    write_ssn_list,
 )
 
 __all__ = [
     "Detections", "FormatError", "Instance", "ProposalSource", "Proposals", "SsnBlock", "Video", "atomic_save_npy",
-    "atomic_write_text", "check_features", "load_features", "read_annotations", "read_avoid_list", "read_detections",
-    "read_proposals", "read_ssn_blocks", "read_video_info", "read_video_proposals", "result_json", "split_streams",
-    "write_annotations_json", "write_result_json", "write_ssn_list", "write_thumos_text",
+    "atomic_write_text", "check_features", "holds_many_videos", "load_features", "read_annotations",
+    "read_avoid_list", "read_detections", "read_proposals", "read_ssn_blocks", "read_video_info",
+    "read_video_proposals", "result_json", "split_streams", "write_annotations_json", "write_result_json",
+    "write_ssn_list", "write_thumos_text",
 ]

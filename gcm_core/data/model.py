@@ -94,6 +94,12 @@ class Detections:
     def __len__(self) -> int:
         return len(self.video)
 
+    @classmethod
+    def concat(cls, parts: list["Detections"]) -> "Detections":
+        """The detections of every part, in order."""
+        return cls([v for p in parts for v in p.video], [lab for p in parts for lab in p.label],
+                   *(np.concatenate([getattr(p, c) for p in parts] or [np.zeros(0)]) for c in ("start", "end", "score")))
+
 
 def _float_columns(*columns) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(c, dtype=np.float64) for c in columns)

@@ -294,15 +294,23 @@ def read_video_proposals(path: str | Path, video: Video, tolerance: float = DEFA
     if not path.exists():
         raise FormatError(path, "no such file or folder", video=video.id)
     videos = {video.id: video}
-    if path.suffix == ".csv" and not {"video", "video-name"} & set(_csv_columns(path)):
-        proposals = _read_bsn_file(path, videos, tolerance, video.id)
-    elif path.is_dir() or path.suffix == ".csv" or _is_ssn_list(path):
+    if holds_many_videos(path):
         proposals = ProposalSource(path, videos, tolerance=tolerance)[video.id]
+    elif path.suffix == ".csv":
+        proposals = _read_bsn_file(path, videos, tolerance, video.id)
     else:
         proposals = _read_plain_video_text(path, video, tolerance)
     if not len(proposals):
         raise FormatError(path, "no proposals", video=video.id)
     return proposals
+
+
+def holds_many_videos(path: str | Path) -> bool:
+    """Whether ``path`` holds the proposals of many videos (an SSN list, a CSV with a video column,
+    a folder of ``<video>.csv``) rather than of one."""
+    path = Path(path)
+    return path.is_dir() or _is_ssn_list(path) or (
+        path.suffix == ".csv" and bool({"video", "video-name"} & set(_csv_columns(path))))
 
 
 def _read_plain_video_text(path: Path, video: Video, tolerance: float) -> Proposals:

@@ -118,3 +118,21 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
     assert main(["detect", "--checkpoint", str(joined), "--features", str(tmp_path / "both.npy"), "--proposals",
                  str(props), "--duration", str(video.duration), "--video-id", video.video_id, "--out", str(again)]) == 0
     assert json.loads(again.read_text()) == json.loads(out.read_text())
+
+    # a folder of many videos' features (a dataset's layout): one result file, each video as alone
+    folder, ssn = tmp_path / "many", small_dataset / "proposals" / "test_proposal_list.txt"
+    alone = {}
+    for other in small_prepared["test"][:2]:
+        for s in ("rgb", "flow"):
+            (folder / s).mkdir(parents=True, exist_ok=True)
+            np.save(folder / s / f"{other.video_id}.npy", np.load(small_dataset / f"features/{s}/{other.video_id}.npy"))
+        assert main(["detect", "--checkpoint", str(path), "--features", str(folder / "rgb" / f"{other.video_id}.npy"),
+                     str(folder / "flow" / f"{other.video_id}.npy"), "--proposals", str(ssn), "--out",
+                     str(tmp_path / "alone.json")]) == 0
+        alone.update(json.loads((tmp_path / "alone.json").read_text())["results"])
+    assert main(["detect", "--checkpoint", str(path), "--features-dir", str(folder), "--proposals", str(ssn),
+                 "--out", str(tmp_path / "many.json")]) == 0
+    assert json.loads((tmp_path / "many.json").read_text())["results"] == alone
+    # one video's proposals cannot serve a folder of videos
+    assert main(["detect", "--checkpoint", str(path), "--features-dir", str(folder), "--proposals", str(props)]) == 2
+    assert "holds one video's proposals" in capsys.readouterr().err
