@@ -91,13 +91,13 @@ def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams:
 def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]) -> list[float]:
     card = data["card"]
     config = replace(one_stage.default_recipe(), seed=seed)
-    models, tests = {}, {}
+    train, _, seconds = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), streams)
+    tests, durations, _ = one_stage.dataset_clips(DatasetSource(card, data["root"], "test"), streams)
+    models = {}
     for stream in streams:
-        train, _, seconds = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), stream)
-        tests[stream], durations, _ = one_stage.dataset_clips(DatasetSource(card, data["root"], "test"), stream)
         seed_everything(seed)
-        models[stream] = DSSAD(DSSADConfig(gcm_scales=scales), train[0].features.shape[1], card.num_classes)
-        one_stage.fit(models[stream], train, config, seconds)
+        models[stream] = DSSAD(DSSADConfig(gcm_scales=scales), train[stream][0].features.shape[1], card.num_classes)
+        one_stage.fit(models[stream], train[stream], config, seconds)
     dets = one_stage.predict_fused(models, tests, durations, card.classes, seconds, dict(card.stream_fusion))
     videos = {v.video_id: v for v in data["test"]}
     return [100 * v for v in evaluate(list(videos.values()), dets, card.classes, "thumos14", TIOU).map.tolist()]

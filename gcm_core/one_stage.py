@@ -72,18 +72,21 @@ def clips_of(video_id: str, snippets: np.ndarray, snippet_seconds: float, gt: Te
     return out
 
 
-def dataset_clips(source: DatasetSource, stream: str, length: int = 512, stride: int = 256
-                  ) -> tuple[list[Clip], dict[str, float], float]:
-    """Every clip of one role of a dataset for one stream, the videos' durations and the seconds
-    per snippet (the I3D grid's stride; all videos of a card share it)."""
+def dataset_clips(source: DatasetSource, streams: Sequence[str], length: int = 512, stride: int = 256
+                  ) -> tuple[dict[str, list[Clip]], dict[str, float], float]:
+    """Every clip of one role of a dataset for each of ``streams`` (the same windows; each video
+    read once), the videos' durations and the seconds per snippet (the I3D grid's stride; all
+    videos of a card share it)."""
     card, train = source.card, source.role == "train"
-    clips, durations, seconds = [], {}, 0.0
+    clips: dict[str, list[Clip]] = {s: [] for s in streams}
+    durations, seconds = {}, 0.0
     for vid in source.video_ids:
         inputs = source.load(vid)
         seconds, offset = snippet_timing(inputs.grid)
         gt = torch.tensor([(i.start, i.end) for i in inputs.video.instances], dtype=torch.float64).reshape(-1, 2)
         labels = torch.tensor([card.classes.index(i.label) for i in inputs.video.instances], dtype=torch.long)
-        clips += clips_of(vid, inputs.features[stream], seconds, gt, labels, length, stride, train, offset)
+        for s in streams:
+            clips[s] += clips_of(vid, inputs.features[s], seconds, gt, labels, length, stride, train, offset)
         durations[vid] = inputs.video.duration
     return clips, durations, seconds
 
@@ -167,10 +170,7 @@ def detect_video(models: dict[str, DSSAD], features: dict[str, np.ndarray], grid
     no_gt = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     clips = {s: clips_of(video_id, features[s], seconds, *no_gt, layout.clip_snippets, layout.window_stride,
                          train=False, time_offset=offset) for s in models}
-    scores = {s: anchor_scores(model, clips[s], seconds, device=device) for s, model in models.items()}
-    first = next(iter(models))
-    return fuse_detections(scores, clips[first], models[first].anchors(seconds), {video_id: grid.duration}, classes,
-                           weights, config)
+    return predict_fused(models, clips, {video_id: grid.duration}, classes, seconds, weights, config, device=device)
 
 
 def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], durations: dict[str, float],

@@ -80,10 +80,8 @@ def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: Dat
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
     model runs once over the clips)."""
     source = DatasetSource(card, data_root, "test")
-    tests, durations, seconds = {}, {}, 0.0
-    for stream in stage.streams:
-        tests[stream], durations, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
-                                                          stage.one_stage.model.window_stride)
+    tests, durations, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
+                                              stage.one_stage.model.window_stride)
     scores = {s: anchor_scores(models[s], tests[s], seconds, device=device) for s in stage.streams}
     anchors = models[stage.streams[0]].anchors(seconds)
     groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
@@ -103,11 +101,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     stage, manifest, rank, world, device, out = w.stage, w.manifest, w.rank, w.world, w.device, w.out
     card = load_card(Path(stage.data) / "card.yaml")
     source = DatasetSource(card, manifest["config"]["data_root"], "train")
-    clips, seconds = {}, 0.0
-    for stream in stage.streams:
-        all_clips, _, seconds = dataset_clips(source, stream, stage.one_stage.model.clip_snippets,
-                                              stage.one_stage.model.window_stride)
-        clips[stream] = all_clips[rank::world]
+    every, _, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
+                                      stage.one_stage.model.window_stride)
+    clips = {s: every[s][rank::world] for s in stage.streams}
     config = stage.one_stage.train
     seed = config.seed * 1009 + rank
     seed_everything(seed)

@@ -102,7 +102,8 @@ def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicat
     cannot; half-overlapping windows see the same instances twice and NMS leaves one of each."""
     card = load_card(small_dataset / "card.yaml")
     source = DatasetSource(card, small_dataset, "train")
-    clips, durations, seconds = one_stage.dataset_clips(source, "flow", 128, 64)
+    clips, durations, seconds = one_stage.dataset_clips(source, ["flow"], 128, 64)
+    clips = clips["flow"]
     truth = {v: source.videos[v] for v in durations}
     inference = InferenceConfig(nms_threshold=0.4, top_k=50)
 
