@@ -81,13 +81,13 @@ def dataset_clips(source: DatasetSource, streams: Sequence[str], length: int = 5
     clips: dict[str, list[Clip]] = {s: [] for s in streams}
     durations, seconds = {}, 0.0
     for vid in source.video_ids:
-        inputs = source.load(vid)
-        seconds, offset = snippet_timing(inputs.grid)
-        gt = torch.tensor([(i.start, i.end) for i in inputs.video.instances], dtype=torch.float64).reshape(-1, 2)
-        labels = torch.tensor([card.classes.index(i.label) for i in inputs.video.instances], dtype=torch.long)
+        video, features, grid = source.snippet_features(vid)
+        seconds, offset = snippet_timing(grid)
+        gt = torch.tensor([(i.start, i.end) for i in video.instances], dtype=torch.float64).reshape(-1, 2)
+        labels = torch.tensor([card.classes.index(i.label) for i in video.instances], dtype=torch.long)
         for s in streams:
-            clips[s] += clips_of(vid, inputs.features[s], seconds, gt, labels, length, stride, train, offset)
-        durations[vid] = inputs.video.duration
+            clips[s] += clips_of(vid, features[s], seconds, gt, labels, length, stride, train, offset)
+        durations[vid] = video.duration
     return clips, durations, seconds
 
 

@@ -140,7 +140,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
     from gcm_core.data.formats import (
-        Detections, holds_many_videos, read_video_proposals, result_json, write_result_json,
+        Detections, ProposalSource, holds_many_videos, read_video_proposals, result_json, write_result_json,
     )
     from gcm_core.one_stage import detect_video as detect_video_one_stage
     from workflows.train_one_stage import is_one_stage_checkpoint, load_one_stage
@@ -161,6 +161,8 @@ def _run_detect(args: argparse.Namespace) -> int:
     columns = checkpoint.snippets.get("stream_columns")
     inputs = (_folder_videos(args.features_dir, streams, columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
+    # a folder's videos are picked from one file of many, indexed once
+    many = ProposalSource(args.proposals, {}) if args.features_dir and args.proposals else None
     found = []
     for video_id, paths in inputs:
         features = _video_features(paths, streams, columns, video_id)
@@ -171,7 +173,7 @@ def _run_detect(args: argparse.Namespace) -> int:
             found.append(detect_video_one_stage(dict(checkpoint.models), features, grid, video_id, checkpoint.classes,
                                                 dict(stage.inference.fusion), stage.inference))
         else:
-            proposals = read_video_proposals(args.proposals, video)
+            proposals = many.of(video) if many else read_video_proposals(args.proposals, video)
             found.append(detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration))
     detections = Detections.concat(found)
     if args.out:

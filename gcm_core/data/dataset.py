@@ -84,6 +84,12 @@ class DatasetSource:
 
     def load(self, video_id: str) -> VideoInputs:
         """One video's proposals and features of every stream, checked against each other."""
+        video, features, grid = self.snippet_features(video_id)
+        return VideoInputs(video, self.proposals[video_id], features, grid)
+
+    def snippet_features(self, video_id: str) -> tuple[Video, dict[str, np.ndarray], SnippetGrid]:
+        """One video's annotation and the features of every stream on their snippet grid, checked
+        against each other and the annotation (a one-stage detector reads no proposals)."""
         video = self.videos[video_id]
         if not video.duration:
             raise FormatError(self.card.path("annotations", self.root), "no duration", video=video_id, field="duration")
@@ -104,4 +110,4 @@ class DatasetSource:
             raise FormatError(self.feature_path(video_id, stream),
                               f"T={grid.num_snippets} snippets cover only {grid.covered_until():.1f} s of the "
                               f"{video.duration:.1f} s video", video=video_id)
-        return VideoInputs(video, self.proposals[video_id], features, grid)
+        return video, features, grid

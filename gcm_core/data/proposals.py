@@ -31,66 +31,90 @@ from gcm_core.data.model import FormatError, Proposals, Video, video_key, video_
 from gcm_core.units import pairwise_overlap, pairwise_tiou
 
 DEFAULT_TOLERANCE_S = 1.0
+Row = tuple[float, float, float, int]  # start, end, score, line number
 
 
 def read_proposals(path: str | Path, videos: dict[str, Video] | None = None, *, time_unit: str = "frames",
                    tolerance: float = DEFAULT_TOLERANCE_S, skip_unknown: bool = False) -> dict[str, Proposals]:
-    """Proposals of every video in ``path`` (file or folder of CSVs), format detected.
+    """Proposals of every video in ``path`` (file or folder of CSVs), format detected, keyed as the
+    file spells the videos.
 
     ``videos`` gives fps / duration for the conversion to seconds and the range check;
-    ``time_unit`` applies to ``video start end [score]`` text only. A video of an SSN list that
-    ``videos`` does not annotate is an error, or skipped with ``skip_unknown``.
+    ``time_unit`` applies to ``video start end [score]`` text only. A video that ``videos`` does
+    not annotate is an error where its proposals need its fps or duration; ``skip_unknown`` leaves
+    out every video it does not annotate.
     """
-    path = Path(path)
-    if path.is_dir():
-        return _read_bsn_folder(path, videos, tolerance)
-    if not path.is_file():
-        raise FormatError(path, "no such file or folder")
-    if path.suffix == ".csv":
-        return _read_bsn_csv(path, videos, tolerance)
-    if _is_ssn_list(path):
-        return _read_ssn_list(path, videos, tolerance, skip_unknown)
-    if time_unit not in ("frames", "seconds"):
-        raise ValueError(f"time_unit must be 'frames' or 'seconds', got {time_unit!r}")
-    return _read_plain_text(path, videos, time_unit, tolerance)
+    source = ProposalSource(path, videos or {}, time_unit=time_unit, tolerance=tolerance)
+    return {vid: source[vid] for vid in source.video_ids if not (skip_unknown and _annotation(videos, vid) is None)}
 
 
 class ProposalSource:
     """The proposals of one video at a time, from any file or folder :func:`read_proposals` reads.
 
-    A preprocessing worker needs the videos of its shards, not the whole dataset's: an SSN list
-    is indexed by its block headers and a block parsed when its video is asked for, a folder of
-    per-video CSVs reads that video's file, and other formats are read whole on first use.
+    A preprocessing worker needs the videos of its shards, not the whole dataset's, and a file
+    may hold videos its reader has no annotation for (another subset, videos left out, or, for
+    ``gcm detect``, every video but the new one): the file's structure and numbers are checked
+    and indexed once, and a video's proposals are placed in seconds when it is asked for. An SSN
+    list is indexed by its block headers (a block is parsed when asked for), a folder of
+    per-video CSVs reads that video's file, other files are read once, grouped by video.
     """
 
     def __init__(self, path: str | Path, videos: dict[str, Video], *, time_unit: str = "frames",
                  tolerance: float = DEFAULT_TOLERANCE_S) -> None:
-        self.path, self.videos, self.time_unit, self.tolerance = Path(path), videos, time_unit, tolerance
+        if time_unit not in ("frames", "seconds"):
+            raise ValueError(f"time_unit must be 'frames' or 'seconds', got {time_unit!r}")
+        self.path, self.videos, self.tolerance = Path(path), videos, tolerance
         self._lines: list[str] = []
         self._headers: dict[str, int] | None = None
-        self._all: dict[str, Proposals] | None = None
-        if _is_ssn_list(self.path):
+        self._rows: dict[str, tuple[str, list[Row]]] = {}
+        self._unit = time_unit
+        if self.path.is_dir():
+            if not any(self.path.glob("*.csv")):
+                raise FormatError(self.path, "no <video>.csv proposal files in this folder")
+        elif not self.path.is_file():
+            raise FormatError(self.path, "no such file or folder")
+        elif _is_ssn_list(self.path):
             self._lines = self.path.read_text().splitlines()
             self._headers = {video_key(v): i for v, i in _ssn_headers(self.path, self._lines).items()}
+        elif self.path.suffix == ".csv":
+            self._unit, self._rows = _csv_rows(self.path)
+        else:
+            self._rows = _plain_rows(self.path)
+
+    @property
+    def video_ids(self) -> list[str]:
+        """The videos the source holds, spelled and ordered as in it."""
+        if self.path.is_dir():
+            return [f.stem for f in sorted(self.path.glob("*.csv"))]
+        if self._headers is not None:
+            return [_ssn_video(self._lines[i + 1]) for i in self._headers.values()]
+        return [vid for vid, _ in self._rows.values()]
 
     def __getitem__(self, video: str) -> Proposals:
         """``video``'s proposals; the file may spell an ActivityNet id with or without ``v_``."""
+        return self._read(video, self.videos)
+
+    def of(self, video: Video) -> Proposals:
+        """The proposals of a video the source's annotations need not hold (a new video), placed
+        in seconds with its own fps and duration; none is an error."""
+        proposals = self._read(video.id, {video.id: video})
+        if not len(proposals):
+            raise FormatError(self.path, "no proposals", video=video.id)
+        return proposals
+
+    def _read(self, video: str, videos: dict[str, Video]) -> Proposals:
         key = video_key(video)
         if self._headers is not None:
             if key in self._headers:
                 block = _ssn_block(self.path, self._lines, self._headers[key])
-                return _ssn_proposals(self.path, block, self.videos, self.tolerance)
+                return _ssn_proposals(self.path, block, videos, self.tolerance)
         elif self.path.is_dir():
             for name in video_spellings(video):
                 if (self.path / f"{name}.csv").is_file():
-                    return _read_bsn_file(self.path / f"{name}.csv", self.videos, self.tolerance)
-        else:
-            if self._all is None:
-                self._all = {video_key(v): p for v, p in read_proposals(
-                    self.path, self.videos, time_unit=self.time_unit, tolerance=self.tolerance,
-                    skip_unknown=True).items()}
-            if key in self._all:
-                return self._all[key]
+                    return _read_bsn_file(self.path / f"{name}.csv", videos, self.tolerance)
+        elif key in self._rows:
+            vid, rows = self._rows[key]
+            return _in_seconds(self.path, vid, rows, self._unit, videos, self.tolerance)
         raise FormatError(self.path, "no proposals for this video", video=video)
 
 
@@ -131,7 +155,7 @@ def _duration(path: Path, videos: dict[str, Video] | None, vid: str) -> float:
     return video.duration
 
 
-def _finish(path: Path, vid: str, rows: list[tuple[float, float, float, int]], duration: float | None,
+def _finish(path: Path, vid: str, rows: list[Row], duration: float | None,
             tolerance: float) -> Proposals:
     """Check rows of (start, end, score, line) in seconds, clip small overshoots, build Proposals."""
     arr = np.array([r[:3] for r in rows], dtype=np.float64).reshape(-1, 3)
@@ -241,12 +265,6 @@ def _numbers(path: Path, lines: list[str], k: int, vid: str, count: int, layout:
         raise FormatError(path, f"expected '{layout}', got {lines[k]!r}", video=vid, line=k + 1) from None
 
 
-def _read_ssn_list(path: Path, videos: dict[str, Video] | None, tolerance: float,
-                   skip_unknown: bool) -> dict[str, Proposals]:
-    return {block.video: _ssn_proposals(path, block, videos, tolerance) for block in read_ssn_blocks(path)
-            if not (skip_unknown and _annotation(videos, block.video) is None)}
-
-
 def _ssn_proposals(path: Path, block: SsnBlock, videos: dict[str, Video] | None, tolerance: float) -> Proposals:
     """One block's proposals in seconds."""
     if block.normalized:
@@ -260,9 +278,9 @@ def _ssn_proposals(path: Path, block: SsnBlock, videos: dict[str, Video] | None,
                    duration, tolerance)
 
 
-def _read_plain_text(path: Path, videos: dict[str, Video] | None, time_unit: str,
-                     tolerance: float) -> dict[str, Proposals]:
-    grouped: dict[str, list[tuple[float, float, float, int]]] = {}
+def _plain_rows(path: Path) -> dict[str, tuple[str, list[Row]]]:
+    """The rows of ``video start end [score]`` text, grouped by video (keyed by :func:`video_key`)."""
+    grouped: dict[str, tuple[str, list[Row]]] = {}
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         parts = line.split()
         if not parts:
@@ -274,14 +292,17 @@ def _read_plain_text(path: Path, videos: dict[str, Video] | None, time_unit: str
         except ValueError:
             raise FormatError(path, f"not numbers: {line.strip()!r}", video=parts[0], line=line_no) from None
         score = values[2] if len(values) == 3 else 1.0
-        grouped.setdefault(parts[0], []).append((values[0], values[1], score, line_no))
-    out = {}
-    for vid, rows in grouped.items():
-        if time_unit == "frames":
-            fps = _fps(path, videos, vid)
-            rows = [(s / fps, e / fps, sc, ln) for s, e, sc, ln in rows]
-        out[vid] = _finish(path, vid, rows, _known_duration(videos, vid), tolerance)
-    return out
+        grouped.setdefault(video_key(parts[0]), (parts[0], []))[1].append((values[0], values[1], score, line_no))
+    return grouped
+
+
+def _in_seconds(path: Path, vid: str, rows: list[Row], unit: str, videos: dict[str, Video] | None,
+                tolerance: float) -> Proposals:
+    """Rows of one video in ``unit`` (seconds, frames or fraction of the video), checked, as Proposals."""
+    scale = {"seconds": lambda: 1.0, "frames": lambda: 1 / _fps(path, videos, vid),
+             "fraction": lambda: _duration(path, videos, vid)}[unit]()
+    return _finish(path, vid, [(s * scale, e * scale, score, line) for s, e, score, line in rows],
+                   _known_duration(videos, vid), tolerance)
 
 
 def read_video_proposals(path: str | Path, video: Video, tolerance: float = DEFAULT_TOLERANCE_S) -> Proposals:
@@ -293,11 +314,10 @@ def read_video_proposals(path: str | Path, video: Video, tolerance: float = DEFA
     path = Path(path)
     if not path.exists():
         raise FormatError(path, "no such file or folder", video=video.id)
-    videos = {video.id: video}
     if holds_many_videos(path):
-        proposals = ProposalSource(path, videos, tolerance=tolerance)[video.id]
-    elif path.suffix == ".csv":
-        proposals = _read_bsn_file(path, videos, tolerance, video.id)
+        return ProposalSource(path, {}, tolerance=tolerance).of(video)
+    if path.suffix == ".csv":
+        proposals = _read_bsn_file(path, {video.id: video}, tolerance, video.id)
     else:
         proposals = _read_plain_video_text(path, video, tolerance)
     if not len(proposals):
@@ -335,8 +355,10 @@ def _csv_columns(path: Path) -> list[str]:
         return next(csv.reader(f), [])
 
 
-def _csv_rows(path: Path, video: str | None, videos: dict[str, Video] | None) -> dict[str, list]:
-    """Rows of a BSN-style CSV as {video: [(start_s, end_s, score, line)]}."""
+def _csv_rows(path: Path, video: str | None = None) -> tuple[str, dict[str, tuple[str, list[Row]]]]:
+    """The unit of a BSN-style CSV's positions (``fraction`` of the video for ``xmin, xmax``,
+    ``seconds`` for ``t-start, t-end``) and its rows grouped by video (keyed by :func:`video_key`):
+    the ``video`` column's, or all ``video``'s for a one-video CSV."""
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = set(reader.fieldnames or ())
@@ -345,7 +367,7 @@ def _csv_rows(path: Path, video: str | None, videos: dict[str, Video] | None) ->
     normalized = {"xmin", "xmax"} <= columns
     if not (normalized or {"t-start", "t-end"} <= columns) or (video is None and video_col is None):
         raise FormatError(path, f"unknown proposal CSV columns {sorted(columns)}")
-    grouped: dict[str, list] = {}
+    grouped: dict[str, tuple[str, list[Row]]] = {}
     for line, row in rows:
         vid = video or row[video_col]
         try:
@@ -353,31 +375,16 @@ def _csv_rows(path: Path, video: str | None, videos: dict[str, Video] | None) ->
             score = float(row.get("score") or 1.0)
         except ValueError:
             raise FormatError(path, "start/end/score are not numbers", video=vid, line=line) from None
-        if normalized:
-            duration = _duration(path, videos, vid)
-            s, e = s * duration, e * duration
-        grouped.setdefault(vid, []).append((s, e, score, line))
-    return grouped
-
-
-def _read_bsn_csv(path: Path, videos: dict[str, Video] | None, tolerance: float) -> dict[str, Proposals]:
-    return {vid: _finish(path, vid, rows, _known_duration(videos, vid), tolerance)
-            for vid, rows in _csv_rows(path, None, videos).items()}
-
-
-def _read_bsn_folder(folder: Path, videos: dict[str, Video] | None, tolerance: float) -> dict[str, Proposals]:
-    files = sorted(folder.glob("*.csv"))
-    if not files:
-        raise FormatError(folder, "no <video>.csv proposal files in this folder")
-    return {file.stem: _read_bsn_file(file, videos, tolerance) for file in files}
+        grouped.setdefault(video_key(vid), (vid, []))[1].append((s, e, score, line))
+    return ("fraction" if normalized else "seconds"), grouped
 
 
 def _read_bsn_file(file: Path, videos: dict[str, Video] | None, tolerance: float, video: str | None = None
                    ) -> Proposals:
     """One BSN / BMN CSV of one video: ``video``'s, by default the one its name (``<video>.csv``) says."""
     vid = video or file.stem
-    rows = _csv_rows(file, vid, videos).get(vid, [])
-    return _finish(file, vid, rows, _known_duration(videos, vid), tolerance)
+    unit, grouped = _csv_rows(file, vid)
+    return _in_seconds(file, vid, grouped.get(video_key(vid), (vid, []))[1], unit, videos, tolerance)
 
 
 def _known_duration(videos: dict[str, Video] | None, vid: str) -> float | None:

@@ -10,8 +10,8 @@ import torch
 from gcm_core.data.atomic import atomic_copy, atomic_write, atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
-    Detections, Instance, ProposalSource, Proposals, Video, load_features, read_annotations, read_detections,
-    read_proposals, write_annotations_json, write_result_json, write_ssn_list, write_thumos_text,
+    Detections, FormatError, Instance, ProposalSource, Proposals, Video, load_features, read_annotations,
+    read_detections, read_proposals, read_video_proposals, write_annotations_json, write_result_json, write_ssn_list, write_thumos_text,
 )
 
 
@@ -42,6 +42,19 @@ def test_bsn_csv_folder_and_single_csv(tmp_path):
     assert props["v1"].intervals.tolist() == [[3.0, 9.5]] and props["v2"].score.tolist() == [0.1]
     for path, video, expected in ((folder, "v1", [[10, 30], [50, 60]]), (single, "v1", [[3.0, 9.5]])):
         np.testing.assert_allclose(ProposalSource(path, videos)[video].intervals, expected)  # one video at a time
+
+
+def test_normalized_csv_of_many_videos_read_one_video_at_a_time(tmp_path):
+    """Positions as fractions need the video's duration: a reader that knows some of the file's
+    videos (one subset; gcm detect's one new video) reads those and is not stopped by the others."""
+    path = tmp_path / "bmn.csv"
+    path.write_text("video,xmin,xmax,score\nv1,0.1,0.2,0.9\nv2,0.3,0.5,0.8\nv1,0.5,1.0,0.3\n")
+    v1 = Video("v1", duration=40.0, fps=25.0)
+    np.testing.assert_allclose(ProposalSource(path, {"v1": v1})["v1"].intervals, [[4, 8], [20, 40]])
+    np.testing.assert_allclose(read_video_proposals(path, v1).score, [0.9, 0.3])
+    assert list(read_proposals(path, {"v1": v1}, skip_unknown=True)) == ["v1"]
+    with pytest.raises(FormatError, match="v2: no annotation for this video: its duration is needed"):
+        read_proposals(path, {"v1": v1})
 
 
 def test_written_files_read_back(tmp_path):

@@ -96,6 +96,20 @@ def test_feature_map_cells_take_no_contextual_edges_and_scales_must_exist():
         DSSAD(DSSADConfig(gcm_scales=(3,)), dim=8, num_classes=3)
 
 
+def test_one_stage_clips_need_no_proposal_files(small_dataset, tmp_path):
+    """A one-stage user has features and annotations only: the same clips come from a data root
+    without the card's proposal lists."""
+    card = load_card(small_dataset / "card.yaml")
+    for name in ("annotations.json", "features"):
+        (tmp_path / name).symlink_to(small_dataset / name)
+    with_lists, durations, _ = one_stage.dataset_clips(DatasetSource(card, small_dataset, "test"), ["rgb"], 128, 64)
+    without, durations_again, _ = one_stage.dataset_clips(DatasetSource(card, tmp_path, "test"), ["rgb"], 128, 64)
+    assert durations_again == durations and len(without["rgb"]) == len(with_lists["rgb"]) > len(durations)
+    for a, b in zip(with_lists["rgb"], without["rgb"]):
+        assert (a.video_id, a.start, a.snippets) == (b.video_id, b.start, b.snippets)
+        assert torch.equal(a.features, b.features) and torch.equal(a.gt, b.gt)
+
+
 def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicates(small_dataset):
     """A sanity check of the whole loop (anchor matching, losses, decoding, window merging): the
     detector learns to find the instances of its own training videos, which its untrained self
