@@ -201,7 +201,7 @@ def _video_features(paths: list[Path], streams: list[str], columns: dict[str, li
                     video_id: str) -> dict:
     """A new video's features of each stream: a file each, in the streams' order, or one file
     holding them all side by side where the checkpoint's snippet layout gives their ``columns``."""
-    from gcm_core.data.formats import load_features, split_streams
+    from gcm_core.data.formats import align_streams, load_features, split_streams
 
     if columns and len(paths) == 1:
         every = split_streams(load_features(paths[0], video_id), columns, paths[0], video_id)
@@ -209,7 +209,7 @@ def _video_features(paths: list[Path], streams: list[str], columns: dict[str, li
     if len(paths) != len(streams):
         raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order"
                          + (", or the one file holding them all" if columns else ""))
-    return {s: load_features(path, video_id) for s, path in zip(streams, paths)}
+    return align_streams({s: load_features(path, video_id) for s, path in zip(streams, paths)}, paths[0], video_id)
 
 
 def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from gcm_core.data.annotations import read_annotations
 from gcm_core.data.cards import DatasetCard, data_root_path
-from gcm_core.data.features import load_features, split_streams
+from gcm_core.data.features import align_streams, load_features, split_streams
 from gcm_core.data.model import FormatError, Proposals, Video, video_spellings
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.proposals import ProposalSource
@@ -93,17 +93,13 @@ class DatasetSource:
         video = self.videos[video_id]
         if not video.duration:
             raise FormatError(self.card.path("annotations", self.root), "no duration", video=video_id, field="duration")
-        features = self._features(video_id)
-        lengths = {s: f.shape[0] for s, f in features.items()}
-        if len(set(lengths.values())) > 1:
-            raise FormatError(self.feature_path(video_id, self.card.streams[0]),
-                              f"streams disagree on the number of snippets: {lengths}", video=video_id)
+        features = align_streams(self._features(video_id), self.feature_path(video_id, self.card.streams[0]), video_id)
         dims = self.card.snippets.get("dim")
         for s, f in features.items():
             if dims and f.shape[1] != int(dims):
                 raise FormatError(self.feature_path(video_id, s), f"features are {f.shape[1]}-d, the card says {dims}",
                                   video=video_id)
-        grid = self.grid(video, next(iter(lengths.values())))
+        grid = self.grid(video, next(iter(features.values())).shape[0])
         slack = grid.clip_frames / grid.fps if grid.convention != "rescaled" else 0.0
         if grid.covered_until() < 0.9 * video.duration - slack:
             stream = self.card.streams[0]

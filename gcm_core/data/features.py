@@ -66,3 +66,23 @@ def split_streams(array: np.ndarray, columns: Mapping[str, Sequence[int]], path:
     if array.shape[1] < width:
         raise FormatError(path, f"features are {array.shape[1]}-d, the streams' columns need {width}", video=video)
     return {s: np.ascontiguousarray(array[:, int(start):int(stop)]) for s, (start, stop) in columns.items()}
+
+
+STREAM_LENGTH_SLACK = 1  # snippets by which the streams of one video may differ (see align_streams)
+
+
+def align_streams(features: Mapping[str, np.ndarray], path: str | Path, video: str | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The streams of one video on one snippet grid: cut at the end to the shortest stream's length.
+
+    Optical flow of n frames has n - 1 fields, so a flow extractor on the same snippet grid yields
+    one snippet fewer than RGB whenever the last snippet ends on the last frame; both start at
+    frame 0, so the RGB stream's extra last snippet is dropped. Streams that differ by more than
+    ``STREAM_LENGTH_SLACK`` snippets do not describe the same frames: an error naming ``path``.
+    """
+    lengths = {s: f.shape[0] for s, f in features.items()}
+    shortest = min(lengths.values())
+    if max(lengths.values()) - shortest > STREAM_LENGTH_SLACK:
+        raise FormatError(path, f"streams disagree on the number of snippets: {lengths} (at most "
+                                f"{STREAM_LENGTH_SLACK} apart, for optical flow's one field fewer)", video=video)
+    return {s: f[:shortest] for s, f in features.items()}

@@ -78,6 +78,21 @@ def test_too_few_snippets_for_the_duration(broken):
     expect(lambda: source.load(vid), "T=5 snippets cover only", vid, "rgb")
 
 
+def test_flow_one_snippet_short_is_aligned_and_more_is_an_error(broken):
+    """Optical flow of n frames has n - 1 fields: a flow stream one snippet shorter than RGB is the
+    same frames, so RGB's last snippet is dropped; streams further apart are refused."""
+    source, vid = first_video(broken)
+    rgb, flow = (np.load(source.feature_path(vid, s)) for s in ("rgb", "flow"))
+    np.save(source.feature_path(vid, "flow"), flow[:-1])
+    loaded = source.load(vid)
+    np.testing.assert_array_equal(loaded.features["rgb"], rgb[:-1])
+    np.testing.assert_array_equal(loaded.features["flow"], flow[:-1])
+    assert loaded.grid.num_snippets == len(rgb) - 1
+    np.save(source.feature_path(vid, "flow"), flow[:-2])
+    expect(lambda: source.load(vid), "streams disagree on the number of snippets", f"'rgb': {len(rgb)}",
+           f"'flow': {len(rgb) - 2}", vid, f"rgb/{vid}.npy")
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_features(broken, value):
     source, vid = first_video(broken)

@@ -119,6 +119,16 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
                  str(props), "--duration", str(video.duration), "--video-id", video.video_id, "--out", str(again)]) == 0
     assert json.loads(again.read_text()) == json.loads(out.read_text())
 
+    # a flow stream one snippet short (optical flow of n frames has n - 1 fields) reads as RGB cut to it
+    np.save(tmp_path / "flow_short.npy", feats["flow"][:-1])
+    np.save(tmp_path / "rgb_cut.npy", feats["rgb"][:-1])
+    for rgb in ("rgb.npy", "rgb_cut.npy"):
+        assert main(["detect", "--checkpoint", str(path), "--features", str(tmp_path / rgb),
+                     str(tmp_path / "flow_short.npy"), "--proposals", str(props), "--duration", str(video.duration),
+                     "--video-id", video.video_id, "--out", str(tmp_path / f"{rgb}.json")]) == 0
+    short, cut = (json.loads((tmp_path / f"{rgb}.json").read_text()) for rgb in ("rgb.npy", "rgb_cut.npy"))
+    assert short == cut
+
     # a folder of many videos' features (a dataset's layout): one result file, each video as alone
     folder, ssn = tmp_path / "many", small_dataset / "proposals" / "test_proposal_list.txt"
     alone = {}
