@@ -29,6 +29,7 @@ import yaml  # noqa: E402
 
 from gcm_core.data.atomic import atomic_write, atomic_write_text  # noqa: E402
 from gcm_core.data.formats import read_detections  # noqa: E402
+from gcm_core.data.model import video_key  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
 from workflows.progress import read_epoch_log  # noqa: E402
@@ -141,7 +142,7 @@ def plot_timeline(video, classes: list[str], detections: dict[str, Any], top: in
     rows = [("ground truth", [(s, e, classes[c], 1.0) for (s, e), c in zip(video.gt.tolist(), video.gt_labels.tolist())])]
     for name, dets in detections.items():
         mine = sorted((sc, s, e, lab) for v, lab, s, e, sc in zip(dets.video, dets.label, dets.start, dets.end, dets.score)
-                      if v == video.video_id)[::-1][:top]
+                      if video_key(v) == video_key(video.video_id))[::-1][:top]  # result JSON ids are bare
         rows.append((name, [(s, e, lab, sc) for sc, s, e, lab in mine]))
     present = sorted({lab for _, items in rows for _, _, lab, _ in items})
     qualitative = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")

@@ -19,7 +19,7 @@ import numpy as np
 
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import CardError, DatasetCard
-from gcm_core.data.model import Detections, FormatError
+from gcm_core.data.model import Detections, FormatError, video_key
 
 
 def read_detections(path: str | Path, card: DatasetCard | None = None, convention: str = "official") -> Detections:
@@ -91,11 +91,16 @@ def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detecti
 
 
 def result_json(detections: Detections, version: str = "VERSION 1.3") -> dict[str, Any]:
-    """The ActivityNet result JSON object: videos in first-seen order, detections in input order."""
+    """The ActivityNet result JSON object: videos in first-seen order, detections in input order.
+
+    Videos are keyed as the official evaluation knows them: an ActivityNet id as the bare YouTube
+    id, whether the features and annotations spelled it so or with BSN's ``v_``
+    (:func:`~gcm_core.data.model.video_key`); a submission keyed ``v_<id>`` would match nothing.
+    """
     results: dict[str, list[dict]] = {}
     for v, lab, s, e, sc in zip(detections.video, detections.label, detections.start, detections.end,
                                 detections.score):
-        results.setdefault(v, []).append({"label": lab, "score": float(sc), "segment": [float(s), float(e)]})
+        results.setdefault(video_key(v), []).append({"label": lab, "score": float(sc), "segment": [float(s), float(e)]})
     return {"version": version, "results": results, "external_data": {}}
 
 

@@ -11,7 +11,8 @@ from gcm_core.data.atomic import atomic_copy, atomic_write, atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
     Detections, FormatError, Instance, ProposalSource, Proposals, Video, load_features, read_annotations,
-    read_detections, read_proposals, read_video_proposals, write_annotations_json, write_result_json, write_ssn_list, write_thumos_text,
+    read_detections, read_proposals, read_video_proposals, write_annotations_json, write_result_json, write_ssn_list,
+    write_thumos_text,
 )
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections import Counter
 
@@ -10,8 +11,8 @@ import pytest
 
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import (
-    FormatError, ProposalSource, Video, load_features, read_annotations, read_avoid_list, read_detections,
-    read_proposals, read_ssn_blocks, read_video_info, read_video_proposals,
+    Detections, FormatError, ProposalSource, Video, load_features, read_annotations, read_avoid_list,
+    read_detections, read_proposals, read_ssn_blocks, read_video_info, read_video_proposals, result_json,
 )
 
 
@@ -171,5 +172,10 @@ def test_activitynet_tag_list_prediction_sample_and_feature(shared_data):
     np.testing.assert_array_equal(ProposalSource(tag_list, bsn)[f"v_{vid}"].intervals, props[vid].intervals)
     pred = read_detections(root / "sample_detection_prediction.json")
     assert len(pred) > 0 and len(set(pred.video)) > 1
+    # written back as the official example (bare YouTube ids), also from BSN's v_<id> spelling
+    official = json.loads((root / "sample_detection_prediction.json").read_text())
+    assert result_json(pred)["results"] == official["results"]
+    bsn_spelled = Detections([f"v_{v}" for v in pred.video], pred.label, pred.start, pred.end, pred.score)
+    assert result_json(bsn_spelled)["results"] == official["results"]
     feat = load_features(root / "features/example_feat.npy")
     assert feat.shape == (100, 400) and feat.dtype == np.float32

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -207,7 +208,7 @@ def png_size(path: Path) -> tuple[int, int]:
 def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
     import matplotlib.pyplot as plt
 
-    from gcm_core.data.formats import read_detections
+    from gcm_core.data.formats import Detections, read_detections
     from workflows import report
     from workflows.tune import Grid, grid_csv, grid_markdown
 
@@ -244,4 +245,12 @@ def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
     fig = report.plot_timeline(videos[0], [f"class_{k:02d}" for k in range(20)], detections)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "ground truth"
     assert len(fig.axes[0].get_yticklabels()) == 3
+    assert len(fig.axes[0].patches) == videos[0].gt.shape[0] + 2 * 8  # each method's top 8
+    plt.close(fig)
+    # an ActivityNet video spelled v_<id> in the dataset, bare in the result JSON (the official form)
+    bsn_spelled = dataclasses.replace(videos[0], video_id="v_abcdefghijk")
+    bare = {name: Detections(["abcdefghijk" if v == videos[0].video_id else v for v in d.video], d.label, d.start,
+                             d.end, d.score) for name, d in detections.items()}
+    fig = report.plot_timeline(bsn_spelled, [f"class_{k:02d}" for k in range(20)], bare)
+    assert len(fig.axes[0].patches) == videos[0].gt.shape[0] + 2 * 8
     plt.close(fig)
