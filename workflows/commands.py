@@ -135,81 +135,42 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
     p.add_argument("--duration", type=float,
                    help="duration in seconds (default: what the snippets cover; not with --features-dir)")
+    p.add_argument("--workers", type=int,
+                   help="with --features-dir: detect the folder's videos as this many parallel Ray tasks (default: "
+                        "in this process; with --address, the cluster's CPUs)")
 
 
 def _run_detect(args: argparse.Namespace) -> int:
-    from gcm_core.checkpoint import detect_video, load_checkpoint, video_layout
-    from gcm_core.data.formats import (
-        Detections, ProposalSource, holds_many_videos, read_video_proposals, result_json, write_result_json,
-    )
-    from gcm_core.one_stage import detect_video as detect_video_one_stage
-    from workflows.train_one_stage import is_one_stage_checkpoint, load_one_stage
+    from gcm_core.data.formats import holds_many_videos, result_json, write_result_json
+    from workflows.detect import Detector, detect_in_parallel, detect_videos, folder_videos
 
-    one_stage = is_one_stage_checkpoint(args.checkpoint)
-    if one_stage and args.proposals:
+    detector = Detector.load(args.checkpoint)
+    if detector.one_stage and args.proposals:
         raise ValueError(f"{args.checkpoint} holds a one-stage D-SSAD run, which finds actions in the features "
                          "alone: leave out --proposals")
-    if not one_stage and not args.proposals:
+    if not detector.one_stage and not args.proposals:
         raise ValueError(f"{args.checkpoint} holds a two-stage head, which scores proposals: give --proposals")
     if args.features_dir and (args.video_id or args.duration):
         raise ValueError("--video-id and --duration describe one video: give them with --features")
     if args.features_dir and args.proposals and not holds_many_videos(args.proposals):
         raise ValueError(f"{args.proposals} holds one video's proposals: with --features-dir give a file or folder "
                          "of every video's (SSN list, CSV with a video column, folder of <video>.csv)")
-    checkpoint = load_one_stage(args.checkpoint) if one_stage else load_checkpoint(args.checkpoint)
-    streams = list(checkpoint.stage.streams if one_stage else checkpoint.streams)
-    columns = checkpoint.snippets.get("stream_columns")
-    inputs = (_folder_videos(args.features_dir, streams, columns) if args.features_dir
+    if args.workers and not args.features_dir:
+        raise ValueError("--workers share out the videos of a --features-dir folder")
+    videos = (folder_videos(args.features_dir, detector.streams, detector.columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
-    # a folder's videos are picked from one file of many, indexed once
-    many = ProposalSource(args.proposals, {}) if args.features_dir and args.proposals else None
-    found = []
-    for video_id, paths in inputs:
-        features = _video_features(paths, streams, columns, video_id)
-        video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, args.fps,
-                                   args.duration)
-        if one_stage:
-            stage = checkpoint.stage
-            found.append(detect_video_one_stage(dict(checkpoint.models), features, grid, video_id, checkpoint.classes,
-                                                dict(stage.inference.fusion), stage.inference))
-        else:
-            proposals = many.of(video) if many else read_video_proposals(args.proposals, video)
-            found.append(detect_video(checkpoint, features, proposals.intervals, video_id, args.fps, args.duration))
-    detections = Detections.concat(found)
+    if args.features_dir and ((args.workers or 1) > 1 or args.address):
+        with _session(args):
+            detections = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, args.workers)
+    else:
+        detections = detect_videos(detector, videos, args.proposals, args.fps, args.duration)
     if args.out:
         write_result_json(args.out, detections)
-        which = inputs[0][0] if len(inputs) == 1 else f"{len(inputs)} videos"
+        which = videos[0][0] if len(videos) == 1 else f"{len(videos)} videos"
         print(f"wrote {len(detections)} detections of {which} to {args.out}")
     else:
         print(json.dumps(result_json(detections)))
     return 0
-
-
-def _folder_videos(folder: Path, streams: list[str], columns: dict[str, list[int]] | None
-                   ) -> list[tuple[str, list[Path]]]:
-    """Every video of a features folder with its files: ``<video>.<ext>`` holding every stream
-    (``columns``), else ``<stream>/<video>.<ext>`` per stream (the first stream's folder lists them)."""
-    listed = folder if columns else folder / streams[0]
-    files = sorted(f for f in listed.glob("*") if f.suffix in (".npy", ".npz", ".pt"))
-    if not files:
-        layout = "<video>.npy" if columns else f"{streams[0]}/<video>.npy"
-        raise FileNotFoundError(f"no feature files in {listed} (expected {layout} under {folder})")
-    return [(f.stem, [f] if columns else [folder / s / f.name for s in streams]) for f in files]
-
-
-def _video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,
-                    video_id: str) -> dict:
-    """A new video's features of each stream: a file each, in the streams' order, or one file
-    holding them all side by side where the checkpoint's snippet layout gives their ``columns``."""
-    from gcm_core.data.formats import align_streams, load_features, split_streams
-
-    if columns and len(paths) == 1:
-        every = split_streams(load_features(paths[0], video_id), columns, paths[0], video_id)
-        return {s: every[s] for s in streams}
-    if len(paths) != len(streams):
-        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order"
-                         + (", or the one file holding them all" if columns else ""))
-    return align_streams({s: load_features(path, video_id) for s, path in zip(streams, paths)}, paths[0], video_id)
 
 
 def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:

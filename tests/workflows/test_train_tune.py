@@ -106,6 +106,26 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
             assert json.loads((out / folder / "detections.json").read_text())["results"]
 
 
+def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, tmp_path, monkeypatch):
+    """gcm detect --features-dir --workers 2 (Ray tasks over chunks of the folder) writes what the
+    same command writes in one process: every video, in the folder's order, the same detections."""
+    monkeypatch.chdir(tmp_path)  # a folder named relative to where the user stands
+    folder = Path("features")
+    for s in ("rgb", "flow"):
+        (folder / s).mkdir(parents=True)
+        for f in sorted((small_dataset / "features" / s).glob("synth_test_*.npy"))[:6]:
+            (folder / s / f.name).symlink_to(f)
+    checkpoint = Path(runs["gcm"]["run_dir"]) / "model.pt"
+    written = {}
+    for workers in ("1", "2"):
+        assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                         str(small_dataset / "proposals/test_proposal_list.txt"), "--workers", workers,
+                         "--out", f"{workers}.json"]) == 0
+        written[workers] = json.loads(Path(f"{workers}.json").read_text())
+    assert list(written["2"]["results"]) == sorted(f.stem for f in (folder / "rgb").iterdir())
+    assert written["2"] == written["1"]
+
+
 def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_dataset, tmp_path, monkeypatch):
     # paths relative to where the user stands, as typed on the command line: Ray's workers run elsewhere
     monkeypatch.chdir(tmp_path)

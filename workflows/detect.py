@@ -1,0 +1,113 @@
+"""``gcm detect``: actions in new videos, from their snippet features (and proposals for a
+two-stage head), as one Detections for an ActivityNet result JSON.
+
+One video or a folder of many laid out as a dataset's features. A folder runs in this process,
+or, with several workers or a cluster, as Ray tasks over chunks of its videos (each task loads
+the checkpoint and indexes the proposal file once); every video is detected alone, so the
+result is the same either way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, video_layout
+from gcm_core.data.formats import (
+    Detections, ProposalSource, align_streams, holds_many_videos, load_features, read_video_proposals, split_streams,
+)
+from gcm_core.one_stage import detect_video as detect_video_one_stage
+from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoint, load_one_stage
+
+VideoFiles = tuple[str, list[Path]]   # a video's id and its feature files (one per stream, or one for all)
+CHUNKS_PER_WORKER = 4                 # a folder's videos differ in length: smaller chunks balance the workers
+
+
+def folder_videos(folder: Path, streams: list[str], columns: dict[str, list[int]] | None) -> list[VideoFiles]:
+    """Every video of a features folder with its files: ``<video>.<ext>`` holding every stream
+    (``columns``), else ``<stream>/<video>.<ext>`` per stream (the first stream's folder lists them)."""
+    listed = folder if columns else folder / streams[0]
+    files = sorted(f for f in listed.glob("*") if f.suffix in (".npy", ".npz", ".pt"))
+    if not files:
+        layout = "<video>.npy" if columns else f"{streams[0]}/<video>.npy"
+        raise FileNotFoundError(f"no feature files in {listed} (expected {layout} under {folder})")
+    return [(f.stem, [f] if columns else [folder / s / f.name for s in streams]) for f in files]
+
+
+@dataclass
+class Detector:
+    """A checkpoint of either kind loaded for detection: a two-stage head (``model.pt``, scores
+    proposals) or a one-stage D-SSAD run (``dssad.pt``, reads the features alone)."""
+
+    model: Checkpoint | OneStageCheckpoint
+    one_stage: bool
+    streams: list[str]
+    columns: dict[str, list[int]] | None   # where one feature file holds every stream
+
+    @classmethod
+    def load(cls, path: Path) -> "Detector":
+        if is_one_stage_checkpoint(path):
+            model = load_one_stage(path)
+            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"))
+        model = load_checkpoint(path)
+        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"))
+
+
+def video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,
+                   video_id: str) -> dict[str, np.ndarray]:
+    """A new video's features of each stream: a file each, in the streams' order, or one file
+    holding them all side by side where the checkpoint's snippet layout gives their ``columns``."""
+    if columns and len(paths) == 1:
+        every = split_streams(load_features(paths[0], video_id), columns, paths[0], video_id)
+        return {s: every[s] for s in streams}
+    if len(paths) != len(streams):
+        raise ValueError(f"the checkpoint has streams {streams}: give one --features file for each, in that order"
+                         + (", or the one file holding them all" if columns else ""))
+    return align_streams({s: load_features(path, video_id) for s, path in zip(streams, paths)}, paths[0], video_id)
+
+
+def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path | None = None,
+                  fps: float | None = None, duration: float | None = None) -> Detections:
+    """Detections of ``videos``, in their order; a two-stage head scores the ``proposals`` (a
+    file of one video's, or of many, indexed once). ``fps`` / ``duration`` default to the
+    checkpoint's layout and the span of the features."""
+    model = detector.model
+    many = ProposalSource(proposals, {}) if proposals and holds_many_videos(proposals) else None
+    found = []
+    for video_id, paths in videos:
+        features = video_features(paths, detector.streams, detector.columns, video_id)
+        video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
+        if detector.one_stage:
+            found.append(detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
+                                                dict(model.stage.inference.fusion), model.stage.inference))
+        else:
+            picked = many.of(video) if many else read_video_proposals(proposals, video)
+            found.append(detect_video(model, features, picked.intervals, video_id, fps, duration))
+    return Detections.concat(found)
+
+
+def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
+                       fps: float | None = None, workers: int | None = None) -> Detections:
+    """:func:`detect_videos` as Ray tasks (one CPU and one thread each) over consecutive chunks of
+    ``videos``, joined in their order; ``workers`` defaults to the CPUs of the Ray session (which
+    must be running). The checkpoint, feature and proposal paths must be readable on every node."""
+    import ray
+
+    # Ray's workers do not run where the command was typed: they get absolute paths
+    checkpoint, proposals = checkpoint.resolve(), proposals and proposals.resolve()
+    videos = [(video_id, [path.resolve() for path in paths]) for video_id, paths in videos]
+    workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    count = min(len(videos), workers * CHUNKS_PER_WORKER)
+    bounds = [len(videos) * k // count for k in range(count + 1)]
+    task = ray.remote(num_cpus=1)(_detect_chunk)
+    parts = [task.remote(checkpoint, videos[a:b], proposals, fps) for a, b in zip(bounds, bounds[1:])]
+    return Detections.concat(ray.get(parts))
+
+
+def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None,
+                  fps: float | None) -> Detections:
+    import torch
+
+    torch.set_num_threads(1)  # the tasks share the node's cores
+    return detect_videos(Detector.load(checkpoint), videos, proposals, fps)
