@@ -299,8 +299,11 @@ def _plain_rows(path: Path) -> dict[str, tuple[str, list[Row]]]:
 def _in_seconds(path: Path, vid: str, rows: list[Row], unit: str, videos: dict[str, Video] | None,
                 tolerance: float) -> Proposals:
     """Rows of one video in ``unit`` (seconds, frames or fraction of the video), checked, as Proposals."""
-    scale = {"seconds": lambda: 1.0, "frames": lambda: 1 / _fps(path, videos, vid),
-             "fraction": lambda: _duration(path, videos, vid)}[unit]()
+    scale = 1.0
+    if unit == "frames":
+        scale = 1 / _fps(path, videos, vid)
+    elif unit == "fraction":
+        scale = _duration(path, videos, vid)
     return _finish(path, vid, [(s * scale, e * scale, score, line) for s, e, score, line in rows],
                    _known_duration(videos, vid), tolerance)
 
