@@ -2,15 +2,18 @@
 
     python benchmarks/quality.py [--scale small|medium|full] [--seeds 3] [--json] [--out DIR]
                                  [--settings ssn+gcm ssn+mlp ...] [--streams rgb flow] [--threads N]
+                                 [--class-agnostic]
 
 For each seed s: writes the synthetic benchmark (seed s) and its relation-free control (every
 relation knob at 0), prepares the videos in-process (pooling, candidate edges, labels), trains each
 setting on both streams (seeded with s), fuses RGB : Flow = 2 : 3 and evaluates the test split with
 the THUMOS'14 protocol. ``--streams flow`` trains and evaluates one stream alone (the paper's
 ablations report RGB and Flow apart); ``--threads`` fixes torch's CPU threads, since the order
-of float sums, and so a run's result, depends on it. Prints a table of mean and std over seeds
-(mAP %, tIoU 0.1-0.5), the checks of issue 4 and the time taken; ``--json`` prints one JSON
-object {setting: {"mAP@0.5", "std"}}.
+of float sums, and so a run's result, depends on it; ``--class-agnostic`` adds the AP@0.5 with
+every class merged (:func:`gcm_core.evaluation.class_agnostic`: how much of the mAP a detector
+loses to its class labels). Prints a table of mean and std over seeds (mAP %, tIoU 0.1-0.5), the
+checks of issue 4 and the time taken; ``--json`` prints one JSON object {setting: {"mAP@0.5",
+"std"}}.
 
 Settings: ssn+gcm, ssn+mlp (Table 4), ssn+mp (Table 6), ssn+gcm-no-{contextual,surrounding,
 semantic} (Table 9), control:ssn+gcm, control:ssn+mlp, dssad, dssad+gcm3 (Table 11, GCM at 3
@@ -40,11 +43,13 @@ from gcm_core.data.sampling import SamplingConfig
 from gcm_core.data.synthetic import generate_dataset
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSAD, DSSADConfig
-from gcm_core.engine import TrainConfig, UnitDataset, detections_of, evaluate, fit, predict, seed_everything
+from gcm_core.engine import TrainConfig, UnitDataset, detections_of, fit, ground_truth, predict, seed_everything
+from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections
 from gcm_core import one_stage
 from gcm_core.graph import EDGE_TYPES, GraphSpec
 
 TIOU = [0.1, 0.2, 0.3, 0.4, 0.5]
+AT_05 = TIOU.index(0.5)   # the column of the checks
 RECIPE = dict(epochs=40, optimizer="sgd", lr=0.05, batch_videos=16, lr_step_epochs=30,
               sampling=SamplingConfig(per_video=24))
 
@@ -78,17 +83,16 @@ def prepare(root: Path, scale: str, seed: int, control: bool) -> dict:
     return out
 
 
-def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams: list[str]) -> list[float]:
+def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams: list[str]) -> Detections:
     card = data["card"]
     config = TrainConfig(seed=seed, **RECIPE)
     heads, stats = fit(data["train"], streams, model, spec, config, card.num_classes)
     per_stream = {s: predict(heads[s], UnitDataset(data["test"], s, spec, model.comp_input), stats)
                   for s in streams}
-    dets = detections_of(data["test"], per_stream, card.classes)
-    return [100 * v for v in evaluate(data["test"], dets, card.classes, "thumos14", TIOU).map.tolist()]
+    return detections_of(data["test"], per_stream, card.classes)
 
 
-def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]) -> list[float]:
+def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]) -> Detections:
     card = data["card"]
     config = replace(one_stage.default_recipe(), seed=seed)
     train, _, seconds = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), streams)
@@ -98,9 +102,16 @@ def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]
         seed_everything(seed)
         models[stream] = DSSAD(DSSADConfig(gcm_scales=scales), train[stream][0].features.shape[1], card.num_classes)
         one_stage.fit(models[stream], train[stream], config, seconds)
-    dets = one_stage.predict_fused(models, tests, durations, card.classes, seconds, dict(card.stream_fusion))
-    videos = {v.video_id: v for v in data["test"]}
-    return [100 * v for v in evaluate(list(videos.values()), dets, card.classes, "thumos14", TIOU).map.tolist()]
+    return one_stage.predict_fused(models, tests, durations, card.classes, seconds, dict(card.stream_fusion))
+
+
+def score(data: dict, detections: Detections, agnostic: bool) -> list[float]:
+    """mAP (%) of the test split at each of TIOU, then, with ``agnostic``, the class-agnostic AP@0.5."""
+    truth = ground_truth(data["test"], data["card"].classes)
+    out = [100 * v for v in evaluate_detections(truth, detections, data["card"].classes, "thumos14", TIOU).map.tolist()]
+    if agnostic:
+        out.append(100 * evaluate_detections(*class_agnostic(truth, detections), [AGNOSTIC], "thumos14", [0.5]).map.item())
+    return out
 
 
 def checks(per_seed: dict[str, list[float]]) -> list[tuple[str, bool]]:
@@ -140,6 +151,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=SETTINGS, choices=SETTINGS)
     parser.add_argument("--streams", nargs="+", default=["rgb", "flow"], choices=["rgb", "flow"])
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--class-agnostic", action="store_true",
+                        help="add a column: the AP@0.5 with every class merged (what finding and delimiting "
+                             "actions alone achieves)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -153,27 +167,30 @@ def main() -> None:
                                             args.scale, seed, control)
         for setting in args.settings:
             t0 = time.perf_counter()
+            data = datasets[setting.startswith("control:")]
             if setting in SSN:
-                maps = run_ssn(datasets[setting.startswith("control:")], *SSN[setting], seed, args.streams)
+                dets = run_ssn(data, *SSN[setting], seed, args.streams)
             else:
-                maps = run_dssad(datasets[False], DSSAD_SETTINGS[setting], seed, args.streams)
+                dets = run_dssad(data, DSSAD_SETTINGS[setting], seed, args.streams)
+            maps = score(data, dets, args.class_agnostic)
             results[setting].append(maps)
-            print(f"seed {seed} {setting:24s} mAP@0.5 {maps[-1]:6.2f} ({time.perf_counter() - t0:.0f} s)",
+            print(f"seed {seed} {setting:24s} mAP@0.5 {maps[AT_05]:6.2f} ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr, flush=True)
     minutes = (time.perf_counter() - began) / 60
-    summary = {s: {"mAP@0.5": statistics.mean(r[-1] for r in runs),
-                   "std": statistics.stdev(r[-1] for r in runs) if len(runs) > 1 else 0.0} for s, runs in results.items()}
+    summary = {s: {"mAP@0.5": statistics.mean(r[AT_05] for r in runs),
+                   "std": statistics.stdev(r[AT_05] for r in runs) if len(runs) > 1 else 0.0} for s, runs in results.items()}
     streams = "RGB + Flow fused 2:3" if len(args.streams) > 1 else f"{args.streams[0]} stream alone"
+    columns = [f"mAP@{t}" for t in TIOU] + (["class-agnostic AP@0.5"] if args.class_agnostic else [])
     lines = [f"Synthetic benchmark ({args.scale}), THUMOS'14 protocol, {streams}, {args.seeds} seeds "
              f"(mean +- std, mAP %), `python benchmarks/quality.py {' '.join(sys.argv[1:])}`, "
              f"{minutes:.0f} min on this machine:", "",
-             "| setting | " + " | ".join(f"mAP@{t}" for t in TIOU) + " |", "|---" * (len(TIOU) + 1) + "|"]
+             "| setting | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for setting, runs in results.items():
         cells = [f"{statistics.mean(col):.2f} +- {statistics.stdev(col) if len(col) > 1 else 0:.2f}"
                  for col in zip(*runs)]
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     lines += ["", *[f"- [{'PASS' if ok else 'FAIL'}] {text}" for text, ok in
-                    checks({s: [r[-1] for r in runs] for s, runs in results.items()})]]
+                    checks({s: [r[AT_05] for r in runs] for s, runs in results.items()})]]
     atomic_write_text(args.out / "quality.md", "\n".join(lines) + "\n")
     atomic_write_text(args.out / "quality.json", json.dumps(summary, indent=1))
     print(json.dumps(summary) if args.json else "\n".join(lines))

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from gcm_core.data.model import Detections, Video, video_key
 from gcm_core.metrics import MapResult, Segments, activitynet_ap, thumos14_ap
+from gcm_core.postprocess import InferenceConfig, nms
 
 PROTOCOLS = ("thumos14", "activitynet")
+AGNOSTIC = "action"  # the one class of a class-agnostic evaluation
 
 
 def evaluate_detections(videos: dict[str, Video], detections: Detections, classes: Sequence[str],
@@ -49,6 +52,30 @@ def evaluate_detections(videos: dict[str, Video], detections: Detections, classe
         return activitynet_ap(gt, det, tiou, len(classes))
     ambiguous = _segments([(video_index[video_key(v.id)], -1, s, e) for v in videos.values() for s, e in v.ambiguous])
     return thumos14_ap(gt, det, tiou, len(classes), ambiguous)
+
+
+def class_agnostic(videos: dict[str, Video], detections: Detections,
+                   nms_threshold: float = InferenceConfig.nms_threshold) -> tuple[dict[str, Video], Detections]:
+    """The ground truth and the detections with every class merged into one, :data:`AGNOSTIC`.
+
+    Their AP measures finding and delimiting actions whatever their class, so its gap to the
+    class-aware mAP is what classification costs a detector (the split of errors that diagnosis
+    tools such as DETAD make). A detector suppresses duplicates within each class only, and a
+    two-stage head reports each unit under several classes (regressed apart): each video's
+    detections are suppressed once more across classes, with NMS at ``nms_threshold`` (by default
+    gcm-tal's inference threshold), so that one action found under two labels counts once.
+    """
+    merged = {k: replace(v, instances=[replace(i, label=AGNOSTIC) for i in v.instances]) for k, v in videos.items()}
+    rows: dict[str, list[int]] = {}
+    for k, vid in enumerate(detections.video):
+        rows.setdefault(vid, []).append(k)
+    kept = []
+    for vid, index in rows.items():
+        picked = torch.tensor(index)
+        segments = torch.stack([torch.from_numpy(detections.start[index]), torch.from_numpy(detections.end[index])], 1)
+        kept += picked[nms(segments, torch.from_numpy(detections.score[index]), iou_threshold=nms_threshold)].tolist()
+    return merged, Detections([detections.video[k] for k in kept], [AGNOSTIC] * len(kept), detections.start[kept],
+                              detections.end[kept], detections.score[kept])
 
 
 def _segments(rows: list[tuple[int, int, float, float]]) -> Segments:

@@ -25,13 +25,16 @@ def _add_eval_detections(p: argparse.ArgumentParser) -> None:
                                     "(default: the card's test subset when the file holds several)")
     p.add_argument("--label-convention", default="official",
                    choices=["official", "zero_based", "one_based"], help="class indices in THUMOS text")
+    p.add_argument("--class-agnostic", action="store_true",
+                   help="also the AP with every class merged into one: its gap to the mAP is what classification "
+                        "costs the detector")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def _run_eval_detections(args: argparse.Namespace) -> int:
     from gcm_core.data.cards import load_card
     from gcm_core.data.formats import read_annotations, read_detections
-    from gcm_core.evaluation import evaluate_detections, select_subset
+    from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, select_subset
     from gcm_core.metrics import ACTIVITYNET_TIOU, THUMOS14_TIOU
 
     thumos_inputs = args.protocol == "thumos14" or args.detections.suffix != ".json"
@@ -46,16 +49,22 @@ def _run_eval_detections(args: argparse.Namespace) -> int:
     detections = read_detections(args.detections, card, args.label_convention)
     classes = card.classes if card else sorted({i.label for v in videos.values() for i in v.instances})
     tiou = args.tiou or (card.tiou if card else (THUMOS14_TIOU if args.protocol == "thumos14" else ACTIVITYNET_TIOU))
-    result = evaluate_detections(videos, detections, classes, args.protocol, tiou)
+    summary = evaluate_detections(videos, detections, classes, args.protocol, tiou).as_dict(classes)
+    agnostic = None
+    if args.class_agnostic:
+        merged = class_agnostic(videos, detections)
+        agnostic = evaluate_detections(*merged, [AGNOSTIC], args.protocol, tiou).as_dict([AGNOSTIC])
     if args.json:
-        print(json.dumps(result.as_dict(classes)))
+        print(json.dumps({**summary, "class_agnostic": agnostic} if agnostic else summary))
         return 0
-    summary = result.as_dict(classes)
     n_inst = sum(len(v.instances) for v in videos.values())
     print(f"protocol {args.protocol}: {len(videos)} videos{f' ({subset})' if subset else ''}, "
           f"{n_inst} instances, {len(detections)} detections")
     headers = ["tIoU", *(f"{t:g}" for t in tiou), "average"]
-    print(markdown_table(headers, [["mAP (%)", *summary["mAP"], summary["average"]]]))
+    rows = [["mAP (%)", *summary["mAP"], summary["average"]]]
+    if agnostic:
+        rows.append(["class-agnostic AP (%)", *agnostic["mAP"], agnostic["average"]])
+    print(markdown_table(headers, rows))
     return 0
 
 

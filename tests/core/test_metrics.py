@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from gcm_core.data.model import Detections, Instance, Video
+from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections
 from gcm_core.metrics import Segments, activitynet_ap, average_recall, thumos14_ap
 from reference_metrics import loop_activitynet_ap, loop_thumos_ap, loop_tiou
 
@@ -165,3 +167,19 @@ def test_activitynet_ids_match_with_and_without_the_v_prefix(shared_data):
         evaluate_detections(gt, thumos, card.classes, "activitynet", [0.5])
     with pytest.raises(ValueError, match=f"none of the {len(det)} detections has a label among the 20 classes"):
         evaluate_detections(gt, det, load_card("thumos14").classes, "activitynet", [0.5])
+
+
+def test_class_agnostic_ap_merges_classes_and_keeps_a_segment_once():
+    """Two actions found where they are but one with the other's label: the class-aware mAP pays
+    for the label (A: 1.0, B: 0.0), the class-agnostic AP does not (1.0); the action reported as A
+    and, slightly shifted, as B counts once, with its best score (else a false positive ranked
+    second: AP 0.83)."""
+    truth = {"v": Video("v", duration=40.0, instances=[Instance("A", 0.0, 10.0), Instance("B", 20.0, 30.0)])}
+    dets = Detections(["v"] * 3, ["A", "B", "A"], np.array([0.0, 0.0, 20.0]), np.array([10.0, 9.5, 30.0]),
+                      np.array([0.95, 0.9, 0.8]))
+    aware = evaluate_detections(truth, dets, ["A", "B"], "thumos14", [0.5])
+    assert aware.map[0].item() == pytest.approx(0.5)
+    merged_truth, merged = class_agnostic(truth, dets)
+    assert sorted(zip(merged.start.tolist(), merged.score.tolist())) == [(0.0, 0.95), (20.0, 0.8)]
+    assert [i.label for i in merged_truth["v"].instances] == [AGNOSTIC, AGNOSTIC]
+    assert evaluate_detections(merged_truth, merged, [AGNOSTIC], "thumos14", [0.5]).map[0].item() == pytest.approx(1.0)

@@ -5,6 +5,9 @@ import json
 
 import pytest
 
+from gcm_core.data.cards import load_card
+from gcm_core.data.formats import read_annotations, read_detections
+from reference_metrics import loop_thumos_ap, loop_tiou
 from workflows.cli import main
 
 
@@ -19,6 +22,30 @@ def test_eval_detections_json_on_real_cbr_results(shared_data, capsys):
     assert out["mAP"][0] == pytest.approx(31.0, abs=0.1)
     assert len(out["per_class"]) == 20
     assert out["average"] == pytest.approx(sum(v[0] for v in out["per_class"].values()) / 20, abs=1e-3)
+
+
+def test_eval_detections_class_agnostic_on_real_cbr_results(shared_data, capsys):
+    """--class-agnostic: CBR's real detections with every class merged and suppressed across
+    classes (greedy NMS at 0.35, written out here), as the THUMOS'14 evaluator's loop scores them."""
+    th = shared_data / "thumos14"
+    folder, results = th / "annotations/temporal_annotations_test", th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt"
+    assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
+                 str(results), "--tiou", "0.5", "--class-agnostic", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    card = load_card("thumos14")
+    gt, dets = read_annotations(folder, card), read_detections(results, card)
+    index = {vid: k for k, vid in enumerate(gt)}
+    kept: list[tuple] = []
+    for k in sorted(range(len(dets)), key=lambda k: -dets.score[k]):
+        row = (index[dets.video[k]], 0, dets.start[k], dets.end[k], dets.score[k], k)
+        if all(other[0] != row[0] or loop_tiou(other[2:4], row[2:4]) <= 0.35 for other in kept):
+            kept.append(row)
+    det_rows = sorted(kept, key=lambda row: row[5])
+    gt_rows = [(index[v.id], 0, i.start, i.end) for v in gt.values() for i in v.instances]
+    ambiguous = [(index[v.id], s, e) for v in gt.values() for s, e in v.ambiguous]
+    reference = 100 * loop_thumos_ap(gt_rows, det_rows, 0.5, 1, ambiguous)[0]
+    assert out["class_agnostic"]["mAP"] == [pytest.approx(reference, abs=1e-3)]
+    assert out["mAP"][0] == pytest.approx(31.0, abs=0.1)  # the class-aware result is still there
 
 
 def test_eval_detections_picks_the_test_subset_of_a_json_holding_two(shared_data, capsys):
