@@ -70,7 +70,7 @@ def class_agnostic(videos: dict[str, Video], detections: Detections,
     for k, vid in enumerate(detections.video):
         rows.setdefault(vid, []).append(k)
     kept = []
-    for vid, index in rows.items():
+    for index in rows.values():
         picked = torch.tensor(index)
         segments = torch.stack([torch.from_numpy(detections.start[index]), torch.from_numpy(detections.end[index])], 1)
         kept += picked[nms(segments, torch.from_numpy(detections.score[index]), iou_threshold=nms_threshold)].tolist()
