@@ -86,7 +86,12 @@ def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "v
                  duration: float | None = None) -> tuple[Video, SnippetGrid]:
     """A new video of ``num_snippets`` snippets on a checkpoint's snippet layout (a card's
     ``snippets``): ``fps`` defaults to the layout's (30 if it says 'native'), ``duration`` to the
-    time the snippets cover."""
+    time the snippets cover. Features rescaled to a fixed number of positions (ActivityNet's)
+    cover the whole video whatever its length: their ``duration`` must be given."""
+    if snippets.get("convention") == "rescaled" and duration is None:
+        raise ValueError(f"video {video_id}: its features are rescaled to {num_snippets} positions whatever the "
+                         "video's length, so its duration must be given (gcm detect: --duration, or --video-info "
+                         "for a folder)")
     rate = fps or (30.0 if snippets.get("fps", "native") == "native" else float(snippets["fps"]))
     grid = SnippetGrid(snippets.get("convention", "i3d"), num_snippets, 1.0, rate,
                        int(snippets.get("stride_frames", 8)), int(snippets.get("clip_frames", 64)))

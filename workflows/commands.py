@@ -144,6 +144,10 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
     p.add_argument("--duration", type=float,
                    help="duration in seconds (default: what the snippets cover; not with --features-dir)")
+    p.add_argument("--video-info", type=Path,
+                   help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
+                        "video_info_new.csv, TH14_video_info.json, ...) or an annotation file; needed for features "
+                        "rescaled to a fixed number of positions (ActivityNet), which do not tell a video's length")
     p.add_argument("--workers", type=int,
                    help="with --features-dir: detect the folder's videos as this many parallel Ray tasks (default: "
                         "in this process; with --address, the cluster's CPUs)")
@@ -151,7 +155,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.data.formats import holds_many_videos, result_json, write_result_json
-    from workflows.detect import Detector, detect_in_parallel, detect_videos, folder_videos
+    from workflows.detect import Detector, detect_in_parallel, detect_videos, folder_videos, read_video_facts
 
     detector = Detector.load(args.checkpoint)
     if detector.one_stage and args.proposals:
@@ -168,11 +172,12 @@ def _run_detect(args: argparse.Namespace) -> int:
         raise ValueError("--workers share out the videos of a --features-dir folder")
     videos = (folder_videos(args.features_dir, detector.streams, detector.columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
+    facts = read_video_facts(args.video_info) if args.video_info else None
     if args.features_dir and ((args.workers or 1) > 1 or args.address):
         with _session(args):
-            detections = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, args.workers)
+            detections = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts, args.workers)
     else:
-        detections = detect_videos(detector, videos, args.proposals, args.fps, args.duration)
+        detections = detect_videos(detector, videos, args.proposals, args.fps, args.duration, facts)
     if args.out:
         write_result_json(args.out, detections)
         which = videos[0][0] if len(videos) == 1 else f"{len(videos)} videos"
@@ -206,6 +211,10 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", help="dataset card (name or YAML path)")
     p.add_argument("--data-root", help="folder the card's paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="output folder of the shards and manifest")
+    p.add_argument("--video-info", type=Path,
+                   help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
+                        "video_info_new.csv, TH14_video_info.json, ...) or an annotation file; needed for features "
+                        "rescaled to a fixed number of positions (ActivityNet), which do not tell a video's length")
     p.add_argument("--workers", type=int, help="parallel workers (actors; default: the config's, 2)")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
     p.add_argument("--skip-bad", action="store_true", default=None,
@@ -232,6 +241,10 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="preprocessed dataset folder (gcm preprocess --out)")
     p.add_argument("--out", help="runs folder")
     p.add_argument("--name", help="run name (a folder under --out)")
+    p.add_argument("--video-info", type=Path,
+                   help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
+                        "video_info_new.csv, TH14_video_info.json, ...) or an annotation file; needed for features "
+                        "rescaled to a fixed number of positions (ActivityNet), which do not tell a video's length")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
     _add_stage_options(p, "train.lr=0.01")

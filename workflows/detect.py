@@ -15,8 +15,10 @@ import numpy as np
 
 from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, video_layout
 from gcm_core.data.formats import (
-    Detections, ProposalSource, align_streams, holds_many_videos, load_features, read_video_proposals, split_streams,
+    Detections, FormatError, ProposalSource, Video, align_streams, holds_many_videos, load_features, read_annotations,
+    read_video_info, read_video_proposals, split_streams,
 )
+from gcm_core.data.model import video_key
 from gcm_core.one_stage import detect_video as detect_video_one_stage
 from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoint, load_one_stage
 
@@ -67,28 +69,44 @@ def video_features(paths: list[Path], streams: list[str], columns: dict[str, lis
     return align_streams({s: load_features(path, video_id) for s, path in zip(streams, paths)}, paths[0], video_id)
 
 
+def read_video_facts(path: Path) -> dict[str, Video]:
+    """Each video's duration and frame rate from a video-info file (:func:`read_video_info`: BSN's
+    ``video_info_new.csv``, mmtad's ``TH14_video_info.json``, ...) or an annotation file, keyed by
+    :func:`video_key` (ActivityNet ids with or without ``v_``)."""
+    try:
+        videos = read_video_info(path)
+    except FormatError:  # not a video-info file: annotation files give durations too
+        videos = read_annotations(path)
+    return {video_key(vid): video for vid, video in videos.items()}
+
+
 def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path | None = None,
-                  fps: float | None = None, duration: float | None = None) -> Detections:
+                  fps: float | None = None, duration: float | None = None,
+                  facts: dict[str, Video] | None = None) -> Detections:
     """Detections of ``videos``, in their order; a two-stage head scores the ``proposals`` (a
-    file of one video's, or of many, indexed once). ``fps`` / ``duration`` default to the
+    file of one video's, or of many, indexed once). Each video's frame rate and duration come from
+    its ``facts`` (:func:`read_video_facts`), else from ``fps`` / ``duration``, else from the
     checkpoint's layout and the span of the features."""
     model = detector.model
     many = ProposalSource(proposals, {}) if proposals and holds_many_videos(proposals) else None
     found = []
     for video_id, paths in videos:
         features = video_features(paths, detector.streams, detector.columns, video_id)
-        video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
+        known = (facts or {}).get(video_key(video_id))
+        rate, length = (known.fps or fps, known.duration) if known else (fps, duration)
+        video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, rate, length)
         if detector.one_stage:
             found.append(detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
                                                 dict(model.stage.inference.fusion), model.stage.inference))
         else:
             picked = many.of(video) if many else read_video_proposals(proposals, video)
-            found.append(detect_video(model, features, picked.intervals, video_id, fps, duration))
+            found.append(detect_video(model, features, picked.intervals, video_id, rate, length))
     return Detections.concat(found)
 
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
-                       fps: float | None = None, workers: int | None = None) -> Detections:
+                       fps: float | None = None, facts: dict[str, Video] | None = None,
+                       workers: int | None = None) -> Detections:
     """:func:`detect_videos` as Ray tasks (one CPU and one thread each) over consecutive chunks of
     ``videos``, joined in their order; ``workers`` defaults to the CPUs of the Ray session (which
     must be running). The checkpoint, feature and proposal paths must be readable on every node."""
@@ -101,13 +119,14 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
     count = min(len(videos), workers * CHUNKS_PER_WORKER)
     bounds = [len(videos) * k // count for k in range(count + 1)]
     task = ray.remote(num_cpus=1)(_detect_chunk)
-    parts = [task.remote(checkpoint, videos[a:b], proposals, fps) for a, b in zip(bounds, bounds[1:])]
+    facts = ray.put(facts)  # once in the object store, not once per task
+    parts = [task.remote(checkpoint, videos[a:b], proposals, fps, facts) for a, b in zip(bounds, bounds[1:])]
     return Detections.concat(ray.get(parts))
 
 
-def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None,
-                  fps: float | None) -> Detections:
+def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None, fps: float | None,
+                  facts: dict[str, Video] | None) -> Detections:
     import torch
 
     torch.set_num_threads(1)  # the tasks share the node's cores
-    return detect_videos(Detector.load(checkpoint), videos, proposals, fps)
+    return detect_videos(Detector.load(checkpoint), videos, proposals, fps, facts=facts)

@@ -122,17 +122,23 @@ def _read_json(path: Path) -> dict[str, Video]:
 
 def _merge_bsn_info(path: Path, videos: dict[str, Video]) -> None:
     """Subset, fps and frame count from BSN's ``video_info_new.csv``."""
+    for vid, info in _read_bsn_info(path).items():
+        if vid in videos:
+            videos[vid].subset, videos[vid].fps, videos[vid].n_frames = info.subset, info.fps, info.n_frames
+
+
+def _read_bsn_info(path: Path) -> dict[str, Video]:
+    """BSN's ``video_info_new.csv``: ``video, numFrame, seconds, fps, ..., subset`` per video."""
+    videos: dict[str, Video] = {}
     with path.open(newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
-            video = videos.get(row.get("video", ""))
-            if video is None:
-                continue
+            vid = row.get("video") or ""
             try:
-                video.subset = row["subset"]
-                video.fps = float(row["fps"])
-                video.n_frames = int(row["numFrame"])
-            except (KeyError, ValueError) as err:
-                raise FormatError(path, f"bad video info row ({err})", video=video.id, line=line) from None
+                videos[vid] = Video(vid, duration=float(row["seconds"]), fps=float(row["fps"]),
+                                    n_frames=int(row["numFrame"]), subset=row["subset"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise FormatError(path, f"bad video info row ({err})", video=vid or None, line=line) from None
+    return videos
 
 
 def _read_thumos_folder(folder: Path) -> dict[str, Video]:
@@ -176,12 +182,14 @@ def read_video_info(path: str | Path) -> dict[str, Video]:
     """Per-video facts without instances: fps, duration, frame count, subset.
 
     Reads mmtad's ``TH14_video_info.json`` (``{video: {fps, duration, num_frame, subset}}``),
-    CBR's ``video duration_s num_frames`` text, and THUMOS'14's ``*_durations.txt`` (a
-    ``video.mp4`` line, then its duration).
+    BSN's ``video_info_new.csv`` (ActivityNet), CBR's ``video duration_s num_frames`` text, and
+    THUMOS'14's ``*_durations.txt`` (a ``video.mp4`` line, then its duration).
     """
     path = Path(path)
     if not path.is_file():
         raise FormatError(path, "no such file")
+    if path.suffix == ".csv":
+        return _read_bsn_info(path)
     if path.suffix == ".json":
         data = _load_json(path)
         try:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, save_checkpoint
-from gcm_core.data.sampling import SamplingConfig
+from gcm_core.data.sampling import RegressionStats, SamplingConfig
 from gcm_core.detectors import ModelConfig
-from gcm_core.engine import TrainConfig, UnitDataset, detections_of, evaluate, fit, predict
+from gcm_core.engine import TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict
 from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 
@@ -146,3 +146,44 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
     # one video's proposals cannot serve a folder of videos
     assert main(["detect", "--checkpoint", str(path), "--features-dir", str(folder), "--proposals", str(props)]) == 2
     assert "holds one video's proposals" in capsys.readouterr().err
+
+
+def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path, capsys):
+    """Features rescaled to a fixed number of positions (ActivityNet's) do not tell how long a video
+    is: gcm detect refuses them without a duration, and a folder run takes each video's from a
+    video-info file (BSN's CSV, v_ ids) as per-video runs with --duration do."""
+    from workflows.cli import main
+
+    classes = [f"class_{k}" for k in range(5)]
+    torch.manual_seed(0)
+    heads = build_heads(ModelConfig(), ["rgb"], 16, len(classes)).eval()
+    save_checkpoint(tmp_path / "model.pt", Checkpoint(classes, ModelConfig(), GraphSpec(), InferenceConfig(top_k=20),
+                                                      {"convention": "rescaled"}, heads,
+                                                      RegressionStats(torch.zeros(2), torch.ones(2))))
+    durations = {"v_aaaaaaaaaaa": 90.0, "v_bbbbbbbbbbb": 33.0}
+    rng = np.random.default_rng(0)
+    (tmp_path / "rgb").mkdir()
+    for vid in durations:
+        np.save(tmp_path / "rgb" / f"{vid}.npy", rng.normal(size=(100, 16)).astype(np.float32))
+    props = tmp_path / "props.csv"
+    props.write_text("video,xmin,xmax,score\n" + "".join(f"{vid},{s:.2f},{s + w:.2f},1\n" for vid in durations
+                                                         for s in (0.0, 0.1, 0.3, 0.5) for w in (0.1, 0.2, 0.5)))
+    info = tmp_path / "video_info_new.csv"
+    info.write_text("video,numFrame,seconds,fps,rfps,subset,featureFrame\n" + "".join(
+        f"{vid},{int(d * 25)},{d},25.0,25.0,validation,{int(d * 25)}\n" for vid, d in durations.items()))
+    checkpoint = ["detect", "--checkpoint", str(tmp_path / "model.pt"), "--proposals", str(props)]
+    capsys.readouterr()
+    assert main([*checkpoint, "--features-dir", str(tmp_path)]) == 2
+    assert "rescaled to 100 positions" in capsys.readouterr().err
+    assert main([*checkpoint, "--features-dir", str(tmp_path), "--video-info", str(info),
+                 "--out", str(tmp_path / "all.json")]) == 0
+    alone = {}
+    for vid, duration in durations.items():
+        assert main([*checkpoint, "--features", str(tmp_path / "rgb" / f"{vid}.npy"), "--video-id", vid,
+                     "--duration", str(duration), "--fps", "25", "--out", str(tmp_path / "one.json")]) == 0
+        alone.update(json.loads((tmp_path / "one.json").read_text())["results"])
+    found = json.loads((tmp_path / "all.json").read_text())["results"]
+    assert found == alone and set(found) == {"aaaaaaaaaaa", "bbbbbbbbbbb"}
+    for vid, duration in durations.items():  # in the video's seconds, reaching beyond a placeholder second
+        ends = [d["segment"][1] for d in found[vid[2:]]]
+        assert max(ends) <= duration + 1e-6 and max(ends) > 0.5 * duration

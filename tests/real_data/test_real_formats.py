@@ -152,6 +152,10 @@ def test_activitynet_annotations_and_video_info(shared_data, anet):
     assert len(val_csv) == 4728 and instances(val_csv) == instances(val_json)
     with (root / "action_name.csv").open() as f:
         assert tuple(row[0] for row in list(csv.reader(f))[1:]) == anet.classes
+    info = read_video_info(root / "video_info_new.csv")  # BSN's: video, numFrame, seconds, fps, rfps, subset
+    assert len(info) == 19228 and info.keys() == videos.keys()
+    first = info["v_---9CpRcKoU"]  # its row: v_---9CpRcKoU,418,14.07,30.0,29.70...,training,400
+    assert (first.n_frames, first.duration, first.fps, first.subset) == (418, 14.07, 30.0, "training")
     sample = read_annotations(root / "official_schema_sample_gt.json", anet)
     assert len(sample) == 2 and sample["v_bYUmtLBL7W4"].duration == pytest.approx(224.49)
     assert len(sample["v_bYUmtLBL7W4"].instances) == 3
