@@ -58,13 +58,13 @@ def main() -> None:
         detect_videos(detector, videos[:4], proposals)  # warm-up: imports, first allocations
 
         began = time.perf_counter()
-        alone = detect_videos(detector, videos, proposals)
+        alone, _ = detect_videos(detector, videos, proposals)
         in_process = time.perf_counter() - began
         began = time.perf_counter()
         with ray_session(RayConfig(num_cpus=2)):
             start_up = time.perf_counter() - began
             began = time.perf_counter()
-            tasks = detect_in_parallel(checkpoint, videos, proposals, workers=2)
+            tasks, _ = detect_in_parallel(checkpoint, videos, proposals, workers=2)
             parallel = time.perf_counter() - began
     same = alone.video == tasks.video and alone.label == tasks.label and (alone.score == tasks.score).all()
     n = len(videos)

@@ -148,6 +148,9 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
                    help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
                         "video_info_new.csv, TH14_video_info.json, ...) or an annotation file; needed for features "
                         "rescaled to a fixed number of positions (ActivityNet), which do not tell a video's length")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="with --features-dir: leave out the videos whose files fail their checks (named on stderr) "
+                        "instead of stopping")
     p.add_argument("--workers", type=int,
                    help="with --features-dir: detect the folder's videos as this many parallel Ray tasks (default: "
                         "in this process; with --address, the cluster's CPUs)")
@@ -168,20 +171,25 @@ def _run_detect(args: argparse.Namespace) -> int:
     if args.features_dir and args.proposals and not holds_many_videos(args.proposals):
         raise ValueError(f"{args.proposals} holds one video's proposals: with --features-dir give a file or folder "
                          "of every video's (SSN list, CSV with a video column, folder of <video>.csv)")
-    if args.workers and not args.features_dir:
-        raise ValueError("--workers share out the videos of a --features-dir folder")
+    if (args.workers or args.skip_bad) and not args.features_dir:
+        raise ValueError("--workers and --skip-bad are about the videos of a --features-dir folder")
     videos = (folder_videos(args.features_dir, detector.streams, detector.columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
     facts = read_video_facts(args.video_info) if args.video_info else None
     if args.features_dir and ((args.workers or 1) > 1 or args.address):
         with _session(args):
-            detections = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts, args.workers)
+            detections, skipped = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts,
+                                                     args.skip_bad, args.workers)
     else:
-        detections = detect_videos(detector, videos, args.proposals, args.fps, args.duration, facts)
+        detections, skipped = detect_videos(detector, videos, args.proposals, args.fps, args.duration, facts,
+                                            args.skip_bad)
+    for reason in skipped.values():
+        print(f"skipped: {reason}", file=sys.stderr)
     if args.out:
         write_result_json(args.out, detections)
-        which = videos[0][0] if len(videos) == 1 else f"{len(videos)} videos"
-        print(f"wrote {len(detections)} detections of {which} to {args.out}")
+        which = videos[0][0] if len(videos) == 1 else f"{len(videos) - len(skipped)} videos"
+        print(f"wrote {len(detections)} detections of {which} to {args.out}"
+              + (f"; skipped {len(skipped)} (above)" if skipped else ""))
     else:
         print(json.dumps(result_json(detections)))
     return 0

@@ -8,15 +8,17 @@ result is the same either way.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, video_layout
 from gcm_core.data.formats import (
-    Detections, FormatError, ProposalSource, Video, align_streams, holds_many_videos, load_features, read_annotations,
-    read_video_info, read_video_proposals, split_streams,
+    Detections, FormatError, ProposalSource, Proposals, Video, align_streams, holds_many_videos, load_features,
+    read_annotations, read_video_info, read_video_proposals, split_streams,
 )
 from gcm_core.data.model import video_key
 from gcm_core.one_stage import detect_video as detect_video_one_stage
@@ -81,32 +83,44 @@ def read_video_facts(path: Path) -> dict[str, Video]:
 
 
 def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path | None = None,
-                  fps: float | None = None, duration: float | None = None,
-                  facts: dict[str, Video] | None = None) -> Detections:
-    """Detections of ``videos``, in their order; a two-stage head scores the ``proposals`` (a
-    file of one video's, or of many, indexed once). Each video's frame rate and duration come from
-    its ``facts`` (:func:`read_video_facts`), else from ``fps`` / ``duration``, else from the
-    checkpoint's layout and the span of the features."""
-    model = detector.model
+                  fps: float | None = None, duration: float | None = None, facts: dict[str, Video] | None = None,
+                  skip_bad: bool = False) -> tuple[Detections, dict[str, str]]:
+    """Detections of ``videos``, in their order, and the videos left out with the reason.
+
+    A two-stage head scores the ``proposals`` (a file of one video's, or of many, indexed once).
+    Each video's frame rate and duration come from its ``facts`` (:func:`read_video_facts`), else
+    from ``fps`` / ``duration``, else from the checkpoint's layout and the span of the features.
+    A video whose files fail their checks stops the run, or with ``skip_bad`` is left out.
+    """
     many = ProposalSource(proposals, {}) if proposals and holds_many_videos(proposals) else None
-    found = []
+    proposals_of = many.of if many else partial(read_video_proposals, proposals)
+    found, skipped = [], {}
     for video_id, paths in videos:
-        features = video_features(paths, detector.streams, detector.columns, video_id)
         known = (facts or {}).get(video_key(video_id))
         rate, length = (known.fps or fps, known.duration) if known else (fps, duration)
-        video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, rate, length)
-        if detector.one_stage:
-            found.append(detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
-                                                dict(model.stage.inference.fusion), model.stage.inference))
-        else:
-            picked = many.of(video) if many else read_video_proposals(proposals, video)
-            found.append(detect_video(model, features, picked.intervals, video_id, rate, length))
-    return Detections.concat(found)
+        try:
+            found.append(_detect_one(detector, video_id, paths, rate, length, proposals_of))
+        except FormatError as err:
+            if not skip_bad:
+                raise
+            skipped[video_id] = str(err)
+    return Detections.concat(found), skipped
+
+
+def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float | None, duration: float | None,
+                proposals_of: Callable[[Video], Proposals]) -> Detections:
+    model = detector.model
+    features = video_features(paths, detector.streams, detector.columns, video_id)
+    video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
+    if detector.one_stage:
+        return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
+                                      dict(model.stage.inference.fusion), model.stage.inference)
+    return detect_video(model, features, proposals_of(video).intervals, video_id, fps, duration)
 
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
-                       fps: float | None = None, facts: dict[str, Video] | None = None,
-                       workers: int | None = None) -> Detections:
+                       fps: float | None = None, facts: dict[str, Video] | None = None, skip_bad: bool = False,
+                       workers: int | None = None) -> tuple[Detections, dict[str, str]]:
     """:func:`detect_videos` as Ray tasks (one CPU and one thread each) over consecutive chunks of
     ``videos``, joined in their order; ``workers`` defaults to the CPUs of the Ray session (which
     must be running). The checkpoint, feature and proposal paths must be readable on every node."""
@@ -120,13 +134,15 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
     bounds = [len(videos) * k // count for k in range(count + 1)]
     task = ray.remote(num_cpus=1)(_detect_chunk)
     facts = ray.put(facts)  # once in the object store, not once per task
-    parts = [task.remote(checkpoint, videos[a:b], proposals, fps, facts) for a, b in zip(bounds, bounds[1:])]
-    return Detections.concat(ray.get(parts))
+    parts = ray.get([task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad)
+                     for a, b in zip(bounds, bounds[1:])])
+    skipped = {video_id: why for _, left_out in parts for video_id, why in left_out.items()}
+    return Detections.concat([found for found, _ in parts]), skipped
 
 
 def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None, fps: float | None,
-                  facts: dict[str, Video] | None) -> Detections:
+                  facts: dict[str, Video] | None, skip_bad: bool) -> tuple[Detections, dict[str, str]]:
     import torch
 
     torch.set_num_threads(1)  # the tasks share the node's cores
-    return detect_videos(Detector.load(checkpoint), videos, proposals, fps, facts=facts)
+    return detect_videos(Detector.load(checkpoint), videos, proposals, fps, facts=facts, skip_bad=skip_bad)

@@ -187,3 +187,14 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     for vid, duration in durations.items():  # in the video's seconds, reaching beyond a placeholder second
         ends = [d["segment"][1] for d in found[vid[2:]]]
         assert max(ends) <= duration + 1e-6 and max(ends) > 0.5 * duration
+
+    # a broken video in the folder stops the run, naming it; with --skip-bad it is left out, named
+    np.save(tmp_path / "rgb" / "v_ccccccccccc.npy", np.full((100, 16), np.nan, dtype=np.float32))
+    folder = [*checkpoint, "--features-dir", str(tmp_path), "--video-info", str(info),
+              "--out", str(tmp_path / "all.json")]
+    capsys.readouterr()
+    assert main(folder) == 2
+    assert "v_ccccccccccc.npy, video v_ccccccccccc: non-finite value" in capsys.readouterr().err
+    assert main([*folder, "--skip-bad"]) == 0
+    assert "skipped: " in capsys.readouterr().err
+    assert json.loads((tmp_path / "all.json").read_text())["results"] == alone

@@ -115,14 +115,17 @@ def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, 
         (folder / s).mkdir(parents=True)
         for f in sorted((small_dataset / "features" / s).glob("synth_test_*.npy"))[:6]:
             (folder / s / f.name).symlink_to(f)
+    listed = sorted(f.stem for f in (folder / "rgb").iterdir())
+    for s in ("rgb", "flow"):  # and a video the proposal list does not hold, left out with --skip-bad
+        (folder / s / "unlisted.npy").symlink_to((folder / s / f"{listed[0]}.npy").resolve())
     checkpoint = Path(runs["gcm"]["run_dir"]) / "model.pt"
     written = {}
     for workers in ("1", "2"):
         assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
                          str(small_dataset / "proposals/test_proposal_list.txt"), "--workers", workers,
-                         "--out", f"{workers}.json"]) == 0
+                         "--skip-bad", "--out", f"{workers}.json"]) == 0
         written[workers] = json.loads(Path(f"{workers}.json").read_text())
-    assert list(written["2"]["results"]) == sorted(f.stem for f in (folder / "rgb").iterdir())
+    assert list(written["2"]["results"]) == listed
     assert written["2"] == written["1"]
 
 
