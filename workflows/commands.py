@@ -159,6 +159,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.data.formats import holds_many_videos, result_json, write_result_json
     from workflows.detect import Detector, detect_in_parallel, detect_videos, folder_videos, read_video_facts
+    from workflows.progress import Progress
 
     detector = Detector.load(args.checkpoint)
     if detector.one_stage and args.proposals:
@@ -176,13 +177,16 @@ def _run_detect(args: argparse.Namespace) -> int:
     videos = (folder_videos(args.features_dir, detector.streams, detector.columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
     facts = read_video_facts(args.video_info) if args.video_info else None
+    progress = Progress(len(videos), "videos", "detect: ", stream=sys.stderr) if args.features_dir else None
     if args.features_dir and ((args.workers or 1) > 1 or args.address):
         with _session(args):
             detections, skipped = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts,
-                                                     args.skip_bad, args.workers)
+                                                     args.skip_bad, args.workers, progress)
     else:
         detections, skipped = detect_videos(detector, videos, args.proposals, args.fps, args.duration, facts,
-                                            args.skip_bad)
+                                            args.skip_bad, progress)
+    if progress:
+        progress.close()
     for reason in skipped.values():
         print(f"skipped: {reason}", file=sys.stderr)
     if args.out:

@@ -22,6 +22,7 @@ from gcm_core.data.formats import (
 )
 from gcm_core.data.model import video_key
 from gcm_core.one_stage import detect_video as detect_video_one_stage
+from workflows.progress import Progress
 from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoint, load_one_stage
 
 VideoFiles = tuple[str, list[Path]]   # a video's id and its feature files (one per stream, or one for all)
@@ -84,7 +85,7 @@ def read_video_facts(path: Path) -> dict[str, Video]:
 
 def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path | None = None,
                   fps: float | None = None, duration: float | None = None, facts: dict[str, Video] | None = None,
-                  skip_bad: bool = False) -> tuple[Detections, dict[str, str]]:
+                  skip_bad: bool = False, progress: Progress | None = None) -> tuple[Detections, dict[str, str]]:
     """Detections of ``videos``, in their order, and the videos left out with the reason.
 
     A two-stage head scores the ``proposals`` (a file of one video's, or of many, indexed once).
@@ -104,6 +105,8 @@ def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path 
             if not skip_bad:
                 raise
             skipped[video_id] = str(err)
+        if progress:
+            progress.update()
     return Detections.concat(found), skipped
 
 
@@ -120,7 +123,8 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
                        fps: float | None = None, facts: dict[str, Video] | None = None, skip_bad: bool = False,
-                       workers: int | None = None) -> tuple[Detections, dict[str, str]]:
+                       workers: int | None = None, progress: Progress | None = None
+                       ) -> tuple[Detections, dict[str, str]]:
     """:func:`detect_videos` as Ray tasks (one CPU and one thread each) over consecutive chunks of
     ``videos``, joined in their order; ``workers`` defaults to the CPUs of the Ray session (which
     must be running). The checkpoint, feature and proposal paths must be readable on every node."""
@@ -134,8 +138,14 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
     bounds = [len(videos) * k // count for k in range(count + 1)]
     task = ray.remote(num_cpus=1)(_detect_chunk)
     facts = ray.put(facts)  # once in the object store, not once per task
-    parts = ray.get([task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad)
-                     for a, b in zip(bounds, bounds[1:])])
+    chunks = {task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad): b - a
+              for a, b in zip(bounds, bounds[1:])}
+    pending = list(chunks)
+    while pending:  # count each chunk's videos as it finishes
+        done, pending = ray.wait(pending, num_returns=1)
+        if progress:
+            progress.update(chunks[done[0]])
+    parts = ray.get(list(chunks))
     skipped = {video_id: why for _, left_out in parts for video_id, why in left_out.items()}
     return Detections.concat([found for found, _ in parts]), skipped
 
