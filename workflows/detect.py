@@ -78,8 +78,12 @@ def read_video_facts(path: Path) -> dict[str, Video]:
     :func:`video_key` (ActivityNet ids with or without ``v_``)."""
     try:
         videos = read_video_info(path)
-    except FormatError:  # not a video-info file: annotation files give durations too
-        videos = read_annotations(path)
+    except FormatError as as_info:  # not a video-info file: annotation files give durations too
+        try:
+            videos = read_annotations(path)
+        except FormatError as as_annotations:
+            raise FormatError(path, f"neither a video-info file ({as_info}) nor an annotation file "
+                                    f"({as_annotations})") from None
     return {video_key(vid): video for vid, video in videos.items()}
 
 

@@ -175,6 +175,8 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     capsys.readouterr()
     assert main([*checkpoint, "--features-dir", str(tmp_path)]) == 2
     assert "rescaled to 100 positions" in capsys.readouterr().err
+    assert main([*checkpoint, "--features-dir", str(tmp_path), "--video-info", str(props)]) == 2
+    assert "neither a video-info file" in capsys.readouterr().err  # a file that gives no durations is named
     assert main([*checkpoint, "--features-dir", str(tmp_path), "--video-info", str(info),
                  "--out", str(tmp_path / "all.json")]) == 0
     alone = {}
