@@ -223,10 +223,6 @@ def _add_preprocess(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", help="dataset card (name or YAML path)")
     p.add_argument("--data-root", help="folder the card's paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="output folder of the shards and manifest")
-    p.add_argument("--video-info", type=Path,
-                   help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
-                        "video_info_new.csv, TH14_video_info.json, ...) or an annotation file; needed for features "
-                        "rescaled to a fixed number of positions (ActivityNet), which do not tell a video's length")
     p.add_argument("--workers", type=int, help="parallel workers (actors; default: the config's, 2)")
     p.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
     p.add_argument("--skip-bad", action="store_true", default=None,
@@ -253,10 +249,6 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="preprocessed dataset folder (gcm preprocess --out)")
     p.add_argument("--out", help="runs folder")
     p.add_argument("--name", help="run name (a folder under --out)")
-    p.add_argument("--video-info", type=Path,
-                   help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
-                        "video_info_new.csv, TH14_video_info.json, ...) or an annotation file; needed for features "
-                        "rescaled to a fixed number of positions (ActivityNet), which do not tell a video's length")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint")
     _add_stage_options(p, "train.lr=0.01")
