@@ -247,6 +247,9 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="preprocessed dataset folder (gcm preprocess --out)")
+    p.add_argument("--card", help="one-stage runs (--set kind=one-stage): read this dataset card's features "
+                                  "directly instead of a preprocessed --data (no proposals needed)")
+    p.add_argument("--data-root", help="with --card: the folder its paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="runs folder")
     p.add_argument("--name", help="run name (a folder under --out)")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
@@ -258,8 +261,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from workflows.config import TrainStageConfig
     from workflows.train import run_train
 
-    config = _stage(TrainStageConfig, args, data=args.data, out=args.out, name=args.name,
-                    num_workers=args.workers, resume=args.resume)
+    config = _stage(TrainStageConfig, args, data=args.data, card=args.card, data_root=args.data_root, out=args.out,
+                    name=args.name, num_workers=args.workers, resume=args.resume)
     with _session(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}

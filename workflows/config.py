@@ -70,6 +70,10 @@ class OneStageConfig:
 @dataclass
 class TrainStageConfig:
     data: str = "runs/preprocessed"
+    # one-stage runs only: read this dataset (card, data root) directly instead of the preprocessed
+    # folder ``data``; D-SSAD reads snippet features and needs no proposals, so no preprocessing
+    card: str | None = None
+    data_root: str | None = None
     out: str = "runs/train"
     name: str = "ssn-gcm"
     kind: Literal["two-stage", "one-stage"] = "two-stage"   # one-stage: D-SSAD, see one_stage

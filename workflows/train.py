@@ -26,6 +26,7 @@ import torch
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
+from gcm_core.data.cards import data_root_path, load_card
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
@@ -87,7 +88,7 @@ class Worker:
     """What a training worker knows of itself and its run."""
 
     stage: TrainStageConfig
-    manifest: dict[str, Any]
+    manifest: dict[str, Any] | None   # None: a one-stage run reading its dataset directly
     rank: int
     world: int
     device: torch.device
@@ -239,8 +240,18 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
     from workflows.ray_env import require_resources, use_gpus
 
-    stage = replace(stage, data=str(Path(stage.data).resolve()))  # workers run in other directories
-    manifest = load_manifest(stage.data)
+    one_stage = stage.kind == "one-stage"
+    if stage.card and not one_stage:
+        raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
+                         "reads the units of a preprocessed dataset (--data)")
+    if stage.card:  # workers run in other directories: absolute paths
+        card = Path(stage.card)
+        stage = replace(stage, card=str(card.resolve()) if card.suffix else stage.card,
+                        data_root=str(data_root_path(stage.data_root).resolve()))
+        manifest, card_snippets = None, dict(load_card(stage.card).snippets)
+    else:
+        stage = replace(stage, data=str(Path(stage.data).resolve()))
+        manifest, card_snippets = load_manifest(stage.data), _card_snippets(stage.data)
     use_gpu = use_gpus(stage.use_gpu)
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
@@ -249,18 +260,16 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
         raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump(stage))
-    card_snippets = _card_snippets(stage.data)
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
             "threads": max(1, int(stage.cpus_per_worker))}
-    one_stage = stage.kind == "one-stage"
     if one_stage:
         from workflows.train_one_stage import WEIGHTS, one_stage_loop
     trainer = TorchTrainer(
         one_stage_loop if one_stage else train_loop, train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=stage.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(stage, use_gpu)),
-        datasets={"train": shard_dataset(stage.data, manifest, "train"),
-                  "test": shard_dataset(stage.data, manifest, "test")},
+        datasets={role: shard_dataset(stage.data, manifest, role) for role in ("train", "test")} if manifest
+        else None,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
             name=stage.name, storage_path=str(folder.parent),
@@ -280,8 +289,6 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
 
 def _card_snippets(data: str | Path) -> dict[str, Any]:
-    from gcm_core.data.cards import load_card
-
     return dict(load_card(Path(data) / "card.yaml").snippets)
 
 

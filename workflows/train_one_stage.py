@@ -2,8 +2,9 @@
 ``one-stage`` (Tables 11 and 12).
 
 D-SSAD reads snippet features, not the preprocessed units: each worker builds the clips of the
-dataset that preprocessing read (the card and data root in its manifest) and keeps a
-deterministic share (clip k to rank k mod world size). Checkpoints hold ``dssad.pt`` (each
+dataset that preprocessing read (the card and data root in its manifest), or of the dataset the
+run names (``card``, ``data_root``: no proposals, no preprocessing), and keeps a deterministic
+share (clip k to rank k mod world size). Checkpoints hold ``dssad.pt`` (each
 stream's weights and the model config, plain types) and the same training state and random
 states as the two-stage loop, so resuming works the same way.
 """
@@ -75,6 +76,14 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
     return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}))
 
 
+def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tuple[DatasetCard, str]:
+    """The card and data root a run reads: those it names (``card``, ``data_root``), else those the
+    preprocessed dataset it trains on was prepared from (its manifest)."""
+    if stage.card:
+        return load_card(stage.card), str(stage.data_root)
+    return load_card(Path(stage.data) / "card.yaml"), manifest["config"]["data_root"]
+
+
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
                       device: torch.device | str = "cpu") -> tuple[dict[str, Video], dict[str, Detections]]:
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
@@ -98,9 +107,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     from workflows.train import log_epoch, restore_state, save_state, tensorboard_writer, worker_setup
 
     w = worker_setup(loop)
-    stage, manifest, rank, world, device, out = w.stage, w.manifest, w.rank, w.world, w.device, w.out
-    card = load_card(Path(stage.data) / "card.yaml")
-    source = DatasetSource(card, manifest["config"]["data_root"], "train")
+    stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
+    card, data_root = dataset_of(stage, w.manifest)
+    source = DatasetSource(card, data_root, "train")
     every, _, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                                       stage.one_stage.model.window_stride)
     clips = {s: every[s][rank::world] for s in stage.streams}
@@ -134,7 +143,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 if epoch + 1 == config.epochs and stage.evaluate:
-                    metrics.update(_evaluate(models, stage, card, manifest, out, device))
+                    metrics.update(_evaluate(models, stage, card, data_root, out, device))
                 save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], card, dim)
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
@@ -143,9 +152,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
-def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any],
+def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str,
               out: Path, device: torch.device) -> dict[str, float]:
-    videos, detections = detect_test_split(models, stage, card, manifest["config"]["data_root"], device)
+    videos, detections = detect_test_split(models, stage, card, data_root, device)
     metrics: dict[str, float] = {}
     for name, dets in detections.items():
         result = evaluate_detections(videos, dets, card.classes, card.protocol, card.tiou)

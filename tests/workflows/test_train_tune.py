@@ -165,6 +165,18 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
     assert [d["score"] for d in found] == pytest.approx([d["score"] for d in expected], abs=1e-6)
     assert [t for d in found for t in d["segment"]] == pytest.approx([t for d in expected for t in d["segment"]],
                                                                      abs=1e-5)
+    # the same run reading the dataset directly: its card and a data root without proposal lists, which
+    # D-SSAD does not read, and no preprocessing (data names nothing)
+    Path("bare").mkdir()
+    for name in ("annotations.json", "features"):
+        (Path("bare") / name).symlink_to(small_dataset / name)
+    direct = run_train(dataclasses.replace(config, name="dssad-direct", data="nowhere",
+                                           card=str(small_dataset / "card.yaml"), data_root="bare"), quiet=True)
+    again = json.loads((Path(direct["run_dir"]) / "metrics.json").read_text())["fused"]
+    assert again["mAP"] == pytest.approx(metrics["fused"]["mAP"], abs=1e-6)
+    with pytest.raises(ValueError, match="one-stage runs only"):
+        run_train(dataclasses.replace(config, kind="two-stage", card=str(small_dataset / "card.yaml")), quiet=True)
+
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
     reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
