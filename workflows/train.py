@@ -240,18 +240,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
     from workflows.ray_env import require_resources, use_gpus
 
-    one_stage = stage.kind == "one-stage"
-    if stage.card and not one_stage:
-        raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
-                         "reads the units of a preprocessed dataset (--data)")
-    if stage.card:  # workers run in other directories: absolute paths
-        card = Path(stage.card)
-        stage = replace(stage, card=str(card.resolve()) if card.suffix else stage.card,
-                        data_root=str(data_root_path(stage.data_root).resolve()))
-        manifest, card_snippets = None, dict(load_card(stage.card).snippets)
-    else:
-        stage = replace(stage, data=str(Path(stage.data).resolve()))
-        manifest, card_snippets = load_manifest(stage.data), _card_snippets(stage.data)
+    stage, manifest, card_snippets = _inputs(stage)
     use_gpu = use_gpus(stage.use_gpu)
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
@@ -262,6 +251,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     atomic_write_text(folder / "config.yaml", dump(stage))
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
             "threads": max(1, int(stage.cpus_per_worker))}
+    one_stage = stage.kind == "one-stage"
     if one_stage:
         from workflows.train_one_stage import WEIGHTS, one_stage_loop
     trainer = TorchTrainer(
@@ -288,8 +278,20 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     return {"run_dir": str(folder), "checkpoint": str(folder / weights), "metrics": metrics}
 
 
-def _card_snippets(data: str | Path) -> dict[str, Any]:
-    return dict(load_card(Path(data) / "card.yaml").snippets)
+def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:
+    """The stage with absolute paths (its workers run in other directories), the manifest of the
+    preprocessed dataset it trains on (None for a one-stage run that names its dataset's card and
+    data root) and the snippet layout of the features."""
+    if stage.card and stage.kind != "one-stage":
+        raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
+                         "reads the units of a preprocessed dataset (--data)")
+    if stage.card:
+        card = Path(stage.card)
+        stage = replace(stage, card=str(card.resolve()) if card.suffix else stage.card,
+                        data_root=str(data_root_path(stage.data_root).resolve()))
+        return stage, None, dict(load_card(stage.card).snippets)
+    stage = replace(stage, data=str(Path(stage.data).resolve()))
+    return stage, load_manifest(stage.data), dict(load_card(Path(stage.data) / "card.yaml").snippets)
 
 
 def follow(fit, log: Path, epochs: int, label: str, quiet: bool, loss_note: str = ""):
