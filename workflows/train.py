@@ -26,7 +26,7 @@ import torch
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
-from gcm_core.data.cards import data_root_path, load_card
+from gcm_core.data.cards import DatasetCard, data_root_path, load_card
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
@@ -289,9 +289,19 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
         card = Path(stage.card)
         stage = replace(stage, card=str(card.resolve()) if card.suffix else stage.card,
                         data_root=str(data_root_path(stage.data_root).resolve()))
-        return stage, None, dict(load_card(stage.card).snippets)
-    stage = replace(stage, data=str(Path(stage.data).resolve()))
-    return stage, load_manifest(stage.data), dict(load_card(Path(stage.data) / "card.yaml").snippets)
+        manifest = None
+    else:
+        stage = replace(stage, data=str(Path(stage.data).resolve()))
+        manifest = load_manifest(stage.data)
+    return stage, manifest, dict(dataset_of(stage, manifest)[0].snippets)
+
+
+def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tuple[DatasetCard, str]:
+    """The card and data root a run reads: those it names (``card``, ``data_root``, one-stage runs),
+    else those the preprocessed dataset it trains on was prepared from (its manifest)."""
+    if stage.card:
+        return load_card(stage.card), str(stage.data_root)
+    return load_card(Path(stage.data) / "card.yaml"), manifest["config"]["data_root"]
 
 
 def follow(fit, log: Path, epochs: int, label: str, quiet: bool, loss_note: str = ""):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import DatasetCard, load_card
+from gcm_core.data.cards import DatasetCard
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
@@ -76,14 +76,6 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
     return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}))
 
 
-def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tuple[DatasetCard, str]:
-    """The card and data root a run reads: those it names (``card``, ``data_root``), else those the
-    preprocessed dataset it trains on was prepared from (its manifest)."""
-    if stage.card:
-        return load_card(stage.card), str(stage.data_root)
-    return load_card(Path(stage.data) / "card.yaml"), manifest["config"]["data_root"]
-
-
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
                       device: torch.device | str = "cpu") -> tuple[dict[str, Video], dict[str, Detections]]:
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
@@ -104,7 +96,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from workflows.train import log_epoch, restore_state, save_state, tensorboard_writer, worker_setup
+    from workflows.train import dataset_of, log_epoch, restore_state, save_state, tensorboard_writer, worker_setup
 
     w = worker_setup(loop)
     stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
