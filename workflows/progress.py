@@ -31,17 +31,25 @@ def _rate(per_second: float, unit: str) -> str:
 
 
 class Progress:
-    """``Progress(total, "videos")``; call ``update(n)`` as work completes and ``close()`` at the end."""
+    """``Progress(total, "videos")``; call ``update(n)`` as work completes and ``close()`` at the end.
+
+    Without a ``stream`` it writes to whatever ``sys.stdout`` is when it writes, and holds no
+    reference to it: Tune pickles its callbacks, and a notebook's or pytest's stdout cannot be
+    pickled."""
 
     def __init__(self, total: int, unit: str, label: str = "", quiet: bool = False,
                  stream: TextIO | None = None) -> None:
         self.total, self.unit, self.label, self.quiet = total, unit, label, quiet
-        self.stream = stream or sys.stdout
+        self._stream = stream
         self.done = 0
         self.skipped = 0            # work found already done: counted, but not in the rate
         self.start = time.perf_counter()
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._next_tenth = 1        # without a terminal, the next line comes at this many tenths
+
+    @property
+    def stream(self) -> TextIO:
+        return self._stream or sys.stdout
 
     def rate(self) -> float:
         elapsed = time.perf_counter() - self.start

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import pickle
 
 import pytest
 
@@ -48,3 +49,19 @@ def test_a_log_gets_a_plain_line_every_tenth_of_the_work(clock):
     lines = log.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == [f"{n}/40" for n in range(4, 41, 4)]
     assert "\r" not in log.getvalue()
+
+
+def test_a_progress_travels_where_stdout_cannot_and_writes_to_the_stdout_it_finds(clock, monkeypatch):
+    """Tune pickles its callbacks (the trials' progress among them); a notebook's stdout, or
+    pytest's, cannot be pickled."""
+    class Unpicklable(io.StringIO):
+        def __reduce__(self):
+            raise TypeError("cannot pickle this stream")
+
+    monkeypatch.setattr(progress.sys, "stdout", Unpicklable())
+    bar = pickle.loads(pickle.dumps(Progress(2, "trials", "tune: ")))
+    written = Unpicklable()
+    monkeypatch.setattr(progress.sys, "stdout", written)
+    clock[0] += 2.0
+    bar.update(2)
+    assert written.getvalue() == "tune: 2/2 trials (1.0 trials/s, elapsed 0:02, ETA 0:00)\n"
