@@ -275,6 +275,10 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+",
                    help="checkpoints written by gcm train (model.pt, or dssad.pt of one-stage runs)")
     p.add_argument("--data", nargs="+", help="preprocessed datasets whose test split is evaluated")
+    p.add_argument("--card", nargs="+", help="D-SSAD checkpoints only: datasets read directly by their cards (no "
+                                              "preprocessing, no proposals), each with the --data-root in the same place")
+    p.add_argument("--data-root", nargs="+", help="with --card: the folders the cards' paths are relative to, in "
+                                                   "the same order (default: $GCM_DATA_ROOT for every card)")
     p.add_argument("--out", help="output folder (detections and metrics per pair, summary table)")
     p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")
     p.add_argument("--tiou", type=float, nargs="+", help="override the datasets' tIoU thresholds")
@@ -285,12 +289,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from workflows.config import EvaluateConfig
     from workflows.evaluate import run_evaluate
 
-    config = _stage(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, out=args.out,
-                    protocol=args.protocol, tiou=args.tiou)
+    config = _stage(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, cards=args.card,
+                    data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou)
     with _session(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())
-    print(f"evaluate: {len(config.checkpoints)} checkpoint(s) x {len(config.data)} dataset(s) = {len(rows)} "
+    print(f"evaluate: {len(config.checkpoints)} checkpoint(s) x {len(config.data) + len(config.cards)} dataset(s) = "
+          f"{len(rows)} "
           f"evaluations; summary in {Path(config.out) / 'summary.md'}")
     return 0
 
@@ -299,6 +304,9 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     shipped = sorted(path.stem for path in GRID_DIR.glob("*.yaml"))
     p.add_argument("grid", help=f"grid YAML: a path or a shipped name ({', '.join(shipped)})")
     p.add_argument("--data", help="the preprocessed dataset every trial uses")
+    p.add_argument("--card", help="one-stage grids (tables 11, 12): read this dataset card's features directly "
+                                  "instead of a preprocessed --data (no proposals needed)")
+    p.add_argument("--data-root", help="with --card: the folder its paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="experiments folder")
     p.add_argument("--resume", action="store_true", default=None, help="finish an interrupted experiment")
     _add_stage_options(p, "base.train.epochs=10")
@@ -308,7 +316,9 @@ def _run_tune(args: argparse.Namespace) -> int:
     from workflows.config import TuneStageConfig
     from workflows.tune import load_grid, run_tune, trial_name
 
-    config = _stage(TuneStageConfig, args, grid=args.grid, data=args.data, out=args.out, resume=args.resume)
+    direct = {k: v for k, v in (("card", args.card), ("data_root", args.data_root)) if v is not None}
+    config = _stage(TuneStageConfig, args, grid=args.grid, data=args.data, out=args.out, resume=args.resume,
+                    base=direct or None)
     with _session(args):
         rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)
@@ -360,7 +370,7 @@ REGISTRY: dict[str, Command] = {
     "train": ("train SSN+GCM (or a baseline) data-parallel on a preprocessed dataset (Ray Train)",
               _add_train, _run_train),
     "tune": ("run an ablation grid of train + evaluate trials (Ray Tune)", _add_tune, _run_tune),
-    "evaluate": ("evaluate checkpoints on preprocessed datasets in parallel (Ray)", _add_evaluate, _run_evaluate),
+    "evaluate": ("evaluate checkpoints on datasets in parallel (Ray)", _add_evaluate, _run_evaluate),
     "synth": ("write a synthetic THUMOS'14-like benchmark in the layout of real data", _add_synth, _run_synth),
     "detect": ("detect actions in new videos (one, or a folder of them) with a trained checkpoint", _add_detect,
                _run_detect),

@@ -96,6 +96,8 @@ class TrainStageConfig:
 class EvaluateConfig:
     checkpoints: tuple[str, ...] = ()
     data: tuple[str, ...] = ()           # preprocessed datasets (their test split is evaluated)
+    cards: tuple[str, ...] = ()          # datasets read directly (D-SSAD checkpoints only): cards ...
+    data_roots: tuple[str, ...] = ()     # ... and their data roots, in the same order (none: $GCM_DATA_ROOT)
     out: str = "runs/evaluation"
     protocol: str | None = None          # default: each dataset card's protocol
     tiou: tuple[float, ...] | None = None

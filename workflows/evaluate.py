@@ -1,9 +1,11 @@
-"""Parallel evaluation: many checkpoints x many preprocessed datasets at once, as Ray tasks.
+"""Parallel evaluation: many checkpoints x many datasets at once, as Ray tasks.
 
-Each (checkpoint, dataset) pair is one task: inference on every test video without sampling (a
-two-stage head on the prepared units, or D-SSAD on the snippet features they were prepared from),
-detections written as ActivityNet result JSON, mAP under the dataset's protocol (or the one asked
-for); the driver gathers one summary table (``summary.md`` and ``summary.csv``).
+A dataset is a preprocessed one, or (for D-SSAD checkpoints, which read snippet features and no
+proposals) a card and a data root read directly. Each (checkpoint, dataset) pair is one task:
+inference on every test video without sampling (a two-stage head on the prepared units, or D-SSAD
+on the snippet features), detections written as ActivityNet result JSON, mAP under the dataset's
+protocol (or the one asked for); the driver gathers one summary table (``summary.md`` and
+``summary.csv``).
 """
 from __future__ import annotations
 
@@ -11,17 +13,19 @@ import csv
 import io
 import json
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gcm_core.checkpoint import load_checkpoint
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import load_card
+from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
+from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
-from workflows.config import EvaluateConfig, dump
+from workflows.config import ConfigError, EvaluateConfig, dump
 from workflows.progress import Progress
 from workflows.shards import load_manifest, read_videos
 from workflows.tables import markdown_table
@@ -32,14 +36,56 @@ class EvaluationError(RuntimeError):
     """Pairs whose evaluation failed, each named with its error (the others' results are written)."""
 
 
-def pair_folders(pairs: list[tuple[str, str]]) -> list[str]:
+@dataclass(frozen=True)
+class EvalDataset:
+    """A dataset whose test split is evaluated: a preprocessed folder, or a card and a data root
+    read directly (D-SSAD checkpoints only: they read snippet features, no proposals)."""
+
+    folder: str | None = None
+    card: str | None = None
+    data_root: str | None = None
+
+    @property
+    def name(self) -> str:
+        """How the summary names it: the folder, or the card and the data root."""
+        return self.folder or f"{self.card} in {self.data_root or '$GCM_DATA_ROOT'}"
+
+    @property
+    def folder_name(self) -> str:
+        return Path(self.folder or self.data_root).name
+
+    def absolute(self) -> "EvalDataset":
+        """The same dataset by absolute paths (tasks need not run in our directory)."""
+        if self.folder:
+            return EvalDataset(folder=str(Path(self.folder).resolve()))
+        return EvalDataset(card=absolute_card(self.card), data_root=str(data_root_path(self.data_root).resolve()))
+
+    def open(self) -> tuple[DatasetCard, str, dict[str, Any] | None]:
+        """Its card, its data root and, for a preprocessed one, its manifest."""
+        if self.folder:
+            manifest = load_manifest(self.folder)
+            return load_card(Path(self.folder) / "card.yaml"), manifest["config"]["data_root"], manifest
+        return load_card(self.card), str(self.data_root), None
+
+
+def datasets_of(config: EvaluateConfig) -> list[EvalDataset]:
+    """The preprocessed datasets, then those read directly (cards paired with data roots in order;
+    none given: ``$GCM_DATA_ROOT`` for every card)."""
+    roots = list(config.data_roots) or [None] * len(config.cards)
+    if len(roots) != len(config.cards):
+        raise ConfigError(f"{len(config.cards)} cards but {len(roots)} data roots: give one data root per card")
+    return ([EvalDataset(folder=d) for d in config.data]
+            + [EvalDataset(card=c, data_root=r) for c, r in zip(config.cards, roots)])
+
+
+def pair_folders(pairs: list[tuple[str, EvalDataset]]) -> list[str]:
     """A folder name per (checkpoint, dataset) pair: the run's and the dataset's folder names,
     numbered where two pairs would share one (``runs/a/model.pt`` and ``old/a/model.pt``)."""
     names = []
-    for checkpoint, data in pairs:
+    for checkpoint, dataset in pairs:
         ckpt = Path(checkpoint)
         run = ckpt.parent.name if ckpt.name in ("model.pt", WEIGHTS) else ckpt.stem  # a run's weights: its name
-        names.append(f"{run}__{Path(data).name}")
+        names.append(f"{run}__{dataset.folder_name}")
     shared, seen = Counter(names), Counter()
     folders = []
     for name in names:
@@ -48,26 +94,28 @@ def pair_folders(pairs: list[tuple[str, str]]) -> list[str]:
     return folders
 
 
-def evaluate_pair(checkpoint: str, data: str, folder: str, protocol: str | None,
+def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: str | None,
                   tiou: list[float] | None) -> dict[str, Any]:
     """Evaluate one checkpoint (a two-stage ``model.pt`` or a D-SSAD ``dssad.pt``) on one
-    preprocessed dataset's test split into ``folder`` (runs as a Ray task)."""
+    dataset's test split into ``folder`` (runs as a Ray task)."""
     import torch
 
     torch.set_num_threads(1)
-    manifest = load_manifest(data)
-    infer = _one_stage_detections if is_one_stage_checkpoint(checkpoint) else _two_stage_detections
-    classes, truth, detections = infer(checkpoint, data, manifest)
-    if list(manifest["classes"]) != classes:
-        raise ValueError(f"{checkpoint} was trained on other classes than dataset {data} "
-                         f"({len(classes)} vs {len(manifest['classes'])})")
-    protocol = protocol or manifest["protocol"]
-    thresholds = tiou or manifest["tiou"]
+    card, data_root, manifest = dataset.open()
+    if is_one_stage_checkpoint(checkpoint):
+        classes, truth, detections = _one_stage_detections(checkpoint, card, data_root)
+    else:
+        classes, truth, detections = _two_stage_detections(checkpoint, dataset.folder, manifest)
+    if list(card.classes) != classes:
+        raise ValueError(f"{checkpoint} was trained on other classes than dataset {dataset.name} "
+                         f"({len(classes)} vs {card.num_classes})")
+    protocol = protocol or card.protocol
+    thresholds = tiou or list(card.tiou)
     result = evaluate_detections(truth, detections, classes, protocol, thresholds)
     write_result_json(Path(folder) / "detections.json", detections)
     summary = result.as_dict(classes)
     atomic_write_text(Path(folder) / "metrics.json", json.dumps(summary, indent=1))
-    return {"checkpoint": checkpoint, "data": data, "videos": len(truth), "protocol": protocol,
+    return {"checkpoint": checkpoint, "data": dataset.name, "videos": len(truth), "protocol": protocol,
             "tiou": list(thresholds), "mAP": summary["mAP"], "average": summary["average"],
             "detections": str(Path(folder) / "detections.json")}
 
@@ -84,12 +132,11 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
 
 
-def _one_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
+def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str
                           ) -> tuple[list[str], dict[str, Video], Detections]:
-    """The same for D-SSAD, which reads the snippet features the dataset was prepared from."""
+    """The same for D-SSAD, which reads the dataset's snippet features."""
     run = load_one_stage(checkpoint)
-    truth, detections = detect_test_split(run.models, run.stage, load_card(Path(data) / "card.yaml"),
-                                          manifest["config"]["data_root"])
+    truth, detections = detect_test_split(run.models, run.stage, card, data_root)
     return run.classes, truth, detections["fused"]
 
 
@@ -97,19 +144,17 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     """Every checkpoint on every dataset, in parallel on the connected Ray; writes the summary."""
     import ray
 
-    if not config.checkpoints or not config.data:
-        raise ValueError("give at least one --checkpoint and one --data (a preprocessed dataset)")
-    for checkpoint in config.checkpoints:  # fail before any task starts, in one line
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
-    for data in config.data:
-        load_manifest(data)
+    datasets = datasets_of(config)
+    if not config.checkpoints or not datasets:
+        raise ValueError("give at least one --checkpoint and one dataset: --data (a preprocessed dataset), or for "
+                         "D-SSAD checkpoints --card (and --data-root)")
+    _check_inputs(config.checkpoints, datasets)
     task = ray.remote(num_cpus=1)(evaluate_pair)
-    pairs = [(c, d) for c in config.checkpoints for d in config.data]
+    pairs = [(c, d) for c in config.checkpoints for d in datasets]
     tiou = list(config.tiou) if config.tiou else None
     # tasks get absolute paths (workers need not share our directory); the table keeps the ones given
-    pending = {task.remote(str(Path(c).resolve()), str(Path(d).resolve()), str((Path(config.out) / folder).resolve()),
-                           config.protocol, tiou): (c, d)
+    pending = {task.remote(str(Path(c).resolve()), d.absolute(), str((Path(config.out) / folder).resolve()),
+                           config.protocol, tiou): (c, d.name)
                for (c, d), folder in zip(pairs, pair_folders(pairs))}
     total = len(pending)
     progress = Progress(total, "evaluations", "evaluate: ", quiet)
@@ -132,6 +177,24 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         raise EvaluationError(f"{len(failures)} of {total} evaluations failed (the other {len(rows)} are in "
                               f"{out / 'summary.md'}):\n" + "\n".join(sorted(failures)))
     return rows
+
+
+def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> None:
+    """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
+    read, or a two-stage head paired with a dataset read directly (it scores prepared proposals)."""
+    for checkpoint in checkpoints:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
+    for dataset in datasets:
+        card, data_root, _ = dataset.open()
+        if dataset.card:
+            DatasetSource(card, data_root, "test")
+    direct = [d.name for d in datasets if d.card]
+    two_stage = [c for c in checkpoints if not is_one_stage_checkpoint(c)]
+    if direct and two_stage:
+        raise ValueError(f"{two_stage[0]} is not a D-SSAD checkpoint (dssad.pt): a two-stage head scores the units of "
+                         f"a preprocessed dataset and cannot be evaluated on {direct[0]} (read directly); evaluate it "
+                         "on --data in a command of its own")
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:

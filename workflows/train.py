@@ -26,7 +26,7 @@ import torch
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
-from gcm_core.data.cards import DatasetCard, data_root_path, load_card
+from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
@@ -279,21 +279,23 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
 
 def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:
-    """The stage with absolute paths (its workers run in other directories), the manifest of the
-    preprocessed dataset it trains on (None for a one-stage run that names its dataset's card and
-    data root) and the snippet layout of the features."""
+    """The stage with absolute paths, the manifest of the preprocessed dataset it trains on (None
+    for a one-stage run that names its dataset's card and data root) and the snippet layout of the
+    features."""
+    stage = absolute_inputs(stage)
+    manifest = None if stage.card else load_manifest(stage.data)
+    return stage, manifest, dict(dataset_of(stage, manifest)[0].snippets)
+
+
+def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:
+    """The stage with its dataset named by absolute paths (its workers, and Tune's trials, run in
+    other directories); a run that reads a dataset directly must be one-stage."""
     if stage.card and stage.kind != "one-stage":
         raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
                          "reads the units of a preprocessed dataset (--data)")
     if stage.card:
-        card = Path(stage.card)
-        stage = replace(stage, card=str(card.resolve()) if card.suffix else stage.card,
-                        data_root=str(data_root_path(stage.data_root).resolve()))
-        manifest = None
-    else:
-        stage = replace(stage, data=str(Path(stage.data).resolve()))
-        manifest = load_manifest(stage.data)
-    return stage, manifest, dict(dataset_of(stage, manifest)[0].snippets)
+        return replace(stage, card=absolute_card(stage.card), data_root=str(data_root_path(stage.data_root).resolve()))
+    return replace(stage, data=str(Path(stage.data).resolve()))
 
 
 def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tuple[DatasetCard, str]:

@@ -1,4 +1,5 @@
-"""Ablation grids with Ray Tune: train + evaluate trials over ONE preprocessed dataset.
+"""Ablation grids with Ray Tune: train + evaluate trials over ONE dataset, preprocessed (or, for
+one-stage grids, read directly: a card and a data root, no proposals needed).
 
 A grid file (``workflows/grids/*.yaml``) names a base training configuration and axes of dotted
 keys; the trials are every combination. Each trial is a Tune function trainable that runs a
@@ -13,7 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,12 @@ import yaml
 
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import shipped_yaml
+from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
 from workflows.config import ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, to_dict
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
+from workflows.train import absolute_inputs, dataset_of, run_train, training_resources
 
 
 @dataclass
@@ -92,8 +95,6 @@ def run_trial(params: dict[str, Any]) -> None:
     """Tune function trainable: one training stage, its metrics reported to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workflows.train import run_train
-
     stage = from_dict(TrainStageConfig, params["stage"])
     run_train(stage, quiet=True, callbacks=[TuneReportCallback()])
 
@@ -127,15 +128,14 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     from ray import tune
 
     from workflows.ray_env import require_resources, use_gpus
-    from workflows.train import training_resources
 
     grid = load_grid(config.grid)
-    data = Path(config.data).resolve()  # trials run in their own folders: a relative path would miss
-    load_manifest(data)  # a missing dataset fails here, once, not in every trial
-    base = from_dict(TrainStageConfig, {**to_dict(config.base), "data": str(data)})
+    base = replace(config.base, data=config.data)
     folder = Path(config.out).resolve() / grid.name
     trials = grid.trials()
-    stages = [to_dict(_trial_stage(base, grid, t, folder)) for t in trials]
+    trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
+    _check_dataset(trial_stages[0])
+    stages = [to_dict(s) for s in trial_stages]
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
     use_gpu = use_gpus(base.use_gpu)
     trial = training_resources(base, use_gpu)
@@ -163,6 +163,16 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     atomic_write_text(folder / f"{grid.name}.csv", grid_csv(grid, rows))
     atomic_write_text(folder / "config.yaml", dump(config))
     return rows
+
+
+def _check_dataset(stage: TrainStageConfig) -> None:
+    """Fail here, once, not in every trial, where the trials' dataset cannot be read: the
+    preprocessed ``data``, or the dataset that ``base.card`` and ``base.data_root`` name (one-stage
+    grids)."""
+    if stage.card:
+        DatasetSource(*dataset_of(stage, None), "train")
+    else:
+        load_manifest(stage.data)
 
 
 def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:

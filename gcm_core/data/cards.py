@@ -103,6 +103,13 @@ def data_root_path(data_root: str | Path | None = None) -> Path:
     return Path(data_root or os.environ.get("GCM_DATA_ROOT", ".")).expanduser()
 
 
+def absolute_card(card: str | Path) -> str:
+    """A card reference that reads the same from any directory: a shipped card's name as it is,
+    a YAML path made absolute."""
+    path = Path(card)
+    return str(path.resolve()) if path.suffix else str(card)
+
+
 def shipped_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:
     """``folder/<name>.yaml`` for a bare name (``thumos14``), else the path given; a missing file
     raises FileNotFoundError listing the shipped ones."""

@@ -178,6 +178,46 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
         run_train(dataclasses.replace(config, kind="two-stage", card=str(small_dataset / "card.yaml")), quiet=True)
 
 
+def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepared, runs, small_dataset, tmp_path,
+                                                                            monkeypatch):
+    """gcm tune and gcm evaluate take a card and a data root (no proposal lists, no preprocessing)
+    for D-SSAD, and give what gcm train gives on that dataset with the same settings."""
+    monkeypatch.chdir(tmp_path)
+    Path("bare").mkdir()
+    for name in ("annotations.json", "features"):
+        (Path("bare") / name).symlink_to(small_dataset / name)
+    card = str(small_dataset / "card.yaml")
+    one_stage = {"model": {"hidden": 32, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0]},
+                 "train": {"optimizer": "adam", "lr": 0.003, "epochs": 2, "batch_videos": 8}}
+    trained = run_train(from_dict(TrainStageConfig, {"card": card, "data_root": "bare", "out": "runs", "name": "d",
+                                                     "kind": "one-stage", "one_stage": one_stage}), quiet=True)
+    fused = trained["metrics"]["fused/mAP@0.5"]
+    # the grid of Table 12's kind, one trial: the same run
+    Path("grid.yaml").write_text("name: edges\nbase: {kind: one-stage}\ngrid:\n  one_stage.model.graph.edge_types: "
+                                 "[[surrounding, semantic]]\nmetrics: [fused/mAP@0.5]\n")
+    Path("tune.yaml").write_text(json.dumps({"base": {"one_stage": one_stage}}))
+    assert cli_main(["tune", "grid.yaml", "--card", card, "--data-root", "bare", "--out", "tune", "--config",
+                     "tune.yaml", "--quiet"]) == 0
+    row = next(csv.DictReader(Path("tune/edges/edges.csv").open()))
+    assert float(row["fused/mAP@0.5"]) == pytest.approx(fused, abs=1e-6)
+    # evaluated on the dataset read directly, as on its preprocessed copy, as the run scored itself
+    weights = trained["checkpoint"]
+    assert cli_main(["evaluate", "--checkpoint", weights, "--data", str(prepared), "--card", card, "--data-root",
+                     "bare", "--out", "eval", "--quiet"]) == 0
+    rows = {r["data"]: r for r in csv.DictReader(Path("eval/summary.csv").open())}
+    assert set(rows) == {str(prepared), f"{card} in bare"}
+    for r in rows.values():
+        assert float(r["mAP"].split()[-1]) == pytest.approx(fused, abs=5e-3)   # the CSV's two decimals
+    assert json.loads(Path("eval/d__bare/detections.json").read_text()) == \
+        json.loads(Path(f"eval/d__{prepared.name}/detections.json").read_text())
+    ssn = str(Path(runs["gcm"]["run_dir"]) / "model.pt")
+    with pytest.raises(ValueError, match="not a D-SSAD checkpoint.*read directly"):
+        run_evaluate(EvaluateConfig(checkpoints=(weights, ssn), cards=(card,), data_roots=("bare",), out="refused"))
+    with pytest.raises(ValueError, match="2 cards but 1 data roots"):
+        run_evaluate(EvaluateConfig(checkpoints=(weights,), cards=(card, card), data_roots=("bare",), out="refused"))
+    assert not Path("refused").exists()
+
+
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
     reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
     config = stage(prepared, tmp_path, "faulty", epochs=4)
