@@ -1,8 +1,9 @@
 """`gcm report RUN_DIR...`: REPORT.md and PNG figures from what the stages wrote.
 
 Reads training runs (config.yaml, metrics.json, detections.json, progress.jsonl), evaluation
-folders (summary.csv) and Tune experiments (<grid>.csv), and the preprocessed dataset they used,
-and writes, beside REPORT.md:
+folders (summary.csv) and Tune experiments (<grid>.csv), and the dataset they used (preprocessed,
+or for one-stage runs read directly: then without unit graph and proposal recall), and writes,
+beside REPORT.md:
 
 - the paper's tables with this run's numbers (Table 1-style mAP per tIoU and method; each grid's
   table: Tables 4 / 6 / 9 / 10 ...), each stating dataset, protocol, streams and command;
@@ -29,7 +30,9 @@ import yaml  # noqa: E402
 
 from gcm_core.data.atomic import atomic_write, atomic_write_text  # noqa: E402
 from gcm_core.data.formats import read_detections  # noqa: E402
-from gcm_core.data.model import video_key  # noqa: E402
+from gcm_core.data.cards import load_card  # noqa: E402
+from gcm_core.data.dataset import DatasetSource  # noqa: E402
+from gcm_core.data.model import Video, video_key  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
 from workflows.progress import read_epoch_log  # noqa: E402
@@ -137,12 +140,12 @@ def plot_ablation(table: Path):
     return fig
 
 
-def plot_timeline(video, classes: list[str], detections: dict[str, Any], top: int = 8):
+def plot_timeline(video: Video, detections: dict[str, Any], top: int = 8):
     """Ground truth and each method's best detections of one video on a seconds axis."""
-    rows = [("ground truth", [(s, e, classes[c], 1.0) for (s, e), c in zip(video.gt.tolist(), video.gt_labels.tolist())])]
+    rows = [("ground truth", [(i.start, i.end, i.label, 1.0) for i in video.instances])]
     for name, dets in detections.items():
         mine = sorted((sc, s, e, lab) for v, lab, s, e, sc in zip(dets.video, dets.label, dets.start, dets.end, dets.score)
-                      if video_key(v) == video_key(video.video_id))[::-1][:top]  # result JSON ids are bare
+                      if video_key(v) == video_key(video.id))[::-1][:top]  # result JSON ids are bare
         rows.append((name, [(s, e, lab, sc) for sc, s, e, lab in mine]))
     present = sorted({lab for _, items in rows for _, _, lab, _ in items})
     qualitative = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
@@ -156,7 +159,7 @@ def plot_timeline(video, classes: list[str], detections: dict[str, Any], top: in
     ax.invert_yaxis()
     ax.set_xlim(0, video.duration)
     ax.set_xlabel("time (s)")
-    ax.set_title(f"{video.video_id}: ground truth and top-{top} detections (opacity = score)")
+    ax.set_title(f"{video.id}: ground truth and top-{top} detections (opacity = score)")
     handles = [matplotlib.patches.Patch(color=colour[lab], label=lab) for lab in present]
     ax.legend(handles=handles, title="class", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
@@ -225,7 +228,7 @@ def write_report(folders: list[Path | str], out: Path | str | None = None, video
     for table in found["grids"]:
         _save(plot_ablation(table), out / f"ablation_{table.stem}.png")
         lines += [table.with_suffix(".md").read_text().strip(), "",
-                  f"Dataset and protocol: those of the experiment's preprocessed dataset; command: "
+                  f"Dataset and protocol: those of {_grid_dataset(table)}; command: "
                   f"`gcm tune {table.stem} ...` (see {table.parent / 'config.yaml'}).", "",
                   f"![ablation {table.stem}](ablation_{table.stem}.png)", ""]
     if runs:
@@ -238,13 +241,14 @@ def write_report(folders: list[Path | str], out: Path | str | None = None, video
 def _runs_section(runs: list[Run], out: Path) -> list[str]:
     first = runs[0].metrics["fused"]
     tiou = first["tiou"]
-    data = runs[0].config.get("data", "?")
+    datasets = "; ".join(dict.fromkeys(_dataset(run.config)[0] for run in runs))
+    commands = " or ".join(dict.fromkeys(f"`gcm train {_dataset(run.config)[1]} --name NAME`" for run in runs))
     streams = " + ".join(runs[0].config.get("streams", []))
     body = [[run.label, *run.metrics["fused"]["mAP"], run.metrics["fused"]["average"]] for run in runs]
     _save(plot_map_vs_tiou(runs), out / "map_vs_tiou.png")
     lines = ["## Table 1-style results: mAP (%) per tIoU", "",
-             f"Dataset: preprocessed `{data}`, test split; protocol: {first['protocol']}; streams: {streams} "
-             f"(late fusion); command: `gcm train --data {data} --name NAME` per row (configs in each run folder).",
+             f"Dataset: {datasets}, test split; protocol: {first['protocol']}; streams: {streams} "
+             f"(late fusion); command: {commands} per row (configs in each run folder).",
              "", markdown_table(["method", *(f"{t:g}" for t in tiou), "average"], body), "",
              "![mAP against tIoU](map_vs_tiou.png)", ""]
     for run in runs:
@@ -254,16 +258,43 @@ def _runs_section(runs: list[Run], out: Path) -> list[str]:
     return lines
 
 
+def _dataset(config: dict[str, Any]) -> tuple[str, str]:
+    """The dataset a training config reads, in words and as ``gcm train``'s arguments."""
+    if config.get("card"):
+        card, root = config["card"], config.get("data_root")
+        return (f"card `{card}` read from `{root}` (one-stage, not preprocessed)",
+                f"--set kind=one-stage --card {card} --data-root {root}")
+    data = config.get("data", "?")
+    return f"preprocessed `{data}`", f"--data {data}"
+
+
+def _grid_dataset(table: Path) -> str:
+    """The dataset of the experiment a grid table comes from, as its config.yaml names it."""
+    config = table.parent / "config.yaml"
+    if not config.is_file():
+        return "the experiment's dataset"
+    tune = yaml.safe_load(config.read_text())
+    return _dataset({**tune.get("base", {}), "data": tune.get("data", "?")})[0]
+
+
 def _data_section(runs: list[Run], out: Path, count: int) -> list[str]:
-    data = Path(runs[0].config["data"])
-    manifest = load_manifest(data)
-    videos = read_videos(data, "test", manifest)
-    lines = ["## What the detectors found", ""]
+    config = runs[0].config
     detections = {run.label: read_detections(run.path / "detections.json") for run in runs
                   if (run.path / "detections.json").is_file()}
+    lines = ["## What the detectors found", ""]
+    if config.get("card"):  # a one-stage run that read its dataset: annotations, no units
+        source = DatasetSource(load_card(config["card"]), config["data_root"], "test")
+        for video in sorted(source.videos.values(), key=lambda v: -len(v.instances))[:count]:
+            _save(plot_timeline(video, detections), out / f"timeline_{video.id}.png")
+            lines += [f"![timeline of {video.id}](timeline_{video.id}.png)", ""]
+        return lines + ["The runs read their dataset without proposals, so there is no unit graph (Fig. 3) or "
+                        "proposal recall to show.", ""]
+    data = Path(config["data"])
+    manifest = load_manifest(data)
+    videos = read_videos(data, "test", manifest)
     chosen = sorted(videos, key=lambda v: -v.gt.shape[0])[:count]
     for video in chosen:
-        _save(plot_timeline(video, manifest["classes"], detections), out / f"timeline_{video.video_id}.png")
+        _save(plot_timeline(video.as_video(manifest["classes"]), detections), out / f"timeline_{video.video_id}.png")
         lines += [f"![timeline of {video.video_id}](timeline_{video.video_id}.png)", ""]
     spec = GraphSpec(**{k: tuple(v) if k == "edge_types" else v for k, v in runs[0].config.get("graph", {}).items()})
     stream = manifest["streams"][-1]

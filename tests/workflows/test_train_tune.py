@@ -216,6 +216,14 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
     with pytest.raises(ValueError, match="2 cards but 1 data roots"):
         run_evaluate(EvaluateConfig(checkpoints=(weights,), cards=(card, card), data_roots=("bare",), out="refused"))
     assert not Path("refused").exists()
+    # gcm report on the three: the dataset named as it was read, the test videos' timelines from the annotations
+    assert cli_main(["report", "runs/d", "tune/edges", "eval", "--out", "report"]) == 0
+    text = Path("report/REPORT.md").read_text()
+    assert f"card `{card}` read from `{Path('bare').resolve()}`" in text         # the run (absolute paths)
+    assert f"card `{card}` read from `bare`" in text                             # the grid, as typed
+    assert f"`gcm train --set kind=one-stage --card {card} --data-root {Path('bare').resolve()} --name NAME`" in text
+    timelines = sorted(Path("report").glob("timeline_*.png"))
+    assert len(timelines) == 2 and all(f"]({t.name})" in text for t in timelines)
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
@@ -316,16 +324,17 @@ def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
     assert len(fig.axes[0].patches) == 2
     plt.close(fig)
     videos = read_videos(prepared, "test")
+    truth = videos[0].as_video(load_card(prepared / "card.yaml").classes)
     detections = {r.label: read_detections(r.path / "detections.json") for r in found["runs"]}
-    fig = report.plot_timeline(videos[0], [f"class_{k:02d}" for k in range(20)], detections)
+    fig = report.plot_timeline(truth, detections)
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "ground truth"
     assert len(fig.axes[0].get_yticklabels()) == 3
     assert len(fig.axes[0].patches) == videos[0].gt.shape[0] + 2 * 8  # each method's top 8
     plt.close(fig)
     # an ActivityNet video spelled v_<id> in the dataset, bare in the result JSON (the official form)
-    bsn_spelled = dataclasses.replace(videos[0], video_id="v_abcdefghijk")
-    bare = {name: Detections(["abcdefghijk" if v == videos[0].video_id else v for v in d.video], d.label, d.start,
+    bsn_spelled = dataclasses.replace(truth, id="v_abcdefghijk")
+    bare = {name: Detections(["abcdefghijk" if v == truth.id else v for v in d.video], d.label, d.start,
                              d.end, d.score) for name, d in detections.items()}
-    fig = report.plot_timeline(bsn_spelled, [f"class_{k:02d}" for k in range(20)], bare)
+    fig = report.plot_timeline(bsn_spelled, bare)
     assert len(fig.axes[0].patches) == videos[0].gt.shape[0] + 2 * 8
     plt.close(fig)
