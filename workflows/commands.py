@@ -282,6 +282,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (detections and metrics per pair, summary table)")
     p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")
     p.add_argument("--tiou", type=float, nargs="+", help="override the datasets' tIoU thresholds")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace a previous evaluation in --out")
     _add_stage_options(p, "tiou=[0.3,0.5]")
 
 
@@ -290,7 +291,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from workflows.evaluate import run_evaluate
 
     config = _stage(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, cards=args.card,
-                    data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou)
+                    data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou,
+                    overwrite=args.overwrite)
     with _session(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())

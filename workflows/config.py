@@ -102,6 +102,7 @@ class EvaluateConfig:
     protocol: str | None = None          # default: each dataset card's protocol
     tiou: tuple[float, ...] | None = None
     num_workers: int = 2
+    overwrite: bool = False              # replace a previous evaluation in ``out``
 
 
 @dataclass

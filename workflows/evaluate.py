@@ -149,6 +149,9 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         raise ValueError("give at least one --checkpoint and one dataset: --data (a preprocessed dataset), or for "
                          "D-SSAD checkpoints --card (and --data-root)")
     _check_inputs(config.checkpoints, datasets)
+    out = Path(config.out)
+    if (out / "summary.md").exists() and not config.overwrite:
+        raise FileExistsError(f"{out} holds a previous evaluation: pass --overwrite to replace it, or another --out")
     task = ray.remote(num_cpus=1)(evaluate_pair)
     pairs = [(c, d) for c in config.checkpoints for d in datasets]
     tiou = list(config.tiou) if config.tiou else None
@@ -169,7 +172,6 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         progress.update()
     progress.close()
     rows.sort(key=lambda r: (r["data"], r["checkpoint"]))
-    out = Path(config.out)
     atomic_write_text(out / "summary.md", summary_markdown(rows))
     atomic_write_text(out / "summary.csv", summary_csv(rows))
     atomic_write_text(out / "config.yaml", dump(config))

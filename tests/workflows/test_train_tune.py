@@ -210,6 +210,11 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
         assert float(r["mAP"].split()[-1]) == pytest.approx(fused, abs=5e-3)   # the CSV's two decimals
     assert json.loads(Path("eval/d__bare/detections.json").read_text()) == \
         json.loads(Path(f"eval/d__{prepared.name}/detections.json").read_text())
+    again = EvaluateConfig(checkpoints=(weights,), cards=(card,), data_roots=("bare",), out="eval")
+    with pytest.raises(FileExistsError, match="eval holds a previous evaluation: pass --overwrite"):
+        run_evaluate(again)  # a finished output is not replaced unasked
+    assert run_evaluate(dataclasses.replace(again, overwrite=True), quiet=True)[0]["data"] == f"{card} in bare"
+    assert len(list(csv.DictReader(Path("eval/summary.csv").open()))) == 1
     ssn = str(Path(runs["gcm"]["run_dir"]) / "model.pt")
     with pytest.raises(ValueError, match="not a D-SSAD checkpoint.*read directly"):
         run_evaluate(EvaluateConfig(checkpoints=(weights, ssn), cards=(card,), data_roots=("bare",), out="refused"))
