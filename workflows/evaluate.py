@@ -27,7 +27,7 @@ from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import ConfigError, EvaluateConfig, dump
 from workflows.progress import Progress
-from workflows.shards import load_manifest, read_videos
+from workflows.shards import load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, detect_test_split, is_one_stage_checkpoint, load_one_stage
 
@@ -52,7 +52,7 @@ class EvalDataset:
 
     @property
     def folder_name(self) -> str:
-        return Path(self.folder or self.data_root).name
+        return Path(self.folder).name if self.folder else data_root_path(self.data_root).resolve().name
 
     def absolute(self) -> "EvalDataset":
         """The same dataset by absolute paths (tasks need not run in our directory)."""
@@ -64,7 +64,7 @@ class EvalDataset:
         """Its card, its data root and, for a preprocessed one, its manifest."""
         if self.folder:
             manifest = load_manifest(self.folder)
-            return load_card(Path(self.folder) / "card.yaml"), manifest["config"]["data_root"], manifest
+            return *prepared_from(self.folder, manifest), manifest
         return load_card(self.card), str(self.data_root), None
 
 

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import torch
 
 from gcm_core.data.atomic import atomic_write
+from gcm_core.data.cards import DatasetCard, load_card
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import UnitLabels
 from gcm_core.candidates import CandidateCaps, CandidateEdges
@@ -155,6 +156,11 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a preprocessed dataset (no manifest.json); run gcm preprocess")
     return json.loads(path.read_text())
+
+
+def prepared_from(folder: str | Path, manifest: dict[str, Any]) -> tuple[DatasetCard, str]:
+    """The card (the copy beside the shards) and the data root a preprocessed dataset was prepared from."""
+    return load_card(Path(folder) / "card.yaml"), manifest["config"]["data_root"]
 
 
 def read_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None = None) -> list[PreparedVideo]:

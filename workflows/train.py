@@ -34,7 +34,7 @@ from gcm_core.engine import (
 )
 from workflows.config import TrainStageConfig, dump, from_dict, to_dict
 from workflows.progress import Progress, read_epoch_log
-from workflows.shards import caps_from_manifest, load_manifest, read_shard_rows, row_to_video
+from workflows.shards import caps_from_manifest, load_manifest, prepared_from, read_shard_rows, row_to_video
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -303,7 +303,7 @@ def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tupl
     else those the preprocessed dataset it trains on was prepared from (its manifest)."""
     if stage.card:
         return load_card(stage.card), str(stage.data_root)
-    return load_card(Path(stage.data) / "card.yaml"), manifest["config"]["data_root"]
+    return prepared_from(stage.data, manifest)
 
 
 def follow(fit, log: Path, epochs: int, label: str, quiet: bool, loss_note: str = ""):

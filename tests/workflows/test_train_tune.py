@@ -22,7 +22,7 @@ from gcm_core.data.cards import load_card
 from workflows.config import (
     EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
 )
-from workflows.evaluate import EvaluationError, run_evaluate
+from workflows.evaluate import EvaluationError, datasets_of, pair_folders, run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.cli import main as cli_main
 from workflows.ray_env import ray_session
@@ -229,6 +229,14 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
     assert f"`gcm train --set kind=one-stage --card {card} --data-root {Path('bare').resolve()} --name NAME`" in text
     timelines = sorted(Path("report").glob("timeline_*.png"))
     assert len(timelines) == 2 and all(f"]({t.name})" in text for t in timelines)
+
+
+def test_evaluation_folders_name_a_dataset_read_directly_by_its_data_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("GCM_DATA_ROOT", str(tmp_path / "th14"))
+    datasets = datasets_of(EvaluateConfig(checkpoints=("runs/d/dssad.pt",), data=("prep/a",), cards=("thumos14",) * 2,
+                                          data_roots=()))
+    assert [d.name for d in datasets] == ["prep/a", "thumos14 in $GCM_DATA_ROOT", "thumos14 in $GCM_DATA_ROOT"]
+    assert pair_folders([("runs/d/dssad.pt", d) for d in datasets]) == ["d__a", "d__th14-1", "d__th14-2"]
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
