@@ -296,9 +296,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     with _session(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())
-    print(f"evaluate: {len(config.checkpoints)} checkpoint(s) x {len(config.data) + len(config.cards)} dataset(s) = "
-          f"{len(rows)} "
-          f"evaluations; summary in {Path(config.out) / 'summary.md'}")
+    datasets = len(config.data) + len(config.cards)
+    print(f"evaluate: {len(config.checkpoints)} checkpoint(s) x {datasets} dataset(s) = {len(rows)} evaluations; "
+          f"summary in {Path(config.out) / 'summary.md'}")
     return 0
 
 
