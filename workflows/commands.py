@@ -339,12 +339,13 @@ def _run_tune(args: argparse.Namespace) -> int:
 def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("folders", nargs="+", type=Path, help="run, evaluation or tune folders (or folders holding them)")
     p.add_argument("--out", type=Path, help="where REPORT.md and the figures go (default: the first folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous report in --out")
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from workflows.report import write_report
 
-    report = write_report(args.folders, args.out)
+    report = write_report(args.folders, args.out, overwrite=args.overwrite)
     print(f"report: {report}")
     return 0
 

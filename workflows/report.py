@@ -213,10 +213,14 @@ def plot_ar_an(videos, an_values=(1, 2, 5, 10, 20, 50, 100, 200)):
     return fig, recall
 
 
-def write_report(folders: list[Path | str], out: Path | str | None = None, videos_to_show: int = 2) -> Path:
-    """Write REPORT.md and the figures into ``out`` (default: the first folder); return REPORT.md."""
+def write_report(folders: list[Path | str], out: Path | str | None = None, videos_to_show: int = 2,
+                 overwrite: bool = False) -> Path:
+    """Write REPORT.md and the figures into ``out`` (default: the first folder); return REPORT.md.
+    A previous report there is replaced only with ``overwrite``."""
     folders = [Path(f) for f in folders]
     out = Path(out or folders[0])
+    if (out / "REPORT.md").exists() and not overwrite:
+        raise FileExistsError(f"{out} holds a previous report: pass --overwrite to replace it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
     found = discover(folders)
     runs: list[Run] = found["runs"]

@@ -229,6 +229,10 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
     assert f"`gcm train --set kind=one-stage --card {card} --data-root {Path('bare').resolve()} --name NAME`" in text
     timelines = sorted(Path("report").glob("timeline_*.png"))
     assert len(timelines) == 2 and all(f"]({t.name})" in text for t in timelines)
+    assert cli_main(["report", "runs/d", "--out", "report"]) == 2   # not replaced unasked
+    assert Path("report/REPORT.md").read_text() == text
+    assert cli_main(["report", "runs/d", "--out", "report", "--overwrite"]) == 0
+    assert "## Evaluation summary" not in Path("report/REPORT.md").read_text()
 
 
 def test_evaluation_folders_name_a_dataset_read_directly_by_its_data_root(monkeypatch, tmp_path):
