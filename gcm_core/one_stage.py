@@ -32,7 +32,8 @@ def default_recipe() -> TrainConfig:
     epochs, mAP@0.5) batches of 8 at lr 1e-3 gave 15.4, of 4 at 3e-3 37.7, of 2 at 2e-3 41.2 and
     of 1 at 1e-3 41.4 (1.2x the time of batches of 2); 20 epochs in batches of 8 gave 34.1. In
     batches of 2, 20 epochs (lr / 10 after 14) instead of 10 (after 7) lift D-SSAD from 42.46 to
-    47.04 and D-SSAD + GCM x3 from 41.92 to 46.51 (flow, 1 thread, mean of seeds 0-2).
+    47.05 and D-SSAD + GCM x3 from 41.92 to 46.51 (flow, 1 thread, mean of seeds 0-2;
+    ``benchmarks/quality.py --dssad-epochs 20``).
     """
     return TrainConfig(optimizer="adam", lr=2e-3, weight_decay=1e-4, batch_videos=2, epochs=20, lr_step_epochs=14)
 
