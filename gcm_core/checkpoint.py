@@ -104,11 +104,17 @@ def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], interv
                  video_id: str = "video", fps: float | None = None, duration: float | None = None) -> Detections:
     """Detections of one new video from its snippet features (per stream) and proposals (seconds),
     the video laid out by :func:`video_layout`."""
+    video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
+    return detect_laid_out(checkpoint, features, intervals, video, grid)
+
+
+def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray, video: Video,
+                    grid: SnippetGrid) -> Detections:
+    """:func:`detect_video` of a video already laid out (its :func:`video_layout`)."""
     missing = set(checkpoint.streams) - set(features)
     if missing:
         raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
                          f"features missing for {sorted(missing)}")
-    video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
     iv = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
     inputs = VideoInputs(video, Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv))),
                          {s: features[s] for s in checkpoint.streams}, grid)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, video_layout
+from gcm_core.checkpoint import Checkpoint, detect_laid_out, load_checkpoint, video_layout
 from gcm_core.data.formats import (
     Detections, FormatError, ProposalSource, Proposals, Video, align_streams, holds_many_videos, load_features,
     read_annotations, read_video_info, read_video_proposals, split_streams,
@@ -122,7 +122,7 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
                                       dict(model.stage.inference.fusion), model.stage.inference)
-    return detect_video(model, features, proposals_of(video).intervals, video_id, fps, duration)
+    return detect_laid_out(model, features, proposals_of(video).intervals, video, grid)
 
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
