@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--scale small|medium|full] [--seeds 3] [--json] [--out DIR]
                                  [--settings ssn+gcm ssn+mlp ...] [--streams rgb flow] [--threads N]
-                                 [--class-agnostic] [--dssad-epochs 10]
+                                 [--class-agnostic] [--dssad-epochs 10] [--dssad-semantic extent]
 
 For each seed s: writes the synthetic benchmark (seed s) and its relation-free control (every
 relation knob at 0), prepares the videos in-process (pooling, candidate edges, labels), trains each
@@ -22,7 +22,9 @@ per video, batches of 16 videos) replaces the paper's (lr 0.01 / 0.001, 45 epoch
 to fit the CPU budget; D-SSAD trains with gcm-tal's one-stage default
 (:func:`gcm_core.one_stage.default_recipe`) cut to 10 epochs (lr / 10 after 7) for the same reason
 (``--dssad-epochs 20``, the default's, adds about 4.6 mAP@0.5 to both D-SSAD settings and doubles
-their time). Every setting of a kind gets the same recipe.
+their time). ``--dssad-semantic receptive-field`` takes the D-SSAD GCMs' semantic neighbours among
+the cells beyond each cell's receptive field (``DSSADConfig.semantic_disjoint``; default: among all
+other cells, Eq. 6 read on the cells' extents). Every setting of a kind gets the same recipe.
 """
 from __future__ import annotations
 
@@ -95,7 +97,8 @@ def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams:
     return detections_of(data["test"], per_stream, card.classes)
 
 
-def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str], epochs: int) -> Detections:
+def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str], epochs: int,
+              semantic_disjoint: str) -> Detections:
     """D-SSAD (+ GCM at ``scales``) trained ``epochs`` epochs (lr / 10 after 70% of them)."""
     card = data["card"]
     config = replace(one_stage.default_recipe(), seed=seed, epochs=epochs, lr_step_epochs=round(0.7 * epochs))
@@ -104,7 +107,8 @@ def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]
     models = {}
     for stream in streams:
         seed_everything(seed)
-        models[stream] = DSSAD(DSSADConfig(gcm_scales=scales), train[stream][0].features.shape[1], card.num_classes)
+        models[stream] = DSSAD(DSSADConfig(gcm_scales=scales, semantic_disjoint=semantic_disjoint),
+                               train[stream][0].features.shape[1], card.num_classes)
         one_stage.fit(models[stream], train[stream], config, seconds)
     return one_stage.predict_fused(models, tests, durations, card.classes, seconds, dict(card.stream_fusion))
 
@@ -158,6 +162,8 @@ def main() -> None:
     parser.add_argument("--dssad-epochs", type=int, default=DSSAD_BUDGET_EPOCHS,
                         help="D-SSAD's training epochs, lr / 10 after 70%% of them (default: 10, the CPU budget; "
                              "gcm-tal's one-stage default trains 20)")
+    parser.add_argument("--dssad-semantic", default="extent", choices=["extent", "receptive-field"],
+                        help="where D-SSAD's GCMs take a cell's semantic neighbours (DSSADConfig.semantic_disjoint)")
     parser.add_argument("--class-agnostic", action="store_true",
                         help="add a column: the AP@0.5 with every class merged (what finding and delimiting "
                              "actions alone achieves)")
@@ -178,7 +184,8 @@ def main() -> None:
             if setting in SSN:
                 dets = run_ssn(data, *SSN[setting], seed, args.streams)
             else:
-                dets = run_dssad(data, DSSAD_SETTINGS[setting], seed, args.streams, args.dssad_epochs)
+                dets = run_dssad(data, DSSAD_SETTINGS[setting], seed, args.streams, args.dssad_epochs,
+                                 args.dssad_semantic)
             maps = score(data, dets, args.class_agnostic)
             results[setting].append(maps)
             print(f"seed {seed} {setting:24s} mAP@0.5 {maps[AT_05]:6.2f} ({time.perf_counter() - t0:.0f} s)",

@@ -92,6 +92,22 @@ class Graph:
         """Boolean mask of the edges admitted by rule ``name``."""
         return (self.edge_type & EDGE_BIT[name]) != 0
 
+    def union(self, other: "Graph") -> "Graph":
+        """The edges of two graphs over the same units of one video, each pair once, rows in order
+        and columns sorted within a row (as :func:`build_graph` gives them); a pair in both keeps
+        the rules of both, and its weight (the same two units' cosine in both)."""
+        if self.num_nodes != other.num_nodes or self.num_videos != 1 or other.num_videos != 1:
+            raise ValueError("a union joins two graphs over the same units of one video")
+        n = self.num_nodes
+        pairs = torch.cat([self.edge_index, other.edge_index], dim=1)
+        keys, slot = torch.unique(pairs[0] * n + pairs[1], return_inverse=True)
+        types = torch.zeros(2, keys.numel(), dtype=torch.uint8, device=keys.device)
+        types[0, slot[:self.num_edges]] = self.edge_type
+        types[1, slot[self.num_edges:]] = other.edge_type
+        weight = torch.empty(keys.numel(), dtype=self.weight.dtype, device=keys.device)
+        weight[slot] = torch.cat([self.weight, other.weight])
+        return Graph(n, torch.stack([keys // max(n, 1), keys % max(n, 1)]), types[0] | types[1], weight)
+
     def to(self, device: torch.device | str) -> "Graph":
         return Graph(self.num_nodes, self.edge_index.to(device), self.edge_type.to(device),
                      self.weight.to(device), self.ptr.to(device))

@@ -196,6 +196,27 @@ def test_loose_caps_reject_a_spec_they_cannot_serve():
         select_edges(cands, GraphSpec(k_sur=2))
 
 
+@given(video=videos(), k_sur=st.sampled_from([None, 1, 2]), l_sem=st.sampled_from([0, 2, 4]))
+def test_union_of_one_rule_graphs_is_the_graph_of_all_rules(video, k_sur, l_sem):
+    """The rules mark their edges independently, so the graphs of one rule each, joined, must be
+    the graph of all three: every pair once, in build_graph's order, a pair several rules admit
+    with all their bits, and the same weights."""
+    intervals, feats = torch.tensor(video[0]), torch.tensor(video[1])
+    spec = GraphSpec(k_sur=k_sur, l_sem=l_sem)
+    ctx, sur, sem = (build_graph(intervals, feats, GraphSpec(k_sur=k_sur, l_sem=l_sem, edge_types=(t,)))
+                     for t in EDGE_TYPES)
+    joined, expected = ctx.union(sur).union(sem), build_graph(intervals, feats, spec)
+    assert torch.equal(joined.edge_index, expected.edge_index)
+    assert torch.equal(joined.edge_type, expected.edge_type)
+    assert torch.equal(joined.weight, expected.weight)
+
+
+def test_union_refuses_graphs_of_other_units():
+    one, two = (build_graph(torch.tensor([[0.0, 1.0], [2.0, 3.0]])[:n], torch.randn(n, 3)) for n in (1, 2))
+    with pytest.raises(ValueError, match="same units"):
+        one.union(two)
+
+
 def test_batch_is_block_diagonal():
     g1 = build_graph(torch.tensor([[0.0, 1.0], [3.0, 4.0]]), torch.randn(2, 3))
     g2 = build_graph(torch.tensor([[0.0, 1.0], [0.1, 1.0], [5.0, 6.0]]), torch.randn(3, 3))

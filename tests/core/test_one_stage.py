@@ -63,6 +63,45 @@ def test_the_cells_of_a_clips_padding_are_no_units_of_its_graph():
     assert {i for pair in map(tuple, full.edge_index.t().tolist()) for i in pair} == set(range(16))
 
 
+@pytest.mark.parametrize("scale", [0, 1, 2])
+def test_a_cells_receptive_field_is_the_snippets_its_features_depend_on(scale):
+    model = DSSAD(DSSADConfig(hidden=4, clip_snippets=256, dropout=0.0), dim=2, num_classes=1)
+    with torch.no_grad():  # positive weights and inputs: every ReLU passes, no dependence hides
+        for p in model.parameters():
+            p.copy_(p.abs() + 0.01)
+    clip = torch.rand(1, 256, 2, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    x = model.base(clip.transpose(1, 2))
+    for down in model.down[:scale + 1]:
+        x = down(x)
+    x[0, :, x.shape[2] // 2].sum().backward()
+    assert int((clip.grad[0].abs().sum(1) > 0).sum()) == model.receptive_field(scale)
+
+
+@pytest.mark.parametrize("scale", [0, 1])
+def test_a_cells_semantic_neighbours_lie_beyond_its_receptive_field(scale):
+    """Surrounding edges: the 2 nearest cells by extent; semantic: the l_sem most similar cells
+    whose receptive fields do not overlap the cell's (brute force), or by default any other cell."""
+    model = DSSAD(DSSADConfig(hidden=8, clip_snippets=128, gcm_scales=(scale,), semantic_disjoint="receptive-field"),
+                  dim=4, num_classes=2)
+    n = model.cells(scale)
+    cells = torch.randn(n, 8, generator=torch.Generator().manual_seed(scale))
+    graph = model.cell_graph(scale, cells, SNIPPET_SECONDS, snippets=128)
+    reach = (model.receptive_field(scale) - 1) // (4 << scale)   # overlapping fields: |i - j| <= reach
+    cos = torch.nn.functional.normalize(cells, dim=1) @ torch.nn.functional.normalize(cells, dim=1).T
+    for i in range(n):
+        out = graph.edge_index[0] == i
+        semantic = graph.edge_index[1, out & graph.has_type("semantic")].tolist()
+        far = [j for j in range(n) if abs(i - j) > reach]
+        assert sorted(semantic) == sorted(sorted(far, key=lambda j: -cos[i, j])[:2])
+        nearest = sorted(sorted(set(range(n)) - {i}, key=lambda j: (abs(i - j), j))[:2])
+        assert sorted(graph.edge_index[1, out & graph.has_type("surrounding")].tolist()) == nearest
+    literal = DSSAD(DSSADConfig(hidden=8, clip_snippets=128, gcm_scales=(scale,)), dim=4,
+                    num_classes=2).cell_graph(scale, cells, SNIPPET_SECONDS, snippets=128)
+    most_similar = {i: sorted(sorted(set(range(n)) - {i}, key=lambda j: -cos[i, j])[:2]) for i in range(n)}
+    semantic = literal.edge_index[:, literal.has_type("semantic")]
+    assert {i: sorted(semantic[1, semantic[0] == i].tolist()) for i in range(n)} == most_similar
+
+
 def test_anchors_and_outputs_follow_the_multiscale_maps():
     config = DSSADConfig(hidden=16, clip_snippets=64, anchor_ratios=(1.0, 2.0))
     model = DSSAD(config, dim=8, num_classes=3).eval()
