@@ -99,9 +99,12 @@ def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams:
 
 def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str], epochs: int,
               semantic_disjoint: str) -> Detections:
-    """D-SSAD (+ GCM at ``scales``) trained ``epochs`` epochs (lr / 10 after 70% of them)."""
+    """D-SSAD (+ GCM at ``scales``) trained ``epochs`` epochs, the default recipe's schedule scaled
+    to them (lr / 10 after 70% of them)."""
     card = data["card"]
-    config = replace(one_stage.default_recipe(), seed=seed, epochs=epochs, lr_step_epochs=round(0.7 * epochs))
+    recipe = one_stage.default_recipe()
+    step = round(recipe.lr_step_epochs * epochs / recipe.epochs)
+    config = replace(recipe, seed=seed, epochs=epochs, lr_step_epochs=step)
     train, _, seconds = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), streams)
     tests, durations, _ = one_stage.dataset_clips(DatasetSource(card, data["root"], "test"), streams)
     models = {}
