@@ -60,12 +60,12 @@ class EvalDataset:
             return EvalDataset(folder=str(Path(self.folder).resolve()))
         return EvalDataset(card=absolute_card(self.card), data_root=str(data_root_path(self.data_root).resolve()))
 
-    def open(self) -> tuple[DatasetCard, str, dict[str, Any] | None]:
-        """Its card, its data root and, for a preprocessed one, its manifest."""
+    def open(self) -> tuple[DatasetCard, str | None, dict[str, Any] | None]:
+        """Its card, its data root (None: ``$GCM_DATA_ROOT``) and, for a preprocessed one, its manifest."""
         if self.folder:
             manifest = load_manifest(self.folder)
             return *prepared_from(self.folder, manifest), manifest
-        return load_card(self.card), str(self.data_root), None
+        return load_card(self.card), self.data_root, None
 
 
 def datasets_of(config: EvaluateConfig) -> list[EvalDataset]:
@@ -132,7 +132,7 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
 
 
-def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str
+def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | None
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features."""
     run = load_one_stage(checkpoint)

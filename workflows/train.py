@@ -298,11 +298,11 @@ def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:
     return replace(stage, data=str(Path(stage.data).resolve()))
 
 
-def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tuple[DatasetCard, str]:
+def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tuple[DatasetCard, str | None]:
     """The card and data root a run reads: those it names (``card``, ``data_root``, one-stage runs),
     else those the preprocessed dataset it trains on was prepared from (its manifest)."""
     if stage.card:
-        return load_card(stage.card), str(stage.data_root)
+        return load_card(stage.card), stage.data_root
     return prepared_from(stage.data, manifest)
 
 

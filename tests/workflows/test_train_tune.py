@@ -19,15 +19,16 @@ import torch
 from helpers import ROOT
 from gcm_core.checkpoint import load_checkpoint
 from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
 from workflows.config import (
     EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
 )
-from workflows.evaluate import EvaluationError, datasets_of, pair_folders, run_evaluate
+from workflows.evaluate import EvalDataset, EvaluationError, datasets_of, pair_folders, run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.cli import main as cli_main
 from workflows.ray_env import ray_session
 from workflows.shards import read_videos
-from workflows.train import run_train
+from workflows.train import dataset_of, run_train
 from workflows.tune import run_tune
 
 FAST = {"epochs": 3, "lr": 0.05, "batch_videos": 8, "sampling": {"per_video": 16}}
@@ -241,6 +242,18 @@ def test_evaluation_folders_name_a_dataset_read_directly_by_its_data_root(monkey
                                           data_roots=()))
     assert [d.name for d in datasets] == ["prep/a", "thumos14 in $GCM_DATA_ROOT", "thumos14 in $GCM_DATA_ROOT"]
     assert pair_folders([("runs/d/dssad.pt", d) for d in datasets]) == ["d__a", "d__th14-1", "d__th14-2"]
+
+
+def test_a_dataset_named_without_a_data_root_is_read_from_gcm_data_root(small_dataset, monkeypatch, tmp_path):
+    """A card given without --data-root reads $GCM_DATA_ROOT, in gcm evaluate's checks and in a
+    one-stage run alike (both read 'None' as a folder name before)."""
+    monkeypatch.setenv("GCM_DATA_ROOT", str(small_dataset))
+    monkeypatch.chdir(tmp_path)   # nothing of the dataset here
+    card = str(small_dataset / "card.yaml")
+    evaluated = EvalDataset(card=card).open()[:2]
+    trained = dataset_of(TrainStageConfig(kind="one-stage", card=card), None)
+    for card_read, data_root in (evaluated, trained):
+        assert DatasetSource(card_read, data_root, "test").root == small_dataset
 
 
 def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
