@@ -139,6 +139,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
                         "BSN/BMN CSV; or a file or folder of many videos' (SSN list, CSV with a video column, "
                         "folder of <video>.csv), of which those of --video-id are used")
     p.add_argument("--out", type=Path, help="ActivityNet result JSON to write (default: print it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--video-id", default=None,
                    help="name of the video in the output (default: the features' stem; not with --features-dir)")
     p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
@@ -174,6 +175,8 @@ def _run_detect(args: argparse.Namespace) -> int:
                          "of every video's (SSN list, CSV with a video column, folder of <video>.csv)")
     if (args.workers or args.skip_bad) and not args.features_dir:
         raise ValueError("--workers and --skip-bad are about the videos of a --features-dir folder")
+    if args.out and args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists: pass --overwrite to replace it, or another --out")
     videos = (folder_videos(args.features_dir, detector.streams, detector.columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
     facts = read_video_facts(args.video_info) if args.video_info else None

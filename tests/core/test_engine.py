@@ -89,6 +89,15 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
                  str(tmp_path / "flow.npy"), "--proposals", str(props), "--duration", str(video.duration),
                  "--video-id", video.video_id]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(out.read_text())
+    # an existing --out is refused, left as it was, unless --overwrite
+    previous = out.read_text()
+    out.write_text(previous.replace(video.video_id, "earlier"))
+    asked = ["detect", "--checkpoint", str(path), "--features", str(tmp_path / "rgb.npy"), str(tmp_path / "flow.npy"),
+             "--proposals", str(props), "--duration", str(video.duration), "--video-id", video.video_id, "--out", str(out)]
+    assert main(asked) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and "earlier" in out.read_text()
+    assert main([*asked, "--overwrite"]) == 0
+    assert out.read_text() == previous
 
     # the same proposals picked from the dataset's SSN list (frames of every test video), or given as
     # the video's BSN/BMN CSV (positions normalized by the duration), give the same detections; a
@@ -101,7 +110,7 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
         again = tmp_path / "again.json"
         assert main(["detect", "--checkpoint", str(path), "--features", str(tmp_path / "rgb.npy"),
                      str(tmp_path / "flow.npy"), "--proposals", str(source), "--duration", str(video.duration),
-                     "--video-id", video.video_id, "--out", str(again)]) == 0
+                     "--video-id", video.video_id, "--out", str(again), "--overwrite"]) == 0
         found = json.loads(again.read_text())["results"][video.video_id]
         assert [d["label"] for d in found] == reference.label, source
         np.testing.assert_allclose([d["segment"] for d in found], [d["segment"] for d in written], atol=1e-3,
@@ -138,7 +147,7 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
             np.save(folder / s / f"{other.video_id}.npy", np.load(small_dataset / f"features/{s}/{other.video_id}.npy"))
         assert main(["detect", "--checkpoint", str(path), "--features", str(folder / "rgb" / f"{other.video_id}.npy"),
                      str(folder / "flow" / f"{other.video_id}.npy"), "--proposals", str(ssn), "--out",
-                     str(tmp_path / "alone.json")]) == 0
+                     str(tmp_path / "alone.json"), "--overwrite"]) == 0
         alone.update(json.loads((tmp_path / "alone.json").read_text())["results"])
     assert main(["detect", "--checkpoint", str(path), "--features-dir", str(folder), "--proposals", str(ssn),
                  "--out", str(tmp_path / "many.json")]) == 0
@@ -182,7 +191,7 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     alone = {}
     for vid, duration in durations.items():
         assert main([*checkpoint, "--features", str(tmp_path / "rgb" / f"{vid}.npy"), "--video-id", vid,
-                     "--duration", str(duration), "--fps", "25", "--out", str(tmp_path / "one.json")]) == 0
+                     "--duration", str(duration), "--fps", "25", "--out", str(tmp_path / "one.json"), "--overwrite"]) == 0
         alone.update(json.loads((tmp_path / "one.json").read_text())["results"])
     found = json.loads((tmp_path / "all.json").read_text())["results"]
     assert found == alone and set(found) == {"aaaaaaaaaaa", "bbbbbbbbbbb"}
@@ -193,7 +202,7 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     # a broken video in the folder stops the run, naming it; with --skip-bad it is left out, named
     np.save(tmp_path / "rgb" / "v_ccccccccccc.npy", np.full((100, 16), np.nan, dtype=np.float32))
     folder = [*checkpoint, "--features-dir", str(tmp_path), "--video-info", str(info),
-              "--out", str(tmp_path / "all.json")]
+              "--out", str(tmp_path / "all.json"), "--overwrite"]
     capsys.readouterr()
     assert main(folder) == 2
     assert "v_ccccccccccc.npy, video v_ccccccccccc: non-finite value" in capsys.readouterr().err
