@@ -20,6 +20,11 @@ that the Graph Convolutional Module is meant to exploit:
   its overlapping neighbours include: contextual edges; they also make completeness observable;
 - **instance quality** (``weak_fraction``, ``weak_amplitude``): some instances are weak copies;
   the clear instances of the same class elsewhere in the video help: semantic edges;
+- **shared look** (``shared_look``): the instances of a video are one event filmed one way (the
+  same athletes, venue and cameras), so part of what sets an instance's features apart from
+  its class's pattern is common to every instance of the video, weak or clear, and links a weak
+  instance to the video's clear ones (semantic edges). 0 in the shipped card: at 1 it makes
+  D-SSAD's GCM help but SSN's contextual edges stop helping (README, "Detection quality");
 - **streams**: rgb (strong scene, weaker action, more noise) and flow (the more informative).
 
 The relation-free control sets every relation knob to 0. Proposals imitate TAG/BSN: jittered
@@ -58,6 +63,7 @@ class Relations:
     phase_identity: float = 1.0
     weak_fraction: float = 0.4
     weak_amplitude: float = 0.35
+    shared_look: float = 0.0
 
     @classmethod
     def control(cls) -> "Relations":
@@ -70,9 +76,10 @@ class StreamProfile:
 
     ``segment_noise``: the share of the noise variance that is constant over an instance (or a
     background stretch between instances): the nuisance of real features (who acts, how it is
-    filmed) changes between instances, not between consecutive snippets. The rest varies from
-    snippet to snippet, smoothly: an AR(1) process over 8-frame blocks with time constant
-    ``noise_time`` seconds (content changes slowly), averaged over each snippet's 64 frames.
+    filmed) changes between instances, not between consecutive snippets (the relation knob
+    ``shared_look`` makes part of it common to a video's instances). The rest varies from snippet
+    to snippet, smoothly: an AR(1) process over 8-frame blocks with time constant ``noise_time``
+    seconds (content changes slowly), averaged over each snippet's 64 frames.
     """
 
     scene: float
@@ -263,23 +270,31 @@ def render_features(rng: np.random.Generator, video: Video, latent: dict[str, An
     scale = profile.noise / np.sqrt(dim)  # |noise| ~ profile.noise per snippet
     x = x + scale * np.sqrt(1 - profile.segment_noise) * smooth
     if profile.segment_noise > 0:
-        segments = _segments(video)
+        segments, instances = _segments(video)
         nuisance = rng.standard_normal((len(segments), dim))
+        if relations.shared_look > 0:  # the instances' nuisance: partly the video's look, variance kept
+            look = rng.standard_normal(dim)
+            share = relations.shared_look
+            nuisance[instances] = np.sqrt(1 - share) * nuisance[instances] + np.sqrt(share) * look
         x = x + scale * np.sqrt(profile.segment_noise) * (_coverage(windows, segments) @ nuisance)
     return x.astype(np.float32)
 
 
-def _segments(video: Video) -> np.ndarray:
-    """[S, 2] the instances and the background stretches between them, covering the video."""
+def _segments(video: Video) -> tuple[np.ndarray, np.ndarray]:
+    """[S, 2] the instances and the background stretches between them, covering the video, and
+    [S] which of them are instances."""
     spans = sorted((i.start, i.end) for i in video.instances)
-    out, t = [], 0.0
+    out, instance, t = [], [], 0.0
     for s, e in spans:
         if s > t:
             out.append((t, s))
+            instance.append(False)
         out.append((s, e))
+        instance.append(True)
         t = max(t, e)
     out.append((t, max(video.duration, t + 1e-3)))
-    return np.array(out)
+    instance.append(False)
+    return np.array(out), np.array(instance)
 
 
 def sample_proposals(rng: np.random.Generator, video: Video) -> np.ndarray:

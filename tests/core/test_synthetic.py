@@ -84,6 +84,35 @@ def test_relation_knobs_show_in_the_features(tmp_path):
     assert all(v == 0 for v in vars(Relations.control()).values())
 
 
+def test_shared_look_makes_a_videos_instances_alike(tmp_path):
+    """With ``shared_look`` the instances of one video resemble each other more than instances of
+    their class in other videos do, by more than twice what the video's scene alone gives."""
+    card = load_card("synthetic")
+
+    def within_minus_across(share):
+        card.extra["relations"] = {**card.extra["relations"], "shared_look": share}
+        root = tmp_path / str(share)
+        generate_dataset(root, card, "small", seed=3)
+        source = DatasetSource(load_card(root / "card.yaml"), root, "train")
+        means, labels, videos = [], [], []
+        for vid in source.video_ids:
+            feats = source.load(vid).features["flow"]
+            seconds = np.arange(len(feats)) * 8 / 30 + 32 / 30  # snippet centres (frames [8t, 8t + 64))
+            for inst in source.videos[vid].instances:
+                inside = feats[(seconds >= inst.start) & (seconds <= inst.end)]
+                if len(inside):
+                    means.append(inside.mean(0) / np.linalg.norm(inside.mean(0)))
+                    labels.append(inst.label)
+                    videos.append(vid)
+        sim = np.array(means) @ np.array(means).T
+        pair = np.equal.outer(labels, labels) & ~np.eye(len(labels), dtype=bool)
+        same_video = np.equal.outer(videos, videos)
+        return sim[pair & same_video].mean() - sim[pair & ~same_video].mean()
+
+    shared, own = within_minus_across(1.0), within_minus_across(0.0)
+    assert shared > 2 * own and shared - own > 0.05, (shared, own)
+
+
 def test_structure_from_real_annotation_and_proposals(tmp_path, shared_data):
     th = shared_data / "thumos14"
     rc = main(["synth", "--out", str(tmp_path), "--structure-from", str(th / "annotations/temporal_annotations_test"),
