@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--scale small|medium|full] [--seeds 3] [--json] [--out DIR]
                                  [--settings ssn+gcm ssn+mlp ...] [--streams rgb flow] [--threads N]
                                  [--class-agnostic] [--dssad-epochs 10] [--dssad-semantic extent]
+                                 [--relation NAME=VALUE ...]
 
 For each seed s: writes the synthetic benchmark (seed s) and its relation-free control (every
 relation knob at 0), prepares the videos in-process (pooling, candidate edges, labels), trains each
@@ -25,6 +26,8 @@ to fit the CPU budget; D-SSAD trains with gcm-tal's one-stage default
 their time). ``--dssad-semantic receptive-field`` takes the D-SSAD GCMs' semantic neighbours among
 the cells beyond each cell's receptive field (``DSSADConfig.semantic_disjoint``; default: among all
 other cells, Eq. 6 read on the cells' extents). Every setting of a kind gets the same recipe.
+``--relation shared_look=1.0`` sets one of the card's relation knobs
+(:class:`gcm_core.data.synthetic.Relations`) for the benchmark; the control keeps every knob at 0.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import Detections
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import SamplingConfig
-from gcm_core.data.synthetic import generate_dataset
+from gcm_core.data.synthetic import Relations, generate_dataset
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSAD, DSSADConfig
 from gcm_core.engine import TrainConfig, UnitDataset, detections_of, fit, ground_truth, predict, seed_everything
@@ -77,8 +80,10 @@ DSSAD_BUDGET_EPOCHS = 10   # the default recipe's 20 do not fit the CPU budget
 SETTINGS = [*SSN, *DSSAD_SETTINGS]
 
 
-def prepare(root: Path, scale: str, seed: int, control: bool) -> dict:
-    generate_dataset(root, load_card("synthetic"), scale, seed, control=control)
+def prepare(root: Path, scale: str, seed: int, control: bool, relations: dict[str, float]) -> dict:
+    card = load_card("synthetic")
+    card.extra["relations"] = {**card.extra["relations"], **relations}
+    generate_dataset(root, card, scale, seed, control=control)
     card = load_card(root / "card.yaml")
     out = {"card": card, "root": root}
     for role in ("train", "test"):
@@ -122,6 +127,21 @@ def score(data: dict, detections: Detections, agnostic: bool) -> list[float]:
     out = [100 * v for v in evaluate_detections(truth, detections, data["card"].classes, "thumos14", TIOU).map.tolist()]
     if agnostic:
         out.append(100 * evaluate_detections(*class_agnostic(truth, detections), [AGNOSTIC], "thumos14", [0.5]).map.item())
+    return out
+
+
+def relation_overrides(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, float]:
+    """``--relation NAME=VALUE`` pairs as {knob: value}; an unknown knob or a value that is not a
+    number stops the command with argparse's usage error."""
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in Relations.__dataclass_fields__:
+            parser.error(f"--relation {pair}: no relation knob {name!r} (knobs: {', '.join(Relations.__dataclass_fields__)})")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            parser.error(f"--relation {pair}: {value!r} is not a number")
     return out
 
 
@@ -170,7 +190,10 @@ def main() -> None:
     parser.add_argument("--class-agnostic", action="store_true",
                         help="add a column: the AP@0.5 with every class merged (what finding and delimiting "
                              "actions alone achieves)")
+    parser.add_argument("--relation", action="append", default=[], metavar="NAME=VALUE",
+                        help="set one of the synthetic card's relation knobs (e.g. shared_look=1.0); repeatable")
     args = parser.parse_args()
+    relations = relation_overrides(parser, args.relation)
     if args.threads:
         torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -180,7 +203,7 @@ def main() -> None:
         for control in (False, True):
             if any(s.startswith("control:") == control for s in args.settings):
                 datasets[control] = prepare(args.out / f"data-{'control' if control else 'relations'}-{seed}",
-                                            args.scale, seed, control)
+                                            args.scale, seed, control, relations)
         for setting in args.settings:
             t0 = time.perf_counter()
             data = datasets[setting.startswith("control:")]
