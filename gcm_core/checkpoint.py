@@ -5,6 +5,7 @@ pickled objects: plain types and tensors, read with ``weights_only=True``).
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from gcm_core.data.atomic import atomic_write
 from gcm_core.data.dataset import VideoInputs
-from gcm_core.data.model import Detections, Proposals, Video
+from gcm_core.data.model import Detections, FormatError, Proposals, Video
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats
@@ -42,6 +43,11 @@ class Checkpoint:
     def streams(self) -> list[str]:
         return list(self.heads.keys())
 
+    @property
+    def dims(self) -> dict[str, int]:
+        """The width of the snippet features each stream's head reads."""
+        return {s: int(head.classifier.in_features) for s, head in self.heads.items()}
+
 
 def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
     """Write ``checkpoint`` atomically."""
@@ -52,7 +58,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "graph": asdict(checkpoint.graph),
         "inference": asdict(checkpoint.inference),
         "snippets": dict(checkpoint.snippets),
-        "dims": {s: int(head.classifier.in_features) for s, head in checkpoint.heads.items()},
+        "dims": checkpoint.dims,
         "heads": checkpoint.heads.state_dict(),
         "regression": checkpoint.stats.as_dict(),
         "extra": checkpoint.extra,
@@ -80,6 +86,21 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     return Checkpoint(payload["classes"], model_config, GraphSpec(**payload["graph"]), InferenceConfig(**inference),
                       payload["snippets"], heads.to(device).eval(), RegressionStats.from_dict(payload["regression"]),
                       payload.get("extra", {}))
+
+
+def check_feature_widths(reads: Mapping[str, int], given: Mapping[str, int], path: str | Path,
+                         video: str | None = None) -> None:
+    """Stop, naming ``path``, where the features given to a trained model are not those it reads
+    (``reads``: each stream's width): a stream missing, or another width (features of another
+    extractor, or the streams in another order), instead of a shape error deep inside the model."""
+    missing = [s for s in reads if s not in given]
+    if missing:
+        raise FormatError(path, f"no features of stream(s) {missing}; the model reads {list(reads)}", video=video)
+    wrong = [f"{s} features are {given[s]}-d, the model's {s} stream reads {width}-d"
+             for s, width in reads.items() if given[s] != width]
+    if wrong:
+        raise FormatError(path, "; ".join(wrong) + " (features of another extractor, or the streams in another "
+                                "order?)", video=video)
 
 
 def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "video", fps: float | None = None,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gcm_core.checkpoint import Checkpoint, detect_laid_out, load_checkpoint, video_layout
+from gcm_core.checkpoint import Checkpoint, check_feature_widths, detect_laid_out, load_checkpoint, video_layout
 from gcm_core.data.formats import (
     Detections, FormatError, ProposalSource, Proposals, Video, align_streams, holds_many_videos, load_features,
     read_annotations, read_video_info, read_video_proposals, split_streams,
@@ -118,6 +118,8 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
                 proposals_of: Callable[[Video], Proposals]) -> Detections:
     model = detector.model
     features = video_features(paths, detector.streams, detector.columns, video_id)
+    check_feature_widths(model.dims, {s: f.shape[1] for s, f in features.items()},
+                         ", ".join(map(str, paths)), video_id)
     video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gcm_core.checkpoint import load_checkpoint
+from gcm_core.checkpoint import check_feature_widths, load_checkpoint
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
 from gcm_core.data.dataset import DatasetSource
@@ -124,6 +124,8 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """Classes, test ground truth and fused detections of a two-stage head on the prepared units."""
     ckpt = load_checkpoint(checkpoint)
+    widths = {key.split(":")[0]: width for key, width in manifest["dims"].items() if key.endswith(":body")}
+    check_feature_widths(ckpt.dims, widths, Path(data) / "manifest.json")
     classes = list(ckpt.classes)
     videos = read_videos(data, "test", manifest)
     comp = ckpt.model_config.comp_input if ckpt.model_config.detector == "ssn" else None
@@ -136,6 +138,11 @@ def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | N
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features."""
     run = load_one_stage(checkpoint)
+    source = DatasetSource(card, data_root, "test")
+    first = source.video_ids[0]
+    _, features, _ = source.snippet_features(first)
+    check_feature_widths(run.dims, {s: f.shape[1] for s, f in features.items()},
+                         ", ".join(str(source.feature_path(first, s)) for s in features), first)
     truth, detections = detect_test_split(run.models, run.stage, card, data_root)
     return run.classes, truth, detections["fused"]
 

@@ -54,6 +54,11 @@ class OneStageCheckpoint:
     classes: list[str]
     snippets: dict[str, Any]        # the features' snippet layout (card ``snippets``); {} in files written
                                     # before it was recorded, which video_layout reads as its defaults
+    dim: int                        # the width of the snippet features every stream's model reads
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {s: self.dim for s in self.stage.streams}
 
 
 def is_one_stage_checkpoint(path: str | Path) -> bool:
@@ -73,7 +78,8 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
     models = OneStageModels({s: DSSAD(stage.one_stage.model, payload["dim"], len(payload["classes"]))
                              for s in stage.streams})
     models.load_state_dict(payload["models"])
-    return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}))
+    return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}),
+                              int(payload["dim"]))
 
 
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,10 @@ class FormatError(ValueError):
         if field is not None:
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {problem}")
-        self.path, self.video, self.line, self.field = Path(path), video, line, field
+        self.path, self.problem, self.video, self.line, self.field = Path(path), problem, video, line, field
+
+    def __reduce__(self):  # rebuilt from its parts, so that it crosses processes (Ray tasks) whole
+        return partial(FormatError, video=self.video, line=self.line, field=self.field), (self.path, self.problem)
 
 
 def video_key(video_id: str) -> str:

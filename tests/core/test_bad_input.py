@@ -111,6 +111,15 @@ def test_wrong_dtype_or_ndim(broken, array, problem):
     expect(lambda: source.load(vid), problem, vid)
 
 
+def test_a_format_error_crosses_processes_whole():
+    """Ray hands a task's exception to the driver pickled: it comes back with its message and fields."""
+    err = FormatError("features/flow/v1.npy", "bad width", video="v1", line=3, field="dim")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is FormatError
+    assert str(back) == str(err) == "features/flow/v1.npy, line 3, video v1, field 'dim': bad width"
+    assert (back.path, back.problem, back.video, back.line, back.field) == (err.path, "bad width", "v1", 3, "dim")
+
+
 def test_pickled_npy_is_refused(broken):
     source, vid = first_video(broken)
     np.save(source.feature_path(vid, "rgb"), np.array([{"feats": 1}], dtype=object), allow_pickle=True)

@@ -137,6 +137,15 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
                      "--video-id", video.video_id, "--out", str(tmp_path / f"{rgb}.json")]) == 0
     short, cut = (json.loads((tmp_path / f"{rgb}.json").read_text()) for rgb in ("rgb.npy", "rgb_cut.npy"))
     assert short == cut
+    # features of another width than the heads read (another extractor) are named, not a shape error
+    np.save(tmp_path / "flow_narrow.npy", feats["flow"][:, :dim // 2])
+    capsys.readouterr()
+    assert main(["detect", "--checkpoint", str(path), "--features", str(tmp_path / "rgb.npy"),
+                 str(tmp_path / "flow_narrow.npy"), "--proposals", str(props), "--duration", str(video.duration),
+                 "--video-id", video.video_id, "--out", str(tmp_path / "narrow.json")]) == 2
+    err = capsys.readouterr().err
+    assert "flow_narrow.npy" in err and f"flow features are {dim // 2}-d, the model's flow stream reads {dim}-d" in err
+    assert not (tmp_path / "narrow.json").exists()
 
     # a folder of many videos' features (a dataset's layout): one result file, each video as alone
     folder, ssn = tmp_path / "many", small_dataset / "proposals" / "test_proposal_list.txt"

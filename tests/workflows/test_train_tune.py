@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from helpers import ROOT
-from gcm_core.checkpoint import load_checkpoint
+from gcm_core.checkpoint import load_checkpoint, save_checkpoint
+from gcm_core.detectors.dssad import DSSAD
+from gcm_core.engine import build_heads
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from workflows.config import (
@@ -29,6 +31,7 @@ from workflows.cli import main as cli_main
 from workflows.ray_env import ray_session
 from workflows.shards import read_videos
 from workflows.train import dataset_of, run_train
+from workflows.train_one_stage import OneStageModels, load_one_stage, save_one_stage
 from workflows.tune import run_tune
 
 FAST = {"epochs": 3, "lr": 0.05, "batch_videos": 8, "sampling": {"per_video": 16}}
@@ -83,18 +86,26 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
     gcm, mlp = (Path(runs[k]["run_dir"]) / "model.pt" for k in ("gcm", "mlp"))
     namesake = tmp_path / "elsewhere" / "gcm" / "model.pt"  # same run folder name as gcm's
     broken = tmp_path / "broken" / "model.pt"
+    narrow = tmp_path / "narrow" / "model.pt"   # heads that read features of another width
     namesake.parent.mkdir(parents=True)
     broken.parent.mkdir()
+    narrow.parent.mkdir()
     shutil.copyfile(gcm, namesake)
     broken.write_bytes(b"not a checkpoint")
+    trained = load_checkpoint(gcm)
+    save_checkpoint(narrow, dataclasses.replace(trained, heads=build_heads(
+        trained.model_config, trained.streams, {s: 16 for s in trained.streams}, len(trained.classes))))
     out = tmp_path / "eval"
-    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken))), data=(str(prepared),),
+    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken, narrow))), data=(str(prepared),),
                             out=str(out))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_evaluate(EvaluateConfig(checkpoints=(str(tmp_path / "none.pt"),), data=(str(prepared),), out=str(out)))
-    with pytest.raises(EvaluationError, match="1 of 4 evaluations failed") as failed:
+    with pytest.raises(EvaluationError, match="2 of 5 evaluations failed") as failed:
         run_evaluate(config, quiet=True)
     assert f"{broken} on {prepared}: {broken}: unreadable checkpoint" in str(failed.value)
+    width = json.loads((prepared / "manifest.json").read_text())["dims"]["rgb:body"]
+    assert (f"{narrow} on {prepared}: {prepared / 'manifest.json'}: rgb features are {width}-d, the model's rgb "
+            f"stream reads 16-d; flow features are {width}-d") in str(failed.value)
 
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert sorted(r["checkpoint"] for r in rows) == sorted(map(str, (gcm, mlp, namesake)))
@@ -107,7 +118,7 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
             assert json.loads((out / folder / "detections.json").read_text())["results"]
 
 
-def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, tmp_path, monkeypatch):
+def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, tmp_path, monkeypatch, capsys):
     """gcm detect --features-dir --workers 2 (Ray tasks over chunks of the folder) writes what the
     same command writes in one process: every video, in the folder's order, the same detections."""
     monkeypatch.chdir(tmp_path)  # a folder named relative to where the user stands
@@ -128,6 +139,13 @@ def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, 
         written[workers] = json.loads(Path(f"{workers}.json").read_text())
     assert list(written["2"]["results"]) == listed
     assert written["2"] == written["1"]
+    # without --skip-bad the video stops the run, named in one paragraph as in one process
+    capsys.readouterr()
+    assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                     str(small_dataset / "proposals/test_proposal_list.txt"), "--workers", "2"]) == 2
+    err = capsys.readouterr().err   # progress lines, then the error
+    assert err.strip().splitlines()[-1] == ("gcm detect: error: " f"{(small_dataset / 'proposals/test_proposal_list.txt').resolve()}, "
+                                            "video unlisted: no proposals for this video")
 
 
 def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_dataset, tmp_path, monkeypatch):
@@ -222,6 +240,17 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
     with pytest.raises(ValueError, match="2 cards but 1 data roots"):
         run_evaluate(EvaluateConfig(checkpoints=(weights,), cards=(card, card), data_roots=("bare",), out="refused"))
     assert not Path("refused").exists()
+    run = load_one_stage(weights)   # a D-SSAD for features of another width, evaluated on this dataset
+    save_one_stage(Path("narrow.pt"), OneStageModels({s: DSSAD(run.stage.one_stage.model, 16, len(run.classes))
+                                                      for s in run.stage.streams}),
+                   to_dict(run.stage), load_card(card), 16)
+    with pytest.raises(EvaluationError, match="1 of 1 evaluations failed") as failed:
+        run_evaluate(EvaluateConfig(checkpoints=("narrow.pt",), cards=(card,), data_roots=("bare",), out="narrow"),
+                     quiet=True)
+    first = min(DatasetSource(load_card(card), "bare", "test").video_ids)
+    features = Path("bare").resolve() / "features"
+    assert (f"{features}/rgb/{first}.npy, {features}/flow/{first}.npy, video {first}: rgb features are "
+            f"{run.dim}-d, the model's rgb stream reads 16-d") in str(failed.value)
     # gcm report on the three: the dataset named as it was read, the test videos' timelines from the annotations
     assert cli_main(["report", "runs/d", "tune/edges", "eval", "--out", "report"]) == 0
     text = Path("report/REPORT.md").read_text()
