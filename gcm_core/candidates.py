@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from gcm_core.checks import check_ranges
 from gcm_core.graph import EDGE_BIT, Graph, GraphSpec
 from gcm_core.pairwise import pair_blocks, rank_smallest
 from gcm_core.units import DEFAULT_BLOCK_ELEMENTS
@@ -32,6 +33,9 @@ class CandidateCaps:
     sur_max_dist: float = 1.0
     sem_k: int = 8
     knn_k: int = 8
+
+    def __post_init__(self) -> None:
+        check_ranges(self, min_ctx_tiou="in [0, 1]", sur_k=">= 0", sur_max_dist=">= 0", sem_k=">= 0", knn_k=">= 0")
 
     @classmethod
     def for_spec(cls, spec: GraphSpec) -> "CandidateCaps":

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gcm_core.checks import check_ranges
 from gcm_core.data.model import Detections, Video
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats, SamplingConfig, sample_units
@@ -43,6 +44,10 @@ class TrainConfig:
     seed: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     loss: LossWeights = field(default_factory=LossWeights)
+
+    def __post_init__(self) -> None:
+        check_ranges(self, epochs=">= 0", batch_videos=">= 1", lr="> 0", momentum="in [0, 1)", weight_decay=">= 0",
+                     lr_step_epochs=">= 1", lr_gamma="in (0, 1]", clip_grad_norm="> 0")
 
 
 def seed_everything(seed: int) -> None:

@@ -26,6 +26,8 @@ def evaluate_detections(videos: dict[str, Video], detections: Detections, classe
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    if not tiou or any(not 0 < t <= 1 for t in tiou):
+        raise ValueError(f"tIoU thresholds must be in (0, 1], got {list(tiou)}")
     class_index = {name: k for k, name in enumerate(classes)}
     video_index = {video_key(vid): k for k, vid in enumerate(videos)}
     gt_rows = [(video_index[video_key(v.id)], class_index[i.label], i.start, i.end)

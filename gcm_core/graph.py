@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gcm_core.checks import check_ranges
 from gcm_core.pairwise import PairBlock, pair_blocks, smallest_mask
 from gcm_core.units import DEFAULT_BLOCK_ELEMENTS, as_intervals
 
@@ -58,8 +59,7 @@ class GraphSpec:
             raise ValueError(f"unknown edge types {sorted(unknown)}; choose from {EDGE_TYPES}")
         if self.semantic_rule not in ("disjoint-top", "knn-then-disjoint"):
             raise ValueError(f"unknown semantic_rule {self.semantic_rule!r}")
-        if (self.k_sur is not None and self.k_sur < 0) or self.l_sem < 0:
-            raise ValueError("k_sur and l_sem must be >= 0")
+        check_ranges(self, theta_ctx="in [0, 1]", theta_sur=">= 0", k_sur=">= 0", l_sem=">= 0")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from gcm_core.checks import check_ranges
 from gcm_core.data.sampling import BACKGROUND, FOREGROUND, INCOMPLETE, regression_targets
 from gcm_core.units import pairwise_tiou
 
@@ -32,6 +33,9 @@ class LossWeights:
     completeness: float = 0.5   # lambda1
     regression: float = 0.5     # lambda2
     ohem_ratio: float = 1 / 6
+
+    def __post_init__(self) -> None:
+        check_ranges(self, completeness=">= 0", regression=">= 0", ohem_ratio="in (0, 1]")
 
 
 def classification_loss(logits: Tensor, role: Tensor, label: Tensor) -> Tensor:

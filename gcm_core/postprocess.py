@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from gcm_core.checks import check_ranges
 from gcm_core.data.sampling import apply_regression
 from gcm_core.units import tiou
 
@@ -90,6 +91,11 @@ class InferenceConfig:
     soft_nms_sigma: float = 0.5
     top_k: int = 200                    # detections per video
     fusion: tuple[tuple[str, float], ...] = (("rgb", 2.0), ("flow", 3.0))
+
+    def __post_init__(self) -> None:
+        check_ranges(self, candidates_per_video=">= 1", nms_threshold="in [0, 1]", soft_nms_sigma="> 0", top_k=">= 1")
+        if any(weight < 0 for _, weight in self.fusion):
+            raise ValueError(f"fusion weights must be >= 0, got {self.fusion!r}")
 
 
 @dataclass

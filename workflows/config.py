@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from gcm_core.checks import check_ranges
 from gcm_core.data.sampling import SamplingConfig
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSADConfig
@@ -41,6 +42,11 @@ class RayConfig:
     num_gpus: int | None = None
     object_store_mb: int = 256
 
+    def __post_init__(self) -> None:
+        check_ranges(self, num_cpus=">= 1", num_gpus=">= 0")
+        if self.object_store_mb < 75:
+            raise ValueError(f"object_store_mb must be >= 75 (Ray's least), got {self.object_store_mb}")
+
 
 @dataclass
 class PreprocessConfig:
@@ -57,6 +63,9 @@ class PreprocessConfig:
     use_gpu: bool | None = None          # None: use GPUs when the cluster has them
     skip_bad: bool = False
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges(self, videos_per_shard=">= 1", num_workers=">= 1")
 
 
 @dataclass
@@ -91,6 +100,12 @@ class TrainStageConfig:
     max_failures: int = 2
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        check_ranges(self, stream_lr="> 0", num_workers=">= 1", cpus_per_worker="> 0", max_failures=">= 0")
+        recipe = "one_stage.train" if self.kind == "one-stage" else "train"
+        if (self.one_stage.train if self.kind == "one-stage" else self.train).epochs < 1:
+            raise ValueError(f"a run trains for {recipe}.epochs >= 1 (0 is for gcm_core.engine.fit's untrained baselines)")
+
 
 @dataclass
 class EvaluateConfig:
@@ -104,6 +119,9 @@ class EvaluateConfig:
     num_workers: int = 2
     overwrite: bool = False              # replace a previous evaluation in ``out``
 
+    def __post_init__(self) -> None:
+        check_ranges(self, tiou="in (0, 1]", num_workers=">= 1")
+
 
 @dataclass
 class TuneStageConfig:
@@ -115,6 +133,9 @@ class TuneStageConfig:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 2
     resume: bool = False
+
+    def __post_init__(self) -> None:   # Ray Tune wants a non-zero CPU for a trial's own process
+        check_ranges(self, cpus_per_trial="> 0", gpus_per_trial=">= 0", max_concurrent=">= 1")
 
 
 def _is_dataclass_type(tp: Any) -> bool:

@@ -52,13 +52,17 @@ def _read_result_json(path: Path) -> Detections:
         for k, item in enumerate(items):
             try:
                 s, e = item["segment"]
-                start.append(float(s))
-                end.append(float(e))
-                score.append(float(item["score"]))
+                numbers = float(s), float(e), float(item["score"])
                 label.append(str(item["label"]))
             except (KeyError, TypeError, ValueError):
                 raise FormatError(path, "detection needs 'label', 'score' and a two-number 'segment'",
                                   video=vid, field=f"results[{k}]") from None
+            if not all(map(math.isfinite, numbers)):
+                raise FormatError(path, f"segment and score must be finite, got {item['segment']} and {item['score']}",
+                                  video=vid, field=f"results[{k}]")
+            start.append(numbers[0])
+            end.append(numbers[1])
+            score.append(numbers[2])
             video.append(vid)
     return Detections(video, label, np.array(start), np.array(end), np.array(score))
 
@@ -77,6 +81,9 @@ def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detecti
             s, e, idx, sc = float(parts[1]), float(parts[2]), int(parts[3]), float(parts[4])
         except ValueError:
             raise FormatError(path, f"not numbers: {line.strip()!r}", video=parts[0], line=line_no) from None
+        if not all(map(math.isfinite, (s, e, sc))):
+            raise FormatError(path, f"start, end and score must be finite: {line.strip()!r}", video=parts[0],
+                              line=line_no)
         if idx not in names:
             try:
                 names[idx] = card.classes[card.class_index(idx, convention)]

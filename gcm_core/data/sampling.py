@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gcm_core.checks import check_ranges
 from gcm_core.units import pairwise_overlap, pairwise_tiou
 
 BACKGROUND, FOREGROUND, INCOMPLETE, IGNORED = 0, 1, 2, 3
@@ -43,6 +44,13 @@ class SamplingConfig:
     bg_coverage: float = 0.02
     per_video: int = 8
     ratio: tuple[int, int, int] = (1, 6, 1)  # foreground : incomplete : background
+
+    def __post_init__(self) -> None:
+        check_ranges(self, fg_iou="in [0, 1]", incomplete_iou="in [0, 1]", incomplete_overlap="in [0, 1]",
+                     bg_iou="in [0, 1]", bg_coverage="in [0, 1]", per_video=">= 1", ratio=">= 0")
+        if len(self.ratio) != 3 or sum(self.ratio) == 0:
+            raise ValueError(f"ratio must be three counts (foreground, incomplete, background), not all 0, "
+                             f"got {self.ratio!r}")
 
     def counts(self) -> dict[int, int]:
         """How many units of each role one video contributes per iteration."""

@@ -6,6 +6,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from gcm_core.checks import check_ranges
 from gcm_core.graph import Graph
 from gcm_core.module import EdgeWeighting, ModuleKind
 
@@ -24,6 +25,9 @@ class ModelConfig:
     self_add: bool = True
     module_dropout: float = 0.0
     dropout: float = 0.8                    # before the classifier
+
+    def __post_init__(self) -> None:
+        check_ranges(self, num_layers=">= 1", num_samples=">= 1", module_dropout="in [0, 1)", dropout="in [0, 1)")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gcm_core.checks import check_ranges
 from gcm_core.graph import Graph, GraphSpec, build_graph
 from gcm_core.module import GCM
 
@@ -40,6 +41,20 @@ class DSSADConfig:
     num_samples: int | None = 4
     dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_ranges(self, hidden=">= 1", clip_snippets=">= 1", window_stride=">= 1", num_scales=">= 1",
+                     anchor_ratios="> 0", num_samples=">= 1", dropout="in [0, 1)")
+        coarsest = 4 << (self.num_scales - 1)   # snippets per cell of the coarsest map
+        if self.clip_snippets % coarsest:
+            raise ValueError(f"clip_snippets must be a multiple of {coarsest} (a cell of the coarsest of "
+                             f"{self.num_scales} maps), got {self.clip_snippets}")
+        if any(not 0 <= s < self.num_scales for s in self.gcm_scales):
+            raise ValueError(f"gcm_scales {self.gcm_scales} outside 0..{self.num_scales - 1}")
+        if self.semantic_disjoint not in ("extent", "receptive-field"):
+            raise ValueError(f"semantic_disjoint {self.semantic_disjoint!r}: 'extent' or 'receptive-field'")
+        if "contextual" in self.graph.edge_types:
+            raise ValueError("cells of a feature map never overlap: use surrounding and semantic edges only")
+
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Module:
     return nn.Sequential(nn.Conv1d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU())
@@ -50,12 +65,6 @@ class DSSAD(nn.Module):
 
     def __init__(self, config: DSSADConfig, dim: int, num_classes: int) -> None:
         super().__init__()
-        if any(not 0 <= s < config.num_scales for s in config.gcm_scales):
-            raise ValueError(f"gcm_scales {config.gcm_scales} outside 0..{config.num_scales - 1}")
-        if config.semantic_disjoint not in ("extent", "receptive-field"):
-            raise ValueError(f"semantic_disjoint {config.semantic_disjoint!r}: 'extent' or 'receptive-field'")
-        if "contextual" in config.graph.edge_types:
-            raise ValueError("cells of a feature map never overlap: use surrounding and semantic edges only")
         h, a = config.hidden, len(config.anchor_ratios)
         self.config, self.num_classes = config, num_classes
         self.base = nn.Sequential(_conv(dim, h), _conv(h, h, stride=2), nn.Dropout(config.dropout))

@@ -11,8 +11,9 @@ import yaml
 from gcm_core.data.cards import CardError, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import FormatError, read_annotations, read_detections, read_proposals, read_video_proposals
-from gcm_core.data.model import Video
+from gcm_core.data.model import Detections, Video
 from gcm_core.data.synthetic import generate_dataset
+from gcm_core.evaluation import evaluate_detections
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,26 @@ def test_truncated_lines(tmp_path):
     ssn = tmp_path / "list.txt"
     ssn.write_text("# 0\nvideo_a\n300\n1\n0\n5\n0 0.1 0.1 10 20\n")
     expect(lambda: read_proposals(ssn, {}), "truncated block", "video_a")
+
+
+def test_non_finite_detections_are_named(tmp_path):
+    """A NaN score would sort anywhere and an infinite end match everything: refused, located."""
+    card = load_card("thumos14")
+    det = tmp_path / "dets.txt"
+    det.write_text("video_test_0000004 1.0 2.0 7 0.5\nvideo_test_0000004 3.0 inf 7 0.4\n")
+    expect(lambda: read_detections(det, card), "dets.txt, line 2, video video_test_0000004", "must be finite")
+    result = tmp_path / "dets.json"
+    result.write_text('{"results": {"v1": [{"label": "a", "score": 0.5, "segment": [1, 2]}, '
+                      '{"label": "a", "score": NaN, "segment": [3, 4]}]}}')
+    expect(lambda: read_detections(result), "video v1, field 'results[1]'", "must be finite, got [3, 4] and nan")
+
+
+@pytest.mark.parametrize("tiou", [[0.5, 1.5], [0.0], []])
+def test_tiou_thresholds_outside_0_1_are_refused(tiou):
+    truth = {"v1": Video("v1", duration=10.0)}
+    with pytest.raises(ValueError, match=r"tIoU thresholds must be in \(0, 1\]"):
+        evaluate_detections(truth, Detections(["v1"], ["a"], np.array([1.0]), np.array([2.0]), np.array([0.5])),
+                            ["a"], "thumos14", tiou)
 
 
 @pytest.mark.parametrize("text, line, problem", [

@@ -130,9 +130,9 @@ def test_inserted_gcms_start_as_the_identity_and_learn():
 
 def test_feature_map_cells_take_no_contextual_edges_and_scales_must_exist():
     with pytest.raises(ValueError, match="never overlap"):
-        DSSAD(DSSADConfig(graph=GraphSpec()), dim=8, num_classes=3)
+        DSSADConfig(graph=GraphSpec())
     with pytest.raises(ValueError, match="gcm_scales"):
-        DSSAD(DSSADConfig(gcm_scales=(3,)), dim=8, num_classes=3)
+        DSSADConfig(gcm_scales=(3,))
 
 
 def test_one_stage_clips_need_no_proposal_files(small_dataset, tmp_path):

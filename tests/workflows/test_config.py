@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from workflows import GRID_DIR
-from workflows.config import ConfigError, PreprocessConfig, TrainStageConfig, dump, from_dict, resolve
+from workflows.config import (
+    ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, dump, from_dict, resolve,
+)
 from workflows.tune import load_grid, trial_config
 
 
@@ -38,6 +40,29 @@ def test_yaml_then_set_then_explicit_arguments(tmp_path):
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve(TrainStageConfig, None, override)
+
+
+@pytest.mark.parametrize("stage,override,message", [
+    (TrainStageConfig, "train.lr=-0.01", r"^train: lr must be > 0, got -0\.01$"),
+    (TrainStageConfig, "train.lr_step_epochs=0", r"^train: lr_step_epochs must be >= 1, got 0$"),
+    (TrainStageConfig, "train.epochs=0", r"a run trains for train\.epochs >= 1"),
+    (TrainStageConfig, "model.dropout=1", r"^model: dropout must be in \[0, 1\), got 1\.0$"),
+    (TrainStageConfig, "graph.theta_ctx=1.5", r"^graph: theta_ctx must be in \[0, 1\], got 1\.5$"),
+    (TrainStageConfig, "stream_lr={rgb: 0.001, flow: 0}", r"stream_lr must be > 0, got \{'rgb': 0\.001, 'flow': 0\.0\}"),
+    (TrainStageConfig, "inference.nms_threshold=-0.1", r"^inference: nms_threshold must be in \[0, 1\]"),
+    (TrainStageConfig, "train.sampling.ratio=[0, 0, 0]", r"^train\.sampling: ratio must be three counts"),
+    (TrainStageConfig, "num_workers=0", r"num_workers must be >= 1, got 0$"),
+    (TrainStageConfig, "one_stage.model.clip_snippets=100", r"^one_stage\.model: clip_snippets must be a multiple of 16"),
+    (TrainStageConfig, "one_stage.model.gcm_scales=[3]", r"^one_stage\.model: gcm_scales \(3,\) outside 0\.\.2$"),
+    (PreprocessConfig, "videos_per_shard=0", r"videos_per_shard must be >= 1, got 0$"),
+    (TuneStageConfig, "cpus_per_trial=0", r"cpus_per_trial must be > 0, got 0\.0$"),
+    (EvaluateConfig, "tiou=[0.5, 1.5]", r"tiou must be in \(0, 1\], got \(0\.5, 1\.5\)$"),
+])
+def test_settings_out_of_range_are_refused_where_they_are_read(stage, override, message):
+    """Before any Ray worker starts (torch would refuse a negative lr minutes later in a worker;
+    a dropout of 1 or a clip that does not tile the coarsest map would run and give nonsense)."""
+    with pytest.raises(ConfigError, match=message):
+        resolve(stage, None, [override])
 
 
 def test_preprocess_caps_can_be_loosened_for_grids():
