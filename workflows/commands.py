@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -122,6 +123,18 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a finite number > 0 (a frame rate, a duration, a count of workers), where
+    0 would otherwise silently mean 'the default'."""
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value: 'x'"
+    return parse
+
+
 def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint written by gcm train: a two-stage model.pt (needs --proposals) or a "
@@ -142,8 +155,9 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--video-id", default=None,
                    help="name of the video in the output (default: the features' stem; not with --features-dir)")
-    p.add_argument("--fps", type=float, help="frame rate of the video (default: the checkpoint's snippet layout)")
-    p.add_argument("--duration", type=float,
+    p.add_argument("--fps", type=positive(float),
+                   help="frame rate of the video (default: the checkpoint's snippet layout)")
+    p.add_argument("--duration", type=positive(float),
                    help="duration in seconds (default: what the snippets cover; not with --features-dir)")
     p.add_argument("--video-info", type=Path,
                    help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
@@ -152,7 +166,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="with --features-dir: leave out the videos whose files fail their checks (named on stderr) "
                         "instead of stopping")
-    p.add_argument("--workers", type=int,
+    p.add_argument("--workers", type=positive(int),
                    help="with --features-dir: detect the folder's videos as this many parallel Ray tasks (default: "
                         "in this process; with --address, the cluster's CPUs)")
 

@@ -121,6 +121,8 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
     check_feature_widths(model.dims, {s: f.shape[1] for s, f in features.items()},
                          ", ".join(map(str, paths)), video_id)
     video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
+    if grid.uncovered():  # e.g. a duration (--duration, --video-info) that is not this video's
+        raise FormatError(", ".join(map(str, paths)), grid.uncovered(), video=video_id)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
                                       dict(model.stage.inference.fusion), model.stage.inference)

@@ -100,10 +100,6 @@ class DatasetSource:
                 raise FormatError(self.feature_path(video_id, s), f"features are {f.shape[1]}-d, the card says {dims}",
                                   video=video_id)
         grid = self.grid(video, next(iter(features.values())).shape[0])
-        slack = grid.clip_frames / grid.fps if grid.convention != "rescaled" else 0.0
-        if grid.covered_until() < 0.9 * video.duration - slack:
-            stream = self.card.streams[0]
-            raise FormatError(self.feature_path(video_id, stream),
-                              f"T={grid.num_snippets} snippets cover only {grid.covered_until():.1f} s of the "
-                              f"{video.duration:.1f} s video", video=video_id)
+        if grid.uncovered():
+            raise FormatError(self.feature_path(video_id, self.card.streams[0]), grid.uncovered(), video=video_id)
         return video, features, grid

@@ -53,6 +53,16 @@ class SnippetGrid:
         if self.num_snippets < 1 or not self.duration > 0 or not self.fps > 0:
             raise ValueError(f"bad snippet grid {self}")
 
+    def uncovered(self) -> str | None:
+        """What is wrong where the snippets end well before the video does (a truncated feature
+        file, another video's, or a wrong duration), None where they cover it: to within a tenth
+        of the video and one clip (its last frames need not start a snippet of their own)."""
+        slack = self.clip_frames / self.fps if self.convention != "rescaled" else 0.0
+        if self.covered_until() < 0.9 * self.duration - slack:
+            return (f"T={self.num_snippets} snippets cover only {self.covered_until():.1f} s of the "
+                    f"{self.duration:.1f} s video")
+        return None
+
     def centres(self) -> Tensor:
         """Centre of every snippet, in seconds."""
         t = torch.arange(self.num_snippets, dtype=torch.float64)

@@ -146,6 +146,14 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
     err = capsys.readouterr().err
     assert "flow_narrow.npy" in err and f"flow features are {dim // 2}-d, the model's flow stream reads {dim}-d" in err
     assert not (tmp_path / "narrow.json").exists()
+    # a duration the features do not cover is not this video's; 0 is not "the default"
+    asked = ["detect", "--checkpoint", str(path), "--features", str(tmp_path / "rgb.npy"), str(tmp_path / "flow.npy"),
+             "--proposals", str(props), "--video-id", video.video_id, "--out", str(tmp_path / "long.json")]
+    assert main([*asked, "--duration", str(10 * video.duration)]) == 2
+    assert "snippets cover only" in capsys.readouterr().err and not (tmp_path / "long.json").exists()
+    with pytest.raises(SystemExit):
+        main([*asked, "--duration", "0"])
+    assert "argument --duration: must be a number > 0, got '0'" in capsys.readouterr().err
 
     # a folder of many videos' features (a dataset's layout): one result file, each video as alone
     folder, ssn = tmp_path / "many", small_dataset / "proposals" / "test_proposal_list.txt"

@@ -66,6 +66,16 @@ def test_missing_file_is_one_clear_error(tmp_path, capsys):
     assert "nope" in err and "Traceback" not in err
 
 
+def test_a_report_of_nothing_is_refused_and_writes_nothing(tmp_path, capsys):
+    """A mistyped or unfinished folder would otherwise just be missing from the report."""
+    (tmp_path / "unfinished" / "run").mkdir(parents=True)
+    (tmp_path / "unfinished" / "run" / "config.yaml").write_text("name: run\n")   # no metrics.json yet
+    for folder, problem in (("unfinished", "nothing to report in"), ("mistyped", "no folder")):
+        assert main(["report", str(tmp_path / folder), "--out", str(tmp_path / "report")]) == 2
+        assert capsys.readouterr().err.startswith(f"gcm report: error: {problem} {tmp_path / folder}")
+    assert not (tmp_path / "report").exists()
+
+
 def test_help_shows_real_defaults_only(capsys):
     from workflows.cli import build_parser
     from workflows.commands import REGISTRY
