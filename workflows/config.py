@@ -259,9 +259,19 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return out
 
 
+def sets_lr_alone(settings: dict[str, Any]) -> bool:
+    """Whether a training stage's settings give ``train.lr`` without ``stream_lr``.
+
+    Such a rate is meant for every stream: the default ``stream_lr`` (the paper's rgb 0.001 and
+    flow 0.01) gives each stream its own rate and would override it unseen. A configuration naming
+    both (as every resolved ``config.yaml`` does) is taken as it is."""
+    return "lr" in (settings.get("train") or {}) and "stream_lr" not in settings
+
+
 def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None,
             **explicit: Any) -> T:
-    """Defaults, then the YAML file, then ``--set`` overrides, then explicit CLI arguments."""
+    """Defaults, then the YAML file, then ``--set`` overrides, then explicit CLI arguments
+    (a ``train.lr`` given alone trains every stream at that rate: :func:`sets_lr_alone`)."""
     data: dict[str, Any] = {}
     if yaml_path:
         path = Path(yaml_path)
@@ -274,6 +284,10 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
         data = loaded
     data = deep_merge(data, parse_overrides(overrides or []))
     data = deep_merge(data, {k: v for k, v in explicit.items() if v is not None})
+    if cls is TrainStageConfig and sets_lr_alone(data):
+        data["stream_lr"] = {}
+    if cls is TuneStageConfig and isinstance(data.get("base"), dict) and sets_lr_alone(data["base"]):
+        data["base"] = {**data["base"], "stream_lr": {}}
     return from_dict(cls, data)
 
 

@@ -11,6 +11,7 @@ finished trials. The result is the grid's table shaped like the paper's (``<grid
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import itertools
@@ -24,7 +25,9 @@ from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import shipped_yaml
 from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
-from workflows.config import ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, to_dict
+from workflows.config import (
+    ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, sets_lr_alone, to_dict,
+)
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
 from workflows.train import absolute_inputs, dataset_of, run_train, training_resources
@@ -75,14 +78,18 @@ def load_grid(name_or_path: str | Path) -> Grid:
 
 
 def trial_config(base: TrainStageConfig, grid: Grid, trial: dict[str, Any]) -> TrainStageConfig:
-    """The training stage of one trial: base config, grid base, then the trial's values."""
-    data = deep_merge(to_dict(base), grid.base)
+    """The training stage of one trial: base config, grid base, then the trial's values (a
+    ``train.lr`` the grid gives alone trains every stream at that rate: :func:`sets_lr_alone`)."""
+    own = copy.deepcopy(grid.base)
     for key, value in trial.items():
-        node = data
+        node = own
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
+    data = deep_merge(to_dict(base), own)
+    if sets_lr_alone(own):
+        data["stream_lr"] = {}
     return from_dict(TrainStageConfig, data)
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
+from gcm_core.engine import build_heads, make_optimizer
 from workflows import GRID_DIR
 from workflows.config import (
     ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, dump, from_dict, resolve,
 )
-from workflows.tune import load_grid, trial_config
+from workflows.tune import Grid, load_grid, trial_config
 
 
 def test_defaults_are_the_papers_settings():
@@ -63,6 +65,29 @@ def test_settings_out_of_range_are_refused_where_they_are_read(stage, override, 
     a dropout of 1 or a clip that does not tile the coarsest map would run and give nonsense)."""
     with pytest.raises(ConfigError, match=message):
         resolve(stage, None, [override])
+
+
+def stream_rates(config: TrainStageConfig) -> dict[str, float]:
+    """The learning rate each stream's head trains at, as the optimiser of a run is built."""
+    heads = build_heads(config.model, list(config.streams), 8, 3)
+    optimizer, _ = make_optimizer(heads, config.train, config.stream_lr)
+    return {s: group["lr"] for s, group in zip(heads.keys(), optimizer.param_groups)}
+
+
+def test_a_learning_rate_given_alone_trains_every_stream():
+    """The paper's per-stream rates are the default; a train.lr given without stream_lr would
+    otherwise change nothing (each stream has a rate of its own), in a run as in a grid."""
+    assert stream_rates(resolve(TrainStageConfig)) == {"rgb": 0.001, "flow": 0.01}
+    assert stream_rates(resolve(TrainStageConfig, None, ["train.lr=0.05"])) == {"rgb": 0.05, "flow": 0.05}
+    assert stream_rates(resolve(TrainStageConfig, None, ["train.lr=0.05", "stream_lr.rgb=0.002"])) == \
+        {"rgb": 0.002, "flow": 0.05}
+    tune = resolve(TuneStageConfig, None, ["base.train.lr=0.05"])
+    assert stream_rates(tune.base) == {"rgb": 0.05, "flow": 0.05}
+    grid = Grid("lr", "Learning rate", {}, {"train.lr": [0.1, 0.02]}, {}, ["fused/mAP@0.5"])
+    assert [stream_rates(trial_config(TrainStageConfig(), grid, t)) for t in grid.trials()] == \
+        [{"rgb": 0.1, "flow": 0.1}, {"rgb": 0.02, "flow": 0.02}]
+    written = resolve(TrainStageConfig, None, ["train.lr=0.05", "stream_lr={rgb: 0.003, flow: 0.03}"])
+    assert stream_rates(from_dict(TrainStageConfig, yaml.safe_load(dump(written)))) == {"rgb": 0.003, "flow": 0.03}
 
 
 def test_preprocess_caps_can_be_loosened_for_grids():
