@@ -9,8 +9,9 @@ features, computes candidate edges and training labels
 (:func:`gcm_core.data.prepared.prepare_video`) and writes the shard atomically with a JSON
 summary beside it. Nothing but ids and summaries passes through the driver.
 
-Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``. A
-broken video stops the stage with an error naming it after the other shards are written, or, with
+Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``, if the
+rerun prepares the same dataset the same way (``config.yaml``, written before the first shard,
+says how the shards were made); otherwise it is refused. A broken video stops the stage with an error naming it after the other shards are written, or, with
 ``skip_bad``, is left out and listed in the manifest. See :mod:`workflows.shards` for the layout.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
 from gcm_core.data.cards import DatasetCard, data_root_path, load_card
@@ -137,12 +139,15 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     config = replace(config, data_root=str(data_root_path(config.data_root).resolve()))
     card = load_card(config.card)
     out = Path(config.out)
+    card_copy = out / "card.yaml"
     if config.overwrite and (out / "shards").exists():
         shutil.rmtree(out / "shards")
+    elif _finished_shards(out):
+        _check_same_preparation(out, card, config)
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    card_copy = out / "card.yaml"
     if card.source is not None and card.source.resolve() != card_copy.resolve():
         atomic_copy(card.source, card_copy)
+    atomic_write_text(out / "config.yaml", dump(config))  # before any shard: what the shards were made with
     plan = _plan(card, config)
     done = {(r, v) for side in _finished_shards(out).values()
             for v, r in zip(side["summary"]["video_id"], side["summary"]["role"])}
@@ -170,7 +175,6 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
             if row["status"] != "ok" and not config.skip_bad:
                 failures.append(f"  {row['video_id']}: {row['error']}")
     progress.close()
-    atomic_write_text(out / "config.yaml", dump(config))
     if failures:
         raise PreprocessError(f"{len(failures)} video(s) could not be prepared (the other shards are written; fix "
                               "the input and rerun, or rerun with --skip-bad to leave them out):\n"
@@ -178,6 +182,31 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     manifest = _manifest(card, config, out)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
+
+
+SHARD_CONTENT = ("data_root", "parts", "reduce", "caps", "sampling")   # settings a shard's rows depend on
+
+
+def _check_same_preparation(out: Path, card: DatasetCard, config: PreprocessConfig) -> None:
+    """A rerun adds the missing shards to an earlier run's: only where both prepare the same
+    dataset the same way, or the output would mix two preparations under one manifest."""
+    changed = []
+    if card.source is not None and (out / "card.yaml").is_file() \
+            and card.source.read_text() != (out / "card.yaml").read_text():
+        changed.append(f"the card ({config.card} is not {out / 'card.yaml'})")
+    if (out / "config.yaml").is_file():
+        earlier, now = yaml.safe_load((out / "config.yaml").read_text()), to_dict(config)
+        changed += _changes({k: earlier.get(k) for k in SHARD_CONTENT}, {k: now[k] for k in SHARD_CONTENT})
+    if changed:
+        raise FileExistsError(f"{out} holds shards prepared otherwise: {'; '.join(changed)}. Pass --overwrite to "
+                              "prepare every video again, or give another --out")
+
+
+def _changes(earlier: Any, now: Any, key: str = "") -> list[str]:
+    """The settings that differ, by dotted key, with both values."""
+    if isinstance(earlier, dict) and isinstance(now, dict):
+        return [c for k in now for c in _changes(earlier.get(k), now[k], f"{key}.{k}" if key else k)]
+    return [] if earlier == now else [f"{key} {earlier!r} -> {now!r}"]
 
 
 def shard_count(videos: int, videos_per_shard: int, workers: int) -> int:

@@ -1,6 +1,7 @@
 """Preprocessing on Ray Data: correct shards, the GPU path, restarts, broken videos."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from gcm_core.candidates import CandidateCaps
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.prepared import prepare_video
@@ -65,6 +67,14 @@ def test_a_rerun_skips_finished_shards_and_overwrite_redoes_them(small_dataset, 
     again = sorted(tmp_path.glob("shards/*.parquet"))
     assert [p.name for p in again] == [p.name for p in shards]
     assert [p.stat().st_mtime_ns for p in again[1:]] == stamps[1:]
+    # a rerun preparing otherwise (other settings, another card) would mix two preparations: refused
+    for other, named in ((config(small_dataset, tmp_path, caps=CandidateCaps(sur_k=12)), "caps.sur_k 8 -> 12"),
+                         (dataclasses.replace(config(small_dataset, tmp_path), card="synthetic"), "the card")):
+        again[0].unlink()
+        with pytest.raises(FileExistsError, match=f"holds shards prepared otherwise: {named}.*--overwrite"):
+            run_preprocess(other, quiet=True)
+        assert sorted(tmp_path.glob("shards/*.parquet")) == again[1:]  # nothing written
+        run_preprocess(config(small_dataset, tmp_path), quiet=True)     # the first settings go on
     run_preprocess(config(small_dataset, tmp_path, overwrite=True), quiet=True)
     assert all(p.stat().st_mtime_ns > s for p, s in zip(sorted(tmp_path.glob("shards/*.parquet"))[1:], stamps[1:]))
 
