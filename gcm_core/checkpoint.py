@@ -15,6 +15,7 @@ import torch
 
 from gcm_core.data.atomic import atomic_write
 from gcm_core.data.dataset import VideoInputs
+from gcm_core.data.features import torch_load_problem
 from gcm_core.data.model import Detections, FormatError, Proposals, Video
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.prepared import prepare_video
@@ -75,7 +76,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # truncated, corrupt, or holding objects that would need unpickling
-        raise ValueError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{path}: unreadable checkpoint: {torch_load_problem(err)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not a gcm-tal checkpoint")
     model_config = ModelConfig(**payload["model_config"])

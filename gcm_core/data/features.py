@@ -6,6 +6,7 @@ and names the file and video when something is wrong.
 """
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -13,6 +14,15 @@ import numpy as np
 import torch
 
 from gcm_core.data.model import FormatError
+
+
+def torch_load_problem(err: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` failed, in a line, without torch's advice to load
+    the file again with ``weights_only=False`` (which runs whatever code the file holds)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return ("not plain tensors and types as torch.save writes them: another format, or objects that only "
+                "unpickling would read, and gcm-tal never unpickles")
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
 
 
 def load_features(path: str | Path, video: str | None = None) -> np.ndarray:
@@ -42,7 +52,7 @@ def load_features(path: str | Path, video: str | None = None) -> np.ndarray:
     except ValueError as err:  # numpy refuses object arrays without pickle
         raise FormatError(path, f"cannot be read without unpickling ({err})", video=video) from None
     except Exception as err:  # truncated or corrupt archives
-        raise FormatError(path, f"unreadable feature file ({type(err).__name__}: {err})", video=video) from None
+        raise FormatError(path, f"unreadable feature file: {torch_load_problem(err)}", video=video) from None
     return check_features(array, path, video)
 
 
