@@ -3,7 +3,7 @@
 A setting out of its range (a negative learning rate, a dropout of 1, no workers) is refused
 where the configuration is built, i.e. where a YAML file or a ``--set`` is read, naming the field,
 rather than deep inside a training worker minutes later (torch's own checks) or never (a dropout
-of 1, a zero NMS threshold, which run and give nonsense).
+of 1, an NMS threshold of 2, which run and give nonsense).
 """
 from __future__ import annotations
 

@@ -102,9 +102,9 @@ class TrainStageConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, stream_lr="> 0", num_workers=">= 1", cpus_per_worker="> 0", max_failures=">= 0")
-        recipe = "one_stage.train" if self.kind == "one-stage" else "train"
-        if (self.one_stage.train if self.kind == "one-stage" else self.train).epochs < 1:
-            raise ValueError(f"a run trains for {recipe}.epochs >= 1 (0 is for gcm_core.engine.fit's untrained baselines)")
+        key, recipe = ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
+        if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
+            raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
 
 
 @dataclass

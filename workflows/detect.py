@@ -117,12 +117,11 @@ def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path 
 def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float | None, duration: float | None,
                 proposals_of: Callable[[Video], Proposals]) -> Detections:
     model = detector.model
-    features = video_features(paths, detector.streams, detector.columns, video_id)
-    check_feature_widths(model.dims, {s: f.shape[1] for s, f in features.items()},
-                         ", ".join(map(str, paths)), video_id)
+    features, files = video_features(paths, detector.streams, detector.columns, video_id), ", ".join(map(str, paths))
+    check_feature_widths(model.dims, {s: f.shape[1] for s, f in features.items()}, files, video_id)
     video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
     if grid.uncovered():  # e.g. a duration (--duration, --video-info) that is not this video's
-        raise FormatError(", ".join(map(str, paths)), grid.uncovered(), video=video_id)
+        raise FormatError(files, grid.uncovered(), video=video_id)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
                                       dict(model.stage.inference.fusion), model.stage.inference)

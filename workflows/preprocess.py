@@ -11,8 +11,9 @@ summary beside it. Nothing but ids and summaries passes through the driver.
 
 Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``, if the
 rerun prepares the same dataset the same way (``config.yaml``, written before the first shard,
-says how the shards were made); otherwise it is refused. A broken video stops the stage with an error naming it after the other shards are written, or, with
-``skip_bad``, is left out and listed in the manifest. See :mod:`workflows.shards` for the layout.
+says how the shards were made); otherwise the rerun is refused. A broken video stops the stage
+with an error naming it after the other shards are written, or, with ``skip_bad``, is left out
+and listed in the manifest. See :mod:`workflows.shards` for the layout.
 """
 from __future__ import annotations
 
