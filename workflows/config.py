@@ -105,6 +105,14 @@ class TrainStageConfig:
         key, recipe = ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
+        if self.kind == "one-stage":  # the two-stage settings would be changed for nothing
+            changed = [name for name, default in (("train", TrainConfig()), ("model", ModelConfig()),
+                                                  ("graph", GraphSpec())) if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"a one-stage run reads one_stage.train and one_stage.model (its graph: "
+                                 f"one_stage.model.graph); {' and '.join(changed)} "
+                                 f"{'hold' if len(changed) > 1 else 'holds'} two-stage settings, changed here for "
+                                 "nothing: e.g. one_stage.train.epochs, not train.epochs")
 
 
 @dataclass

@@ -67,6 +67,17 @@ def test_settings_out_of_range_are_refused_where_they_are_read(stage, override, 
         resolve(stage, None, [override])
 
 
+def test_two_stage_settings_given_to_a_one_stage_run_are_refused():
+    """D-SSAD trains with one_stage.train: a train.epochs meant for it would be ignored."""
+    with pytest.raises(ConfigError, match=r"train holds two-stage settings.*one_stage\.train\.epochs, not train"):
+        resolve(TrainStageConfig, None, ["kind=one-stage", "train.epochs=5"])
+    with pytest.raises(ConfigError, match=r"model and graph hold two-stage settings"):
+        resolve(TrainStageConfig, None, ["kind=one-stage", "model.dropout=0.5", "graph.l_sem=4"])
+    run = resolve(TrainStageConfig, None, ["kind=one-stage", "one_stage.train.epochs=5"])
+    assert run.one_stage.train.epochs == 5
+    assert from_dict(TrainStageConfig, yaml.safe_load(dump(run))) == run   # its written config reads back
+
+
 def stream_rates(config: TrainStageConfig) -> dict[str, float]:
     """The learning rate each stream's head trains at, as the optimiser of a run is built."""
     heads = build_heads(config.model, list(config.streams), 8, 3)
