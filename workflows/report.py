@@ -221,15 +221,17 @@ def write_report(folders: list[Path | str], out: Path | str | None = None, video
     out = Path(out or folders[0])
     if (out / "REPORT.md").exists() and not overwrite:
         raise FileExistsError(f"{out} holds a previous report: pass --overwrite to replace it, or another --out")
+    missing = [folder for folder in folders if not folder.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no folder {missing[0]}")
+    found = discover(folders)
+    located = [run.path for run in found["runs"]] + found["evaluations"] + [t.parent for t in found["grids"]]
     for folder in folders:  # a mistyped or unfinished folder would otherwise just be missing from the report
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no folder {folder}")
-        if not any(discover([folder]).values()):
+        if not any(folder in (place, place.parent) for place in located):
             raise FileNotFoundError(f"nothing to report in {folder}: no finished run (metrics.json and config.yaml), "
                                     "evaluation (summary.csv) or grid table (NAME.csv and NAME.md) in it or in a "
                                     "folder directly under it")
     out.mkdir(parents=True, exist_ok=True)
-    found = discover(folders)
     runs: list[Run] = found["runs"]
     lines = ["# gcm-tal report", "", f"Inputs: {', '.join(str(f) for f in folders)}", ""]
     if runs:

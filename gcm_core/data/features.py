@@ -17,8 +17,8 @@ from gcm_core.data.model import FormatError
 
 
 def torch_load_problem(err: Exception) -> str:
-    """Why ``torch.load(..., weights_only=True)`` failed, in a line, without torch's advice to load
-    the file again with ``weights_only=False`` (which runs whatever code the file holds)."""
+    """Why a restricted ``torch.load`` (plain types and tensors only) failed, in a line, without
+    torch's advice to load the file again unrestricted (which runs whatever code the file holds)."""
     if isinstance(err, pickle.UnpicklingError):
         return ("not plain tensors and types as torch.save writes them: another format, or objects that only "
                 "unpickling would read, and gcm-tal never unpickles")
