@@ -12,6 +12,21 @@ from workflows import GRID_DIR
 from workflows.tables import markdown_table
 
 
+def at_least(kind: type[int] | type[float], minimum: int, strict: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite number >= ``minimum`` (> with ``strict``): a frame rate, a
+    duration, a count of workers, a seed, where 0 or less would otherwise silently mean 'the
+    default' or fail far from the option that caused it."""
+    bound = f"{'>' if strict else '>='} {minimum}"
+
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text!r}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value: 'x'"
+    return parse
+
+
 def _add_eval_detections(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", required=True, choices=["thumos14", "activitynet"],
                    help="thumos14: the challenge's official protocol (older literature); "
@@ -72,7 +87,8 @@ def _run_eval_detections(args: argparse.Namespace) -> int:
 def _add_synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", default="synthetic", help="synthetic dataset card (name or YAML path)")
     p.add_argument("--out", type=Path, help="output folder (the layout of real data)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
+    p.add_argument("--seed", type=at_least(int, 0), default=0,
+                   help="random seed: the same seed writes the same files")
     p.add_argument("--scale", default="small", choices=["small", "medium", "full"],
                    help="small: a few dozen videos (demo); medium: THUMOS'14 size, 256-d; full: 1024-d")
     p.add_argument("--control", action="store_true", help="relation-free control: every relation knob at 0")
@@ -123,18 +139,6 @@ def _run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse type: a finite number > 0 (a frame rate, a duration, a count of workers), where
-    0 would otherwise silently mean 'the default'."""
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if not (math.isfinite(value) and value > 0):
-            raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in "invalid float value: 'x'"
-    return parse
-
-
 def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, type=Path,
                    help="a checkpoint written by gcm train: a two-stage model.pt (needs --proposals) or a "
@@ -155,9 +159,9 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--video-id", default=None,
                    help="name of the video in the output (default: the features' stem; not with --features-dir)")
-    p.add_argument("--fps", type=positive(float),
+    p.add_argument("--fps", type=at_least(float, 0, strict=True),
                    help="frame rate of the video (default: the checkpoint's snippet layout)")
-    p.add_argument("--duration", type=positive(float),
+    p.add_argument("--duration", type=at_least(float, 0, strict=True),
                    help="duration in seconds (default: what the snippets cover; not with --features-dir)")
     p.add_argument("--video-info", type=Path,
                    help="each video's duration and frame rate, looked up by its id: a video-info file (BSN's "
@@ -166,7 +170,7 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="with --features-dir: leave out the videos whose files fail their checks (named on stderr) "
                         "instead of stopping")
-    p.add_argument("--workers", type=positive(int),
+    p.add_argument("--workers", type=at_least(int, 1),
                    help="with --features-dir: detect the folder's videos as this many parallel Ray tasks (default: "
                         "in this process; with --address, the cluster's CPUs)")
 
@@ -369,7 +373,7 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's folder (recreated)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of training")
+    p.add_argument("--seed", type=at_least(int, 0), default=0, help="seed of the synthetic data and of training")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 

@@ -139,6 +139,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     # in other directories
     config = replace(config, data_root=str(data_root_path(config.data_root).resolve()))
     card = load_card(config.card)
+    plan = _plan(card, config)  # reads the annotations: a wrong card or data root stops before anything is written
     out = Path(config.out)
     card_copy = out / "card.yaml"
     if config.overwrite and (out / "shards").exists():
@@ -149,7 +150,6 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     if card.source is not None and card.source.resolve() != card_copy.resolve():
         atomic_copy(card.source, card_copy)
     atomic_write_text(out / "config.yaml", dump(config))  # before any shard: what the shards were made with
-    plan = _plan(card, config)
     done = {(r, v) for side in _finished_shards(out).values()
             for v, r in zip(side["summary"]["video_id"], side["summary"]["role"])}
     todo = [row for row in plan if (row["role"], row["video_id"]) not in done]

@@ -76,6 +76,13 @@ def test_a_report_of_nothing_is_refused_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "report").exists()
 
 
+def test_a_negative_seed_is_an_error_of_its_option(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["synth", "--out", str(tmp_path / "data"), "--seed", "-1"])
+    assert "argument --seed: must be a number >= 0, got '-1'" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_help_shows_real_defaults_only(capsys):
     from workflows.cli import build_parser
     from workflows.commands import REGISTRY

@@ -13,6 +13,7 @@ import torch
 from gcm_core.candidates import CandidateCaps
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
 from workflows.config import PreprocessConfig, RayConfig
 from workflows.preprocess import PreprocessError, balanced_order, run_preprocess, shard_count
@@ -77,6 +78,13 @@ def test_a_rerun_skips_finished_shards_and_overwrite_redoes_them(small_dataset, 
         run_preprocess(config(small_dataset, tmp_path), quiet=True)     # the first settings go on
     run_preprocess(config(small_dataset, tmp_path, overwrite=True), quiet=True)
     assert all(p.stat().st_mtime_ns > s for p, s in zip(sorted(tmp_path.glob("shards/*.parquet"))[1:], stamps[1:]))
+
+
+def test_a_wrong_data_root_stops_before_anything_is_written(small_dataset, tmp_path):
+    with pytest.raises(FormatError, match=f"no such file under the data root {tmp_path}"):
+        run_preprocess(dataclasses.replace(config(small_dataset, tmp_path / "out"), data_root=str(tmp_path)),
+                       quiet=True)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_broken_video_is_named_and_other_shards_stay(small_dataset, tmp_path):
