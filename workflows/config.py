@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from gcm_core.checks import check_ranges
+from gcm_core.data.cards import read_yaml
 from gcm_core.data.sampling import SamplingConfig
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSADConfig
@@ -284,9 +285,11 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
     if yaml_path:
         path = Path(yaml_path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
+            loaded = read_yaml(path) or {}
+        except OSError as err:
             raise ConfigError(f"{path}: cannot read the configuration ({err})") from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the configuration must be a mapping")
         data = loaded

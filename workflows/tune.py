@@ -19,10 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import shipped_yaml
+from gcm_core.data.cards import read_yaml, shipped_yaml
 from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
 from workflows.config import (
@@ -65,12 +63,23 @@ def load_grid(name_or_path: str | Path) -> Grid:
         path = shipped_yaml(name_or_path, GRID_DIR, "grid")
     except FileNotFoundError as err:
         raise ConfigError(str(err)) from None
-    raw = yaml.safe_load(path.read_text())
+    try:
+        raw = read_yaml(path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid is a mapping with a name and a grid")
     missing = {"name", "grid"} - set(raw)
     if missing:
         raise ConfigError(f"{path}: missing {sorted(missing)}")
-    grid = Grid(raw["name"], raw.get("title", raw["name"]), raw.get("base") or {}, raw["grid"],
-                raw.get("labels") or {}, raw.get("metrics") or ["rgb/mAP@0.5", "flow/mAP@0.5", "fused/mAP@0.5"],
+    axes, labels = raw["grid"], raw.get("labels") or {}
+    if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
+        raise ConfigError(f"{path}: grid must give each setting it varies (a dotted key) a non-empty list of values")
+    for key, names in labels.items():
+        if key not in axes or not isinstance(names, list) or len(names) != len(axes[key]):
+            raise ConfigError(f"{path}: labels of {key} must name each of the grid's values of {key}, in order")
+    grid = Grid(raw["name"], raw.get("title", raw["name"]), raw.get("base") or {}, axes,
+                labels, raw.get("metrics") or ["rgb/mAP@0.5", "flow/mAP@0.5", "fused/mAP@0.5"],
                 raw.get("note", ""))
     for trial in grid.trials():  # fail before any trial starts
         trial_config(TrainStageConfig(), grid, trial)

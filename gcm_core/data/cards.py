@@ -122,6 +122,17 @@ def shipped_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:
     return path
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; where it is not YAML, a one-line ValueError naming the file,
+    the line and the problem (PyYAML's own message spans several lines)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
+
+
 def load_card(name_or_path: str | Path) -> DatasetCard:
     """A card by shipped name (``thumos14``) or by path to a YAML file."""
     try:
@@ -129,9 +140,9 @@ def load_card(name_or_path: str | Path) -> DatasetCard:
     except FileNotFoundError as err:
         raise CardError(str(err)) from None
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise CardError(f"{path}: not valid YAML: {err}") from None
+        raw = read_yaml(path)
+    except ValueError as err:
+        raise CardError(str(err)) from None
     return card_from_dict(raw, source=path)
 
 

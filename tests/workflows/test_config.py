@@ -101,6 +101,21 @@ def test_a_learning_rate_given_alone_trains_every_stream():
     assert stream_rates(from_dict(TrainStageConfig, yaml.safe_load(dump(written)))) == {"rgb": 0.003, "flow": 0.03}
 
 
+@pytest.mark.parametrize("text, problem", [
+    ("name: x\ngrid:\n  graph.l_sem: []\n", r"grid must give each setting it varies \(a dotted key\) a non-empty list"),
+    ("name: x\ngrid:\n  graph.l_sem: [1, 2]\nlabels:\n  graph.l_sem: [one]\n",
+     "labels of graph.l_sem must name each of the grid's values of graph.l_sem"),
+    ("- name\n- grid\n", "a grid is a mapping with a name and a grid"),
+    ("name: x\ngrid: {graph.l_sem: [1,\n", r"not valid YAML \(expected the node content"),
+])
+def test_a_malformed_grid_is_named_in_one_line(tmp_path, text, problem):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path}(, line 3)?: {problem}") as err:
+        load_grid(path)
+    assert "\n" not in str(err.value)
+
+
 def test_preprocess_caps_can_be_loosened_for_grids():
     c = resolve(PreprocessConfig, None, ["caps.sur_k=12", "caps.min_ctx_tiou=0.4"])
     assert c.caps.sur_k == 12 and c.caps.min_ctx_tiou == 0.4
