@@ -138,11 +138,6 @@ def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | N
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features."""
     run = load_one_stage(checkpoint)
-    source = DatasetSource(card, data_root, "test")
-    first = source.video_ids[0]
-    _, features, _ = source.snippet_features(first)
-    check_feature_widths(run.dims, {s: f.shape[1] for s, f in features.items()},
-                         ", ".join(str(source.feature_path(first, s)) for s in features), first)
     truth, detections = detect_test_split(run.models, run.stage, card, data_root)
     return run.classes, truth, detections["fused"]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gcm_core.checkpoint import check_feature_widths
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard
 from gcm_core.data.dataset import DatasetSource
@@ -54,11 +55,11 @@ class OneStageCheckpoint:
     classes: list[str]
     snippets: dict[str, Any]        # the features' snippet layout (card ``snippets``); {} in files written
                                     # before it was recorded, which video_layout reads as its defaults
-    dim: int                        # the width of the snippet features every stream's model reads
 
     @property
     def dims(self) -> dict[str, int]:
-        return {s: self.dim for s in self.stage.streams}
+        """The width of the snippet features each stream's model reads."""
+        return {s: model.dim for s, model in self.models.items()}
 
 
 def is_one_stage_checkpoint(path: str | Path) -> bool:
@@ -78,8 +79,7 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
     models = OneStageModels({s: DSSAD(stage.one_stage.model, payload["dim"], len(payload["classes"]))
                              for s in stage.streams})
     models.load_state_dict(payload["models"])
-    return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}),
-                              int(payload["dim"]))
+    return OneStageCheckpoint(models.eval(), stage, list(payload["classes"]), payload.get("snippets", {}))
 
 
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
@@ -89,6 +89,10 @@ def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: Dat
     source = DatasetSource(card, data_root, "test")
     tests, durations, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                                               stage.one_stage.model.window_stride)
+    first = tests[stage.streams[0]][0].video_id   # features of another width: named, not a shape error
+    check_feature_widths({s: models[s].dim for s in stage.streams},
+                         {s: tests[s][0].features.shape[1] for s in stage.streams},
+                         ", ".join(str(source.feature_path(first, s)) for s in stage.streams), first)
     scores = {s: anchor_scores(models[s], tests[s], seconds, device=device) for s in stage.streams}
     anchors = models[stage.streams[0]].anchors(seconds)
     groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]

@@ -66,7 +66,7 @@ class DSSAD(nn.Module):
     def __init__(self, config: DSSADConfig, dim: int, num_classes: int) -> None:
         super().__init__()
         h, a = config.hidden, len(config.anchor_ratios)
-        self.config, self.num_classes = config, num_classes
+        self.config, self.dim, self.num_classes = config, dim, num_classes
         self.base = nn.Sequential(_conv(dim, h), _conv(h, h, stride=2), nn.Dropout(config.dropout))
         self.down = nn.ModuleList(_conv(h, h, stride=2) for _ in range(config.num_scales))
         self.cls_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * (num_classes + 1), 3, padding=1))

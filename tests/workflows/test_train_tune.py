@@ -250,7 +250,7 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
     first = min(DatasetSource(load_card(card), "bare", "test").video_ids)
     features = Path("bare").resolve() / "features"
     assert (f"{features}/rgb/{first}.npy, {features}/flow/{first}.npy, video {first}: rgb features are "
-            f"{run.dim}-d, the model's rgb stream reads 16-d") in str(failed.value)
+            f"{run.dims['rgb']}-d, the model's rgb stream reads 16-d") in str(failed.value)
     # gcm report on the three: the dataset named as it was read, the test videos' timelines from the annotations
     assert cli_main(["report", "runs/d", "tune/edges", "eval", "--out", "report"]) == 0
     text = Path("report/REPORT.md").read_text()
