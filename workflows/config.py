@@ -88,7 +88,8 @@ class TrainStageConfig:
     name: str = "ssn-gcm"
     kind: Literal["two-stage", "one-stage"] = "two-stage"   # one-stage: D-SSAD, see one_stage
     streams: tuple[str, ...] = ("rgb", "flow")
-    stream_lr: dict[str, float] = field(default_factory=lambda: {"rgb": 0.001, "flow": 0.01})  # section 4.2
+    # section 4.2; a mapping given replaces this one, and a stream it does not name trains at train.lr
+    stream_lr: dict[str, float] = field(default_factory=lambda: {"rgb": 0.001, "flow": 0.01})
     model: ModelConfig = field(default_factory=ModelConfig)
     graph: GraphSpec = field(default_factory=GraphSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -244,6 +245,15 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def differences(first: Any, second: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configurations of one dataclass."""
+    a, b = to_dict(first), to_dict(second)
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix.rstrip(".")]
+    return [key for name in sorted(set(a) | set(b))
+            for key in differences(a.get(name), b.get(name), f"{prefix}{name}.")]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

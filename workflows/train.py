@@ -26,13 +26,13 @@ import torch
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
-from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
+from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card, read_yaml
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, evaluate, make_optimizer, predict, seed_everything, train_one_epoch,
 )
-from workflows.config import TrainStageConfig, dump, from_dict, to_dict
+from workflows.config import ConfigError, TrainStageConfig, differences, dump, from_dict, to_dict
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import caps_from_manifest, load_manifest, prepared_from, read_shard_rows, row_to_video
 
@@ -245,8 +245,10 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
     folder = run_dir(stage)
-    if (folder / SNAPSHOT).exists() and not stage.resume:
-        raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")
+    if (folder / SNAPSHOT).exists():
+        if not stage.resume:
+            raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")
+        check_resumable(folder, stage)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump(stage))
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
@@ -276,6 +278,36 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
         atomic_copy(Path(ckpt_dir) / weights, folder / weights)
     metrics = dict(result.metrics or {})
     return {"run_dir": str(folder), "checkpoint": str(folder / weights), "metrics": metrics}
+
+
+# What a resumed run may change: how long it trains, what it runs on, whether it evaluates at the end
+RESUMABLE_CHANGES = frozenset({"resume", "train.epochs", "one_stage.train.epochs", "evaluate", "use_gpu",
+                               "cpus_per_worker", "max_failures"})
+
+
+def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
+    """Refuse to resume a run with other settings than it trained with (its ``config.yaml``): the
+    model, graph, data or recipe changed half-way would give a run that no configuration describes,
+    and another number of workers finds no random state saved for its new ranks."""
+    written = folder / "config.yaml"
+    if not written.exists():
+        return
+    try:
+        earlier = from_dict(TrainStageConfig, read_yaml(written) or {})
+    except ValueError as err:
+        raise ConfigError(f"{written}: cannot read the settings the run was trained with ({err})") from None
+    changed = [key for key in differences(earlier, stage) if key not in RESUMABLE_CHANGES]
+    if changed:
+        shown = "; ".join(f"{key}: {_setting(earlier, key)!r} -> {_setting(stage, key)!r}" for key in changed)
+        raise ConfigError(f"{folder} trained with other settings than these ({shown}): --resume continues a run "
+                          "with more epochs (or on other resources) only; start another --name for new settings")
+
+
+def _setting(config: TrainStageConfig, key: str) -> Any:
+    value: Any = to_dict(config)
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:

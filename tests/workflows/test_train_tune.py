@@ -23,7 +23,7 @@ from gcm_core.engine import build_heads
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from workflows.config import (
-    EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
+    ConfigError, EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
 )
 from workflows.evaluate import EvalDataset, EvaluationError, datasets_of, pair_folders, run_evaluate
 from workflows.preprocess import run_preprocess
@@ -305,6 +305,17 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     assert resumed["epoch"] == 4
     for key in ("fused/mAP@0.5", "loss_total", "flow/mAP@0.3"):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-4), key
+
+    # --resume continues a run for more epochs, and refuses a run whose settings changed half-way
+    written = (run / "config.yaml").read_text()
+    changed = dataclasses.replace(config, resume=True, graph=dataclasses.replace(config.graph, l_sem=5),
+                                  train=dataclasses.replace(config.train, epochs=5))
+    with pytest.raises(ConfigError, match=r"trained with other settings than these \(graph\.l_sem: 2 -> 5\)"):
+        run_train(changed, quiet=True)
+    assert (run / "config.yaml").read_text() == written
+    longer = run_train(dataclasses.replace(config, resume=True, train=dataclasses.replace(config.train, epochs=5)),
+                       quiet=True)
+    assert longer["metrics"]["epoch"] == 5 and load_checkpoint(run / "model.pt").extra["epoch"] == 5
 
 
 def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, tmp_path):
