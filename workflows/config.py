@@ -247,13 +247,19 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def differences(first: Any, second: Any, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two configurations of one dataclass."""
-    a, b = to_dict(first), to_dict(second)
+def changed_settings(earlier: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any]]:
+    """The settings that differ between two configurations (dataclasses or their mappings), by
+    dotted key, with the earlier and the present value."""
+    a, b = to_dict(earlier), to_dict(now)
     if not (isinstance(a, dict) and isinstance(b, dict)):
-        return [] if a == b else [prefix.rstrip(".")]
-    return [key for name in sorted(set(a) | set(b))
-            for key in differences(a.get(name), b.get(name), f"{prefix}{name}.")]
+        return {} if a == b else {key: (a, b)}
+    return {changed: values for name in sorted(set(a) | set(b))
+            for changed, values in changed_settings(a.get(name), b.get(name), f"{key}.{name}" if key else name).items()}
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``changed_settings`` for a message: ``graph.l_sem 2 -> 5; train.lr 0.01 -> 0.02``."""
+    return "; ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changes.items())
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

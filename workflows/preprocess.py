@@ -37,7 +37,7 @@ from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import FOREGROUND, RegressionStats
-from workflows.config import PreprocessConfig, dump, from_dict, to_dict
+from workflows.config import PreprocessConfig, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.progress import Progress
 from workflows.provenance import code_version
 from workflows.shards import video_to_row, write_shard
@@ -197,17 +197,12 @@ def _check_same_preparation(out: Path, card: DatasetCard, config: PreprocessConf
         changed.append(f"the card ({config.card} is not {out / 'card.yaml'})")
     if (out / "config.yaml").is_file():
         earlier, now = yaml.safe_load((out / "config.yaml").read_text()), to_dict(config)
-        changed += _changes({k: earlier.get(k) for k in SHARD_CONTENT}, {k: now[k] for k in SHARD_CONTENT})
+        changes = changed_settings({k: earlier.get(k) for k in SHARD_CONTENT}, {k: now[k] for k in SHARD_CONTENT})
+        if changes:
+            changed.append(describe_changes(changes))
     if changed:
         raise FileExistsError(f"{out} holds shards prepared otherwise: {'; '.join(changed)}. Pass --overwrite to "
                               "prepare every video again, or give another --out")
-
-
-def _changes(earlier: Any, now: Any, key: str = "") -> list[str]:
-    """The settings that differ, by dotted key, with both values."""
-    if isinstance(earlier, dict) and isinstance(now, dict):
-        return [c for k in now for c in _changes(earlier.get(k), now[k], f"{key}.{k}" if key else k)]
-    return [] if earlier == now else [f"{key} {earlier!r} -> {now!r}"]
 
 
 def shard_count(videos: int, videos_per_shard: int, workers: int) -> int:

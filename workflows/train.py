@@ -32,7 +32,9 @@ from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, evaluate, make_optimizer, predict, seed_everything, train_one_epoch,
 )
-from workflows.config import ConfigError, TrainStageConfig, differences, dump, from_dict, to_dict
+from workflows.config import (
+    ConfigError, TrainStageConfig, changed_settings, describe_changes, dump, from_dict, to_dict,
+)
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import caps_from_manifest, load_manifest, prepared_from, read_shard_rows, row_to_video
 
@@ -296,18 +298,10 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
         earlier = from_dict(TrainStageConfig, read_yaml(written) or {})
     except ValueError as err:
         raise ConfigError(f"{written}: cannot read the settings the run was trained with ({err})") from None
-    changed = [key for key in differences(earlier, stage) if key not in RESUMABLE_CHANGES]
+    changed = {key: values for key, values in changed_settings(earlier, stage).items() if key not in RESUMABLE_CHANGES}
     if changed:
-        shown = "; ".join(f"{key}: {_setting(earlier, key)!r} -> {_setting(stage, key)!r}" for key in changed)
-        raise ConfigError(f"{folder} trained with other settings than these ({shown}): --resume continues a run "
-                          "with more epochs (or on other resources) only; start another --name for new settings")
-
-
-def _setting(config: TrainStageConfig, key: str) -> Any:
-    value: Any = to_dict(config)
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+        raise ConfigError(f"{folder} trained with other settings than these ({describe_changes(changed)}): --resume "
+                          "continues a run for more epochs only; start another --name for new settings")
 
 
 def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:
