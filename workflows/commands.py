@@ -274,8 +274,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="runs folder")
     p.add_argument("--name", help="run name (a folder under --out)")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
-    p.add_argument("--resume", action="store_true", default=None, help="continue the run from its last checkpoint, for more epochs "
-                   "(--set train.epochs=N); its workers and model, graph and data settings stay as they were")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run from its last checkpoint, for more epochs (--set train.epochs=N); its "
+                        "workers and model, graph and data settings stay as they were")
     _add_stage_options(p, "train.lr=0.01")
 
 

@@ -96,6 +96,7 @@ class TrainStageConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     one_stage: OneStageConfig = field(default_factory=OneStageConfig)
     evaluate: bool = True                # evaluate the final model on the test split
+    evaluate_every: int = 0              # also every N epochs: the test mAP in that epoch's log line
     num_workers: int = 2
     use_gpu: bool | None = None
     cpus_per_worker: float = 0.5
@@ -103,7 +104,8 @@ class TrainStageConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        check_ranges(self, stream_lr="> 0", num_workers=">= 1", cpus_per_worker="> 0", max_failures=">= 0")
+        check_ranges(self, stream_lr="> 0", evaluate_every=">= 0", num_workers=">= 1", cpus_per_worker="> 0",
+                     max_failures=">= 0")
         key, recipe = ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")

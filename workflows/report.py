@@ -10,7 +10,7 @@ beside REPORT.md:
 - ``map_vs_tiou.png`` (one line per method), ``ablation_<grid>.png`` (bars, baseline marked),
   ``timeline_<video>.png`` (ground truth and each method's detections, as the paper's Figs. 5-6),
   ``graph_unit.png`` (the graph around one unit, as Fig. 3), ``ar_an.png`` (proposal AR@AN) and
-  ``training_<run>.png`` (losses per epoch).
+  ``training_<run>.png`` (losses per epoch, and the test mAP where the run evaluated).
 """
 from __future__ import annotations
 
@@ -112,8 +112,14 @@ def plot_training(run: Run):
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("loss (sum over streams)")
     ax.set_title(f"Training losses: {run.name}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
+    tested = [p for p in run.progress if "fused/mAP@0.5" in p]   # evaluate_every, and the last epoch
+    if tested:
+        right = ax.twinx()
+        right.plot([p["epoch"] for p in tested], [p["fused/mAP@0.5"] for p in tested], "ko--", label="test mAP@0.5")
+        right.set_ylabel("test mAP@0.5 (%, fused)")
+        right.legend(fontsize=8, loc="upper right")
     return fig
 
 

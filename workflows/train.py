@@ -7,8 +7,9 @@ run's graph settings applied to the stored candidate edges. Each epoch reports m
 checkpoint: ``model.pt`` (the engine's self-contained checkpoint, loadable without Ray), the
 optimiser and schedule state, and each worker's random state, so that a run that lost a worker
 resumes from the last checkpoint and ends as an uninterrupted one would. After the last epoch rank
-0 evaluates the test split (detections.json, metrics.json). Logs for TensorBoard go to
-``<run>/tensorboard``.
+0 evaluates the test split (detections.json, metrics.json), and with ``evaluate_every`` also every
+N epochs (the test mAP joins that epoch's metrics, as OpenTAD's validation interval: a curve of
+test mAP against epochs). Logs for TensorBoard go to ``<run>/tensorboard``.
 """
 from __future__ import annotations
 
@@ -146,6 +147,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     per_worker = max(1, stage.train.batch_videos // world)
     steps = math.ceil(math.ceil(len(train_ids) / world) / per_worker)
     writer = tensorboard_writer(out) if rank == 0 else None
+    test_videos = None   # read on rank 0 at its first evaluation
     for epoch in range(start, stage.train.epochs):
         began = time.perf_counter()
         metrics = train_one_epoch(model, data, optimizer, stage.train, stats, generator, device, steps, per_worker)
@@ -159,8 +161,11 @@ def train_loop(loop: dict[str, Any]) -> None:
                 ckpt = Checkpoint(manifest["classes"], stage.model, stage.graph, stage.inference, loop["snippets"],
                                   heads, stats, {"epoch": epoch + 1, "config": loop["stage"]})
                 save_checkpoint(Path(tmp) / "model.pt", ckpt)
-                if last and stage.evaluate:
-                    metrics.update(_evaluate(heads, stats, stage, manifest, out, device))
+                if evaluates_after(stage, epoch + 1, stage.train.epochs):
+                    if test_videos is None:
+                        test_videos = collect_videos(ray.train.get_dataset_shard("test"), None, manifest)
+                    metrics.update(_evaluate(heads, stats, stage, manifest, test_videos, out if last else None,
+                                             device))
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
                 log_epoch(out, writer, metrics)
@@ -207,12 +212,15 @@ def tensorboard_writer(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any], out: Path,
-              device) -> dict[str, float]:
-    """Rank 0, after the last epoch: detections and mAP of the test split, written to the run folder."""
-    import ray.train
+def evaluates_after(stage: TrainStageConfig, epoch: int, epochs: int) -> bool:
+    """Whether rank 0 evaluates the test split after ``epoch`` (1-based) of ``epochs``."""
+    return (epoch == epochs and stage.evaluate) or (stage.evaluate_every > 0 and epoch % stage.evaluate_every == 0)
 
-    videos = collect_videos(ray.train.get_dataset_shard("test"), None, manifest)
+
+def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any], videos: list,
+              out: Path | None, device) -> dict[str, float]:
+    """Rank 0: mAP of the test split; after the last epoch (``out`` given) also its detections and
+    metrics, written to the run folder."""
     if not videos:
         return {}
     comp = stage.model.comp_input if stage.model.detector == "ssn" else None
@@ -225,7 +233,7 @@ def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: 
         for t, value in zip(tiou, result.map.tolist()):
             metrics[f"{name}/mAP@{t:g}"] = 100 * value
         metrics[f"{name}/mAP_avg"] = 100 * result.average
-        if name == "fused":
+        if name == "fused" and out is not None:
             write_result_json(out / "detections.json", dets)
             summary = {"protocol": manifest["protocol"], **result.as_dict(classes)}
             atomic_write_text(out / "metrics.json", json.dumps({"fused": summary, "metrics": metrics}, indent=1))
@@ -282,9 +290,9 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     return {"run_dir": str(folder), "checkpoint": str(folder / weights), "metrics": metrics}
 
 
-# What a resumed run may change: how long it trains, what it runs on, whether it evaluates at the end
-RESUMABLE_CHANGES = frozenset({"resume", "train.epochs", "one_stage.train.epochs", "evaluate", "use_gpu",
-                               "cpus_per_worker", "max_failures"})
+# What a resumed run may change: how long it trains, what it runs on, when it evaluates
+RESUMABLE_CHANGES = frozenset({"resume", "train.epochs", "one_stage.train.epochs", "evaluate", "evaluate_every",
+                               "use_gpu", "cpus_per_worker", "max_failures"})
 
 
 def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
@@ -357,7 +365,9 @@ def follow(fit, log: Path, epochs: int, label: str, quiet: bool, loss_note: str 
                 progress.update(metrics["epoch"] - progress.done)
                 if not quiet:
                     losses = ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss_"))
-                    print(f"  epoch {metrics['epoch']}{loss_note}: {losses}", flush=True)
+                    tested = (f"; test mAP@0.5 {metrics['fused/mAP@0.5']:.2f} (fused)"
+                              if "fused/mAP@0.5" in metrics else "")
+                    print(f"  epoch {metrics['epoch']}{loss_note}: {losses}{tested}", flush=True)
         seen = len(logged)
     progress.close()
     if "error" in outcome:

@@ -106,7 +106,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from workflows.train import dataset_of, log_epoch, restore_state, save_state, tensorboard_writer, worker_setup
+    from workflows.train import (
+        dataset_of, evaluates_after, log_epoch, restore_state, save_state, tensorboard_writer, worker_setup,
+    )
 
     w = worker_setup(loop)
     stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
@@ -144,8 +146,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
         metrics.update(epoch=epoch + 1, seconds_per_epoch=time.perf_counter() - began)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                if epoch + 1 == config.epochs and stage.evaluate:
-                    metrics.update(_evaluate(models, stage, card, data_root, out, device))
+                if evaluates_after(stage, epoch + 1, config.epochs):
+                    metrics.update(_evaluate(models, stage, card, data_root, out if epoch + 1 == config.epochs
+                                             else None, device))
                 save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], card, dim)
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
@@ -155,7 +158,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str,
-              out: Path, device: torch.device) -> dict[str, float]:
+              out: Path | None, device: torch.device) -> dict[str, float]:
+    """Rank 0: mAP of the test split; after the last epoch (``out`` given) also its detections and
+    metrics, written to the run folder."""
     videos, detections = detect_test_split(models, stage, card, data_root, device)
     metrics: dict[str, float] = {}
     for name, dets in detections.items():
@@ -163,7 +168,7 @@ def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard
         for t, value in zip(card.tiou, result.map.tolist()):
             metrics[f"{name}/mAP@{t:g}"] = 100 * value
         metrics[f"{name}/mAP_avg"] = 100 * result.average
-        if name == "fused":
+        if name == "fused" and out is not None:
             write_result_json(out / "detections.json", dets)
             atomic_write_text(out / "metrics.json", json.dumps(
                 {"fused": {"protocol": card.protocol, **result.as_dict(card.classes)}, "metrics": metrics,

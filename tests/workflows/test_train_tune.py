@@ -53,13 +53,15 @@ def stage(prepared, out, name, model=None, **train):
 
 @pytest.fixture(scope="module")
 def runs(prepared, tmp_path_factory):
-    """SSN+GCM and SSN+MLP trained on 2 workers for 3 epochs: {name: run_train's result}."""
+    """SSN+GCM (also evaluated after epoch 2) and SSN+MLP trained on 2 workers for 3 epochs:
+    {name: run_train's result}."""
     out = tmp_path_factory.mktemp("runs")
-    return {name: run_train(stage(prepared, out, name, {"act_module": kind, "comp_module": kind}), quiet=True)
+    return {name: run_train(dataclasses.replace(stage(prepared, out, name, {"act_module": kind, "comp_module": kind}),
+                                                evaluate_every=2 if kind == "gcm" else 0), quiet=True)
             for name, kind in (("gcm", "gcm"), ("mlp", "mlp"))}
 
 
-def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared, runs):
+def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared, runs, tmp_path):
     result = runs["gcm"]
     run = Path(result["run_dir"])
     ckpt = load_checkpoint(run / "model.pt")
@@ -68,8 +70,15 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
     assert result["metrics"]["fused/mAP@0.5"] == pytest.approx(metrics["fused"]["mAP"][4], abs=1e-3)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    lines = (run / "progress.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+    logged = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [1, 2, 3]
+    # evaluate_every=2: the test mAP after epoch 2 (as its checkpoint scores alone) and after the last
+    assert ["fused/mAP@0.5" in m for m in logged] == [False, True, True]
+    assert logged[2]["fused/mAP@0.5"] == pytest.approx(result["metrics"]["fused/mAP@0.5"], abs=1e-9)
+    run_evaluate(EvaluateConfig(checkpoints=(str(run / "epoch-0002" / "model.pt"),), data=(str(prepared),),
+                                out=str(tmp_path / "epoch-2")), quiet=True)
+    evaluated = next((tmp_path / "epoch-2").glob("*/metrics.json"))
+    assert json.loads(evaluated.read_text())["mAP"][4] == pytest.approx(logged[1]["fused/mAP@0.5"], abs=1e-4)
     with pytest.raises(FileExistsError, match="--resume"):
         run_train(stage(prepared, run.parent, "gcm"), quiet=True)
 
