@@ -374,7 +374,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="the demo's folder (recreated)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="the demo's folder (recreated on every run; a folder it did not make is refused)")
     p.add_argument("--seed", type=at_least(int, 0), default=0, help="seed of the synthetic data and of training")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 

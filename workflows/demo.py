@@ -3,7 +3,7 @@
 synthetic data -> preprocess (Ray Data) -> train SSN+GCM and SSN+MLP (Ray Train, 2 workers) ->
 evaluate both in parallel -> a results table (printed and written to ``<out>/results.md``) ->
 the report (``<out>/REPORT.md``). Each stage's time is printed. The folder is the demo's own and
-is recreated on every run.
+is recreated on every run; a folder that a demo did not make is refused, never emptied.
 """
 from __future__ import annotations
 
@@ -28,10 +28,25 @@ MODELS = {"ssn-gcm": {"act_module": "gcm", "comp_module": "gcm"},
           "ssn-mlp": {"act_module": "mlp", "comp_module": "mlp"}}
 
 
+# written first into the demo's folder: what a later demo may delete
+MARK = ".gcm-demo"
+
+
+def claim_folder(out: Path) -> None:
+    """An empty ``out`` for a new demo: a missing or empty folder, or one an earlier demo made
+    (``MARK``), emptied; any other folder is refused (``gcm demo --out runs`` must not delete runs)."""
+    if out.exists():
+        if not (out.is_dir() and ((out / MARK).is_file() or not any(out.iterdir()))):
+            raise FileExistsError(f"{out} exists and is not a folder an earlier gcm demo made (no {MARK} in it): "
+                                  "the demo recreates its folder, so give it a new --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARK).write_text("made by gcm demo, which recreates this folder on every run\n")
+
+
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, quiet: bool = False) -> dict[str, Any]:
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
+    claim_folder(out)
     timings: dict[str, float] = {}
 
     def stage(name: str, fn):

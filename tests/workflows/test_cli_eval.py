@@ -109,3 +109,21 @@ def test_a_failed_ray_task_is_reported_by_its_own_error(monkeypatch, capsys):
     assert main(["report", "somewhere"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "gcm report: error: video_7: bad"
+
+
+def test_the_demo_recreates_only_a_folder_it_made(tmp_path):
+    """gcm demo empties its folder on every run; pointed at a folder of the user's, it refuses."""
+    from workflows.demo import MARK, claim_folder
+
+    mine = tmp_path / "runs"
+    (mine / "ssn-gcm").mkdir(parents=True)
+    (mine / "ssn-gcm" / "model.pt").write_bytes(b"weights")
+    with pytest.raises(FileExistsError, match=f"^{mine} exists and is not a folder an earlier gcm demo made"):
+        claim_folder(mine)
+    assert (mine / "ssn-gcm" / "model.pt").read_bytes() == b"weights"
+
+    demo = tmp_path / "demo"
+    claim_folder(demo)                                  # new: created and marked
+    (demo / "results.md").write_text("an earlier demo's table")
+    claim_folder(demo)                                  # an earlier demo's: emptied for the new one
+    assert sorted(p.name for p in demo.iterdir()) == [MARK]
