@@ -65,7 +65,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quiet: bool = False) 
     runs = {}
     for name, model in MODELS.items():
         config = from_dict(TrainStageConfig, {"data": prep.out, "out": str(out), "name": name, "num_workers": 2,
-                                              "stream_lr": {}, "model": model,
+                                              "stream_lr": {}, "model": model, "evaluate_every": 5,
                                               "train": {**DEMO_TRAINING, "seed": seed}})
         runs[name] = stage(f"train {name} (Ray Train, 2 workers)", lambda c=config: run_train(c, quiet))
     evaluation = EvaluateConfig(checkpoints=tuple(r["checkpoint"] for r in runs.values()), data=(prep.out,),

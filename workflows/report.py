@@ -111,11 +111,11 @@ def plot_training(run: Run):
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_ylabel("loss (sum over streams)")
-    ax.set_title(f"Training losses: {run.name}")
+    ax.set_title(f"Training: {run.name}")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     tested = [p for p in run.progress if "fused/mAP@0.5" in p]   # evaluate_every, and the last epoch
-    if tested:
+    if len(tested) > 1:
         right = ax.twinx()
         right.plot([p["epoch"] for p in tested], [p["fused/mAP@0.5"] for p in tested], "ko--", label="test mAP@0.5")
         right.set_ylabel("test mAP@0.5 (%, fused)")
@@ -273,7 +273,7 @@ def _runs_section(runs: list[Run], out: Path) -> list[str]:
     for run in runs:
         if run.progress:
             _save(plot_training(run), out / f"training_{run.name}.png")
-            lines += [f"![training losses of {run.name}](training_{run.name}.png)", ""]
+            lines += [f"![training of {run.name}](training_{run.name}.png)", ""]
     return lines
 
 
