@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import load_card
@@ -49,7 +49,7 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, quiet: bool = False) 
     claim_folder(out)
     timings: dict[str, float] = {}
 
-    def stage(name: str, fn):
+    def stage(name: str, fn: Callable[[], Any]) -> Any:
         began = time.perf_counter()
         if not quiet:
             print(f"== {name}", flush=True)

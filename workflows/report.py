@@ -25,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -33,6 +34,7 @@ from gcm_core.data.formats import read_detections  # noqa: E402
 from gcm_core.data.cards import load_card  # noqa: E402
 from gcm_core.data.dataset import DatasetSource  # noqa: E402
 from gcm_core.data.model import Video, video_key  # noqa: E402
+from gcm_core.data.prepared import PreparedVideo  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
 from workflows.progress import read_epoch_log  # noqa: E402
@@ -90,7 +92,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_map_vs_tiou(runs: list[Run]):
+def plot_map_vs_tiou(runs: list[Run]) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for k, run in enumerate(runs):
         fused = run.metrics["fused"]
@@ -103,7 +105,7 @@ def plot_map_vs_tiou(runs: list[Run]):
     return fig
 
 
-def plot_training(run: Run):
+def plot_training(run: Run) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     epochs = [p["epoch"] for p in run.progress]
     for key in sorted(k for k in run.progress[0] if k.startswith("loss_")):
@@ -129,7 +131,7 @@ def read_grid(table: Path) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
-def plot_ablation(table: Path):
+def plot_ablation(table: Path) -> Figure:
     header, rows = read_grid(table)
     metric_cols = [k for k, h in enumerate(header) if "/" in h or h.startswith("seconds")]
     metric = metric_cols[-1] if metric_cols else len(header) - 2
@@ -146,7 +148,7 @@ def plot_ablation(table: Path):
     return fig
 
 
-def plot_timeline(video: Video, detections: dict[str, Any], top: int = 8):
+def plot_timeline(video: Video, detections: dict[str, Any], top: int = 8) -> Figure:
     """Ground truth and each method's best detections of one video on a seconds axis."""
     rows = [("ground truth", [(i.start, i.end, i.label, 1.0) for i in video.instances])]
     for name, dets in detections.items():
@@ -171,8 +173,9 @@ def plot_timeline(video: Video, detections: dict[str, Any], top: int = 8):
     return fig
 
 
-def plot_unit_graph(video, stream: str, spec: GraphSpec):
-    """The unit best matching an instance and its neighbours by edge type, weights written on them."""
+def plot_unit_graph(video: PreparedVideo, stream: str, spec: GraphSpec) -> tuple[Figure, dict[str, int]]:
+    """The unit best matching an instance and its neighbours by edge type, weights written on them;
+    also which unit that is and how many neighbours it has."""
     graph = video.graph(stream, spec)
     ious = torch.zeros(video.num_units)
     if video.gt.shape[0]:
@@ -203,7 +206,9 @@ def plot_unit_graph(video, stream: str, spec: GraphSpec):
     return fig, {"unit": centre, "neighbours": int(mine.numel())}
 
 
-def plot_ar_an(videos, an_values=(1, 2, 5, 10, 20, 50, 100, 200)):
+def plot_ar_an(videos: list[PreparedVideo],
+               an_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200)) -> tuple[Figure, torch.Tensor]:
+    """AR@AN of the videos' proposals in list order, and the recall [tIoU, AN] it is drawn from."""
     gt = [(k, 0, s, e) for k, v in enumerate(videos) for s, e in v.gt.tolist()]
     props = [(k, 0, s, e, -r) for k, v in enumerate(videos) for r, (s, e) in enumerate(v.intervals.tolist())]
     recall = average_recall(Segments(*zip(*gt)), Segments(*zip(*props)), list(an_values))

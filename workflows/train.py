@@ -21,14 +21,17 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
 from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card, read_yaml
 from gcm_core.data.formats import write_result_json
+from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, evaluate, make_optimizer, predict, seed_everything, train_one_epoch,
@@ -39,7 +42,12 @@ from workflows.config import (
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import caps_from_manifest, load_manifest, prepared_from, read_shard_rows, row_to_video
 
+if TYPE_CHECKING:
+    import ray.data
+    from tensorboardX import SummaryWriter
+
 SNAPSHOT = "checkpoint_manager_snapshot.json"
+T = TypeVar("T")
 
 
 def run_dir(stage: TrainStageConfig) -> Path:
@@ -62,7 +70,7 @@ def training_resources(stage: TrainStageConfig, use_gpu: bool) -> dict[str, floa
     return {**total, "CPU": total["CPU"] + READ_TASK_CPUS}
 
 
-def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str):
+def shard_dataset(folder: str | Path, manifest: dict[str, Any], role: str) -> "ray.data.Dataset":
     """A Ray dataset of one role's videos, one row per video, read from the shards on the workers
     (only the videos the manifest lists for each shard)."""
     import ray.data
@@ -78,7 +86,8 @@ def _listed_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
     return [row for row in read_shard_rows(item["path"]) if row["video_id"] in listed]
 
 
-def collect_videos(iterator, keep: set[str] | None, manifest: dict[str, Any]) -> list:
+def collect_videos(iterator: "ray.data.DataIterator", keep: set[str] | None, manifest: dict[str, Any]
+                   ) -> list[PreparedVideo]:
     """Prepared videos from a dataset iterator (only the ids in ``keep``), sorted by id."""
     caps = caps_from_manifest(manifest)
     videos = [row_to_video(row, manifest["dims"], caps) for row in iterator.iter_rows()
@@ -173,8 +182,8 @@ def train_loop(loop: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
-def save_state(folder: Path, optimizer, schedule, generator: torch.Generator, rank: int, epoch: int,
-               metrics: dict[str, Any]) -> None:
+def save_state(folder: Path, optimizer: Optimizer, schedule: LRScheduler, generator: torch.Generator, rank: int,
+               epoch: int, metrics: dict[str, Any]) -> None:
     """Rank 0: optimiser, schedule, epoch and metrics; every rank: its random states."""
     if rank == 0:
         torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -182,7 +191,8 @@ def save_state(folder: Path, optimizer, schedule, generator: torch.Generator, ra
     torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, folder / f"rng-rank{rank}.pt")
 
 
-def restore_state(folder: Path, optimizer, schedule, generator: torch.Generator, rank: int) -> tuple[int, dict[str, Any]]:
+def restore_state(folder: Path, optimizer: Optimizer, schedule: LRScheduler, generator: torch.Generator,
+                  rank: int) -> tuple[int, dict[str, Any]]:
     """Inverse of :func:`save_state`; returns the checkpoint's epoch and the metrics it reported."""
     state = torch.load(folder / "train_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -193,7 +203,7 @@ def restore_state(folder: Path, optimizer, schedule, generator: torch.Generator,
     return int(state["epoch"]), dict(state.get("metrics", {}))
 
 
-def log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:
+def log_epoch(out: Path, writer: SummaryWriter | None, metrics: dict[str, Any]) -> None:
     """One line per epoch in ``progress.jsonl`` (read by the driver) and TensorBoard scalars."""
     with (out / "progress.jsonl").open("a") as f:
         f.write(json.dumps(metrics) + "\n")
@@ -204,7 +214,7 @@ def log_epoch(out: Path, writer, metrics: dict[str, Any]) -> None:
         writer.flush()
 
 
-def tensorboard_writer(out: Path):
+def tensorboard_writer(out: Path) -> SummaryWriter | None:
     try:
         from tensorboardX import SummaryWriter
     except ImportError:  # optional: Ray Tune installs it
@@ -340,7 +350,7 @@ def dataset_of(stage: TrainStageConfig, manifest: dict[str, Any] | None) -> tupl
     return prepared_from(stage.data, manifest)
 
 
-def follow(fit, log: Path, epochs: int, label: str, quiet: bool, loss_note: str = ""):
+def follow(fit: Callable[[], T], log: Path, epochs: int, label: str, quiet: bool, loss_note: str = "") -> T:
     """Run ``fit`` in a thread and print progress from the per-epoch log its rank 0 writes; each
     epoch's line of losses says ``loss_note`` after the epoch number."""
     outcome: dict[str, Any] = {}

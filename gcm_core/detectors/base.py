@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from gcm_core.checks import check_ranges
@@ -45,7 +46,7 @@ class UnitBatch:
     label: Tensor | None = None
     reg_target: Tensor | None = None
 
-    def to(self, device) -> "UnitBatch":
+    def to(self, device: torch.device | str) -> "UnitBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return UnitBatch(self.body.to(device), move(self.comp), self.graph.to(device), move(self.nodes),
                          move(self.role), move(self.label), move(self.reg_target))
