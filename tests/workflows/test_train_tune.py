@@ -164,7 +164,7 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
                                     out="prep", videos_per_shard=12), quiet=True)
     prepared = Path("prep")
     config = from_dict(TrainStageConfig, {
-        "data": "prep", "out": "runs", "name": "dssad-gcm", "kind": "one-stage",
+        "data": "prep", "out": "runs", "name": "dssad-gcm", "kind": "one-stage", "evaluate_every": 1,
         "one_stage": {"model": {"hidden": 32, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0, 2]},
                       "train": {"optimizer": "adam", "lr": 0.003, "epochs": 2, "batch_videos": 8}}})
     result = run_train(config, quiet=True)
@@ -174,9 +174,11 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
     for stream in ("rgb", "flow"):   # one detector per stream, GCMs at the two asked scales only
         gcm_scales = {key.split(".")[2] for key in saved["models"] if key.startswith(f"{stream}.gcms.")}
         assert gcm_scales == {"0", "2"}
-    assert [json.loads(line)["epoch"] for line in (run / "progress.jsonl").read_text().splitlines()] == [1, 2]
+    logged = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in logged] == [1, 2] and all("fused/mAP@0.5" in m for m in logged)  # evaluate_every
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
+    assert logged[1]["fused/mAP@0.5"] == pytest.approx(metrics["fused"]["mAP"][4], abs=1e-3)
     detections = json.loads((run / "detections.json").read_text())["results"]
     assert set(detections) <= {v.video_id for v in read_videos(prepared, "test")}
     # gcm evaluate scores the D-SSAD weights as the run scored itself
