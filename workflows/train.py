@@ -33,9 +33,11 @@ from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats
+from gcm_core.data.model import Detections, Video
 from gcm_core.engine import (
-    UnitDataset, build_heads, detections_of, evaluate, make_optimizer, predict, seed_everything, train_one_epoch,
+    UnitDataset, build_heads, detections_of, ground_truth, make_optimizer, predict, seed_everything, train_one_epoch,
 )
+from gcm_core.evaluation import evaluate_detections
 from workflows.config import (
     ConfigError, TrainStageConfig, changed_settings, describe_changes, dump, from_dict, to_dict,
 )
@@ -227,26 +229,36 @@ def evaluates_after(stage: TrainStageConfig, epoch: int, epochs: int) -> bool:
     return (epoch == epochs and stage.evaluate) or (stage.evaluate_every > 0 and epoch % stage.evaluate_every == 0)
 
 
-def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any], videos: list,
-              out: Path | None, device) -> dict[str, float]:
-    """Rank 0: mAP of the test split; after the last epoch (``out`` given) also its detections and
-    metrics, written to the run folder."""
+def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any],
+              videos: list[PreparedVideo], out: Path | None, device) -> dict[str, float]:
+    """Rank 0: the two-stage heads' test metrics (:func:`score_test_split`)."""
     if not videos:
         return {}
     comp = stage.model.comp_input if stage.model.detector == "ssn" else None
-    classes, tiou = manifest["classes"], manifest["tiou"]
+    classes = manifest["classes"]
     per_stream = {s: predict(heads[s], UnitDataset(videos, s, stage.graph, comp), stats, device) for s in stage.streams}
+    detections = {name: detections_of(videos, streams, classes, stage.inference)
+                  for name, streams in [(s, {s: per_stream[s]}) for s in stage.streams] + [("fused", per_stream)]}
+    return score_test_split(ground_truth(videos, classes), detections, classes, manifest["protocol"],
+                            manifest["tiou"], out)
+
+
+def score_test_split(truth: dict[str, Video], detections: dict[str, Detections], classes: list[str], protocol: str,
+                     tiou: list[float], out: Path | None) -> dict[str, float]:
+    """mAP (%) of each stream's and the ``fused`` detections of the test split, as epoch metrics;
+    after the last epoch (``out`` given) the fused detections and their metrics are also written to
+    the run folder (detections.json, metrics.json)."""
     metrics: dict[str, float] = {}
-    for name, streams in [(s, {s: per_stream[s]}) for s in stage.streams] + [("fused", per_stream)]:
-        dets = detections_of(videos, streams, classes, stage.inference)
-        result = evaluate(videos, dets, classes, manifest["protocol"], tiou)
+    for name, dets in detections.items():
+        result = evaluate_detections(truth, dets, classes, protocol, tiou)
         for t, value in zip(tiou, result.map.tolist()):
             metrics[f"{name}/mAP@{t:g}"] = 100 * value
         metrics[f"{name}/mAP_avg"] = 100 * result.average
         if name == "fused" and out is not None:
             write_result_json(out / "detections.json", dets)
-            summary = {"protocol": manifest["protocol"], **result.as_dict(classes)}
-            atomic_write_text(out / "metrics.json", json.dumps({"fused": summary, "metrics": metrics}, indent=1))
+            atomic_write_text(out / "metrics.json", json.dumps(
+                {"fused": {"protocol": protocol, **result.as_dict(classes)}, "metrics": metrics,
+                 "videos": len(truth)}, indent=1))
     return metrics
 
 

@@ -10,7 +10,6 @@ states as the two-stage loop, so resuming works the same way.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,14 +19,11 @@ from typing import Any
 import torch
 
 from gcm_core.checkpoint import check_feature_widths
-from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard
 from gcm_core.data.dataset import DatasetSource
-from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
-from gcm_core.evaluation import evaluate_detections
 from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
 from workflows.config import TrainStageConfig, from_dict
 
@@ -159,18 +155,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str,
               out: Path | None, device: torch.device) -> dict[str, float]:
-    """Rank 0: mAP of the test split; after the last epoch (``out`` given) also its detections and
-    metrics, written to the run folder."""
+    """Rank 0: the D-SSAD models' test metrics (:func:`workflows.train.score_test_split`)."""
+    from workflows.train import score_test_split
+
     videos, detections = detect_test_split(models, stage, card, data_root, device)
-    metrics: dict[str, float] = {}
-    for name, dets in detections.items():
-        result = evaluate_detections(videos, dets, card.classes, card.protocol, card.tiou)
-        for t, value in zip(card.tiou, result.map.tolist()):
-            metrics[f"{name}/mAP@{t:g}"] = 100 * value
-        metrics[f"{name}/mAP_avg"] = 100 * result.average
-        if name == "fused" and out is not None:
-            write_result_json(out / "detections.json", dets)
-            atomic_write_text(out / "metrics.json", json.dumps(
-                {"fused": {"protocol": card.protocol, **result.as_dict(card.classes)}, "metrics": metrics,
-                 "videos": len(videos)}, indent=1))
-    return metrics
+    return score_test_split(videos, detections, list(card.classes), card.protocol, list(card.tiou), out)
