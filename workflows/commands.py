@@ -333,7 +333,8 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
                                   "instead of a preprocessed --data (no proposals needed)")
     p.add_argument("--data-root", help="with --card: the folder its paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="experiments folder")
-    p.add_argument("--resume", action="store_true", default=None, help="finish an interrupted experiment")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="finish an interrupted experiment (with the grid and settings it started with)")
     _add_stage_options(p, "base.train.epochs=10")
 
 

@@ -6,8 +6,9 @@ keys; the trials are every combination. Each trial is a Tune function trainable 
 TorchTrainer (the training stage, evaluated on the test split) and reports its metrics through
 Ray Train's ``TuneReportCallback``. Thresholds are applied to the stored candidate edges, so no
 trial preprocesses anything. An interrupted experiment resumes with ``resume`` without re-running
-finished trials. The result is the grid's table shaped like the paper's (``<grid>.md`` and
-``<grid>.csv`` in the experiment folder).
+finished trials, and only with the trials it started with (``trials.json``: a changed grid file,
+base or dataset is refused rather than mixed into one table). The result is the grid's table
+shaped like the paper's (``<grid>.md`` and ``<grid>.csv`` in the experiment folder).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import copy
 import csv
 import io
 import itertools
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,8 @@ from gcm_core.data.cards import read_yaml, shipped_yaml
 from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
 from workflows.config import (
-    ConfigError, TrainStageConfig, TuneStageConfig, deep_merge, dump, from_dict, sets_lr_alone, to_dict,
+    ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, deep_merge, describe_changes, dump, from_dict,
+    sets_lr_alone, to_dict,
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
@@ -159,10 +162,13 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
                       {**trial, "CPU": trial["CPU"] + resources["cpu"]}, "use fewer workers (--set base.num_workers=N)")
     trainable = tune.with_resources(run_trial, resources)
     if config.resume and tune.Tuner.can_restore(str(folder)):
+        _check_same_trials(folder, stages)
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
     else:
         if (folder / "tuner.pkl").exists():
             raise FileExistsError(f"{folder} holds a previous experiment: pass --resume to finish it")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / TRIALS, json.dumps(stages, indent=1))
         tuner = tune.Tuner(
             trainable, param_space={"stage": tune.grid_search(stages)},
             tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent),
@@ -179,6 +185,29 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     atomic_write_text(folder / f"{grid.name}.csv", grid_csv(grid, rows))
     atomic_write_text(folder / "config.yaml", dump(config))
     return rows
+
+
+# the resolved training stage of every trial, written when an experiment starts
+TRIALS = "trials.json"
+
+
+def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
+    """A resumed experiment finishes the trials it started with: Tune restores those, and a grid
+    file, base or dataset changed since would put trials of two settings into one table."""
+    path = folder / TRIALS
+    if not path.is_file():   # an experiment started before gcm-tal wrote the file
+        return
+    earlier = json.loads(path.read_text())
+    if len(earlier) != len(stages):
+        raise ConfigError(f"{folder} was started with {len(earlier)} trials, and the grid and settings given now make "
+                          f"{len(stages)}: --resume finishes an experiment as it was started; give another --out "
+                          "for a new one")
+    changes: dict[str, tuple[Any, Any]] = {}
+    for old, new in zip(earlier, stages):
+        changes.update(changed_settings(old, new))
+    if changes:
+        raise ConfigError(f"{folder} was started with other trial settings ({describe_changes(changes)}): --resume "
+                          "finishes an experiment as it was started; give another --out for a new one")
 
 
 def _check_dataset(stage: TrainStageConfig) -> None:

@@ -353,6 +353,10 @@ def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, 
         config = from_dict(TuneStageConfig, {"grid": str(grid), "data": str(prepared), "out": str(tmp_path),
                                              "max_concurrent": 1, "resume": True,
                                              "base": {"num_workers": 1, "stream_lr": {}, "train": {**FAST, "epochs": 1}}})
+        # resumed with other settings, it would put trials of two settings into one table
+        longer = dataclasses.replace(config.base, train=dataclasses.replace(config.base.train, epochs=2))
+        with pytest.raises(ConfigError, match=r"was started with other trial settings \(train\.epochs 1 -> 2\)"):
+            run_tune(dataclasses.replace(config, base=longer), quiet=True)
         rows = run_tune(config, quiet=True)
     assert len(rows) == 3 and all("fused/mAP@0.5" in r["metrics"] for r in rows)
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/metrics.json")}
