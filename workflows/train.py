@@ -340,7 +340,18 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
     features."""
     stage = absolute_inputs(stage)
     manifest = None if stage.card else load_manifest(stage.data)
-    return stage, manifest, dict(dataset_of(stage, manifest)[0].snippets)
+    card = dataset_of(stage, manifest)[0]
+    check_streams(stage, card)
+    return stage, manifest, dict(card.snippets)
+
+
+def check_streams(stage: TrainStageConfig, card: DatasetCard) -> None:
+    """A run trains streams its dataset has: refused here, naming them, rather than a KeyError in
+    every training worker."""
+    unknown = [s for s in stage.streams if s not in card.streams]
+    if unknown:
+        raise ConfigError(f"{stage.card or stage.data}: the dataset's streams are {list(card.streams)}, not "
+                          f"{unknown} (streams={list(stage.streams)})")
 
 
 def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:

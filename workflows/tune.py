@@ -31,7 +31,7 @@ from workflows.config import (
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
-from workflows.train import absolute_inputs, dataset_of, run_train, training_resources
+from workflows.train import absolute_inputs, check_streams, dataset_of, run_train, training_resources
 
 
 @dataclass
@@ -153,7 +153,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     folder = Path(config.out).resolve() / grid.name
     trials = grid.trials()
     trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
-    _check_dataset(trial_stages[0])
+    _check_dataset(trial_stages)
     stages = [to_dict(s) for s in trial_stages]
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
     use_gpu = use_gpus(base.use_gpu)
@@ -210,14 +210,17 @@ def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
                           "finishes an experiment as it was started; give another --out for a new one")
 
 
-def _check_dataset(stage: TrainStageConfig) -> None:
-    """Fail here, once, not in every trial, where the trials' dataset cannot be read: the
-    preprocessed ``data``, or the dataset that ``base.card`` and ``base.data_root`` name (one-stage
-    grids)."""
-    if stage.card:
-        DatasetSource(*dataset_of(stage, None), "train")
+def _check_dataset(stages: list[TrainStageConfig]) -> None:
+    """Fail here, once, not in every trial, where the trials' dataset cannot be read (the
+    preprocessed ``data``, or the dataset that ``base.card`` and ``base.data_root`` name: one-stage
+    grids) or lacks a stream a trial trains."""
+    if stages[0].card:
+        card, data_root = dataset_of(stages[0], None)
+        DatasetSource(card, data_root, "train")
     else:
-        load_manifest(stage.data)
+        card, _ = dataset_of(stages[0], load_manifest(stages[0].data))
+    for stage in stages:
+        check_streams(stage, card)
 
 
 def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:

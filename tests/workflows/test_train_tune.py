@@ -84,6 +84,19 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 
+def test_a_stream_the_dataset_lacks_is_refused_before_training(prepared, tmp_path):
+    """Named up front, not a KeyError in every training worker (nor in every trial of a grid)."""
+    config = dataclasses.replace(stage(prepared, tmp_path, "depth"), streams=("rgb", "depth"))
+    with pytest.raises(ConfigError, match=r"the dataset's streams are \['rgb', 'flow'\], not \['depth'\]"):
+        run_train(config, quiet=True)
+    assert not (tmp_path / "depth").exists()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: streams\ngrid:\n  streams: [[rgb], [depth]]\n")
+    with pytest.raises(ConfigError, match=r"not \['depth'\]"):
+        run_tune(TuneStageConfig(grid=str(grid), data=str(prepared), out=str(tmp_path)), quiet=True)
+    assert not (tmp_path / "streams").exists()
+
+
 def test_more_workers_than_the_embedded_ray_holds_is_an_error_not_a_hang(prepared, tmp_path):
     too_many = from_dict(TrainStageConfig, {**to_dict(stage(prepared, tmp_path, "crowd")), "num_workers": 4})
     with pytest.raises(RuntimeError, match=r"needs 2.25 CPU \(the cluster has 2\).*fewer --workers"):
