@@ -106,6 +106,9 @@ class TrainStageConfig:
     def __post_init__(self) -> None:
         check_ranges(self, stream_lr="> 0", evaluate_every=">= 0", num_workers=">= 1", cpus_per_worker="> 0",
                      max_failures=">= 0")
+        weights = dict(self.inference.fusion)   # a stream it does not name weighs 1 (fuse_streams)
+        if sum(weights.get(s, 1.0) for s in self.streams) <= 0:
+            raise ValueError(f"inference.fusion weighs the streams {list(self.streams)} 0 in all: nothing to fuse")
         key, recipe = ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
@@ -175,6 +178,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if origin is tuple:
         args = typing.get_args(tp)
+        if isinstance(value, dict) and _holds_pairs(tp):   # {rgb: 2, flow: 3} for ((rgb, 2), (flow, 3))
+            value = list(value.items())
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -195,6 +200,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _holds_pairs(tp: Any) -> bool:
+    """Whether ``tp`` is a tuple of 2-tuples (such as ``InferenceConfig.fusion``), given as a mapping in YAML."""
+    args = typing.get_args(tp)
+    return len(args) == 2 and args[1] is Ellipsis and typing.get_origin(args[0]) is tuple \
+        and len(typing.get_args(args[0])) == 2
 
 
 def _nested_homes(cls: type, name: str, prefix: str) -> list[str]:

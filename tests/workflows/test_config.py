@@ -52,6 +52,7 @@ def test_bad_settings_are_named(override, message):
     (TrainStageConfig, "graph.theta_ctx=1.5", r"^graph: theta_ctx must be in \[0, 1\], got 1\.5$"),
     (TrainStageConfig, "stream_lr={rgb: 0.001, flow: 0}", r"stream_lr must be > 0, got \{'rgb': 0\.001, 'flow': 0\.0\}"),
     (TrainStageConfig, "inference.nms_threshold=-0.1", r"^inference: nms_threshold must be in \[0, 1\]"),
+    (TrainStageConfig, "inference.fusion={rgb: 0, flow: 0}", r"fusion weighs the streams \['rgb', 'flow'\] 0 in all"),
     (TrainStageConfig, "train.sampling.ratio=[0, 0, 0]", r"^train\.sampling: ratio must be three counts"),
     (TrainStageConfig, "num_workers=0", r"num_workers must be >= 1, got 0$"),
     (TrainStageConfig, "one_stage.model.clip_snippets=100", r"^one_stage\.model: clip_snippets must be a multiple of 16"),
@@ -65,6 +66,13 @@ def test_settings_out_of_range_are_refused_where_they_are_read(stage, override, 
     a dropout of 1 or a clip that does not tile the coarsest map would run and give nonsense)."""
     with pytest.raises(ConfigError, match=message):
         resolve(stage, None, [override])
+
+
+def test_fusion_weights_are_given_as_a_mapping_or_as_pairs():
+    """As a card's stream_fusion is written ({rgb: 2, flow: 3}), or as a written config.yaml holds them."""
+    expected = (("rgb", 1.0), ("flow", 4.0))
+    assert resolve(TrainStageConfig, None, ["inference.fusion={rgb: 1, flow: 4}"]).inference.fusion == expected
+    assert resolve(TrainStageConfig, None, ["inference.fusion=[[rgb, 1], [flow, 4]]"]).inference.fusion == expected
 
 
 def test_two_stage_settings_given_to_a_one_stage_run_are_refused():
