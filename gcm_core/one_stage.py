@@ -1,8 +1,9 @@
 """Training and inference of the one-stage D-SSAD (+ GCM) on clips of snippet features.
 
-A video's snippets are cut into windows of ``clip_snippets`` at ``window_stride`` (one window
-for a short video, zero-padded); training uses the windows that hold an instance, inference all
-of them, and a video's detections from every window are merged by per-class NMS.
+A video's snippets are cut into windows of ``clip_snippets`` every ``window_stride`` snippets (by
+default half a clip; one window for a short video, zero-padded); training uses the windows that
+hold an instance, inference all of them, and a video's detections from every window are merged by
+per-class NMS.
 """
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def detect_video(models: dict[str, DSSAD], features: dict[str, np.ndarray], grid
     seconds, offset = snippet_timing(grid)
     layout = next(iter(models.values())).config
     no_gt = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-    clips = {s: clips_of(video_id, features[s], seconds, *no_gt, layout.clip_snippets, layout.window_stride,
+    clips = {s: clips_of(video_id, features[s], seconds, *no_gt, layout.clip_snippets, layout.stride,
                          train=False, time_offset=offset) for s in models}
     return predict_fused(models, clips, {video_id: grid.duration}, classes, seconds, weights, config, device=device)
 

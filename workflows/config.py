@@ -106,6 +106,8 @@ class TrainStageConfig:
     def __post_init__(self) -> None:
         check_ranges(self, stream_lr="> 0", evaluate_every=">= 0", num_workers=">= 1", cpus_per_worker="> 0",
                      max_failures=">= 0")
+        if not self.streams or len(set(self.streams)) < len(self.streams):
+            raise ValueError(f"streams must name one or more streams, each once, got {list(self.streams)}")
         weights = dict(self.inference.fusion)   # a stream it does not name weighs 1 (fuse_streams)
         if sum(weights.get(s, 1.0) for s in self.streams) <= 0:
             raise ValueError(f"inference.fusion weighs the streams {list(self.streams)} 0 in all: nothing to fuse")

@@ -84,7 +84,7 @@ def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: Dat
     model runs once over the clips)."""
     source = DatasetSource(card, data_root, "test")
     tests, durations, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
-                                              stage.one_stage.model.window_stride)
+                                              stage.one_stage.model.stride)
     first = tests[stage.streams[0]][0].video_id   # features of another width: named, not a shape error
     check_feature_widths({s: models[s].dim for s in stage.streams},
                          {s: tests[s][0].features.shape[1] for s in stage.streams},
@@ -111,7 +111,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     card, data_root = dataset_of(stage, w.manifest)
     source = DatasetSource(card, data_root, "train")
     every, _, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
-                                      stage.one_stage.model.window_stride)
+                                      stage.one_stage.model.stride)
     clips = {s: every[s][rank::world] for s in stage.streams}
     config = stage.one_stage.train
     seed = config.seed * 1009 + rank

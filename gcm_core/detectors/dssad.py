@@ -32,7 +32,7 @@ from gcm_core.module import GCM
 class DSSADConfig:
     hidden: int = 256
     clip_snippets: int = 512
-    window_stride: int = 256              # sliding windows over longer videos
+    window_stride: int | None = None      # of the windows over longer videos; None: half a clip (256)
     num_scales: int = 3                   # feature maps at 1/4, 1/8, 1/16 of the snippet rate
     anchor_ratios: tuple[float, ...] = (1.0, 2.0, 3.0)   # anchor length / cell length
     gcm_scales: tuple[int, ...] = ()      # indices of the scales that get a GCM (0 = finest)
@@ -44,6 +44,11 @@ class DSSADConfig:
     def __post_init__(self) -> None:
         check_ranges(self, hidden=">= 1", clip_snippets=">= 1", window_stride=">= 1", num_scales=">= 1",
                      anchor_ratios="> 0", num_samples=">= 1", dropout="in [0, 1)")
+        if not self.anchor_ratios:
+            raise ValueError("anchor_ratios must give at least one anchor per cell")
+        if self.window_stride is not None and self.window_stride > self.clip_snippets:
+            raise ValueError(f"window_stride must be <= clip_snippets ({self.clip_snippets}), or the windows leave "
+                             f"snippets of a long video unseen; got {self.window_stride}")
         coarsest = 4 << (self.num_scales - 1)   # snippets per cell of the coarsest map
         if self.clip_snippets % coarsest:
             raise ValueError(f"clip_snippets must be a multiple of {coarsest} (a cell of the coarsest of "
@@ -54,6 +59,12 @@ class DSSADConfig:
             raise ValueError(f"semantic_disjoint {self.semantic_disjoint!r}: 'extent' or 'receptive-field'")
         if "contextual" in self.graph.edge_types:
             raise ValueError("cells of a feature map never overlap: use surrounding and semantic edges only")
+
+
+    @property
+    def stride(self) -> int:
+        """Snippets from one window over a long video to the next."""
+        return self.window_stride or self.clip_snippets // 2
 
 
 def _conv(c_in: int, c_out: int, stride: int = 1) -> nn.Module:

@@ -135,6 +135,15 @@ def test_feature_map_cells_take_no_contextual_edges_and_scales_must_exist():
         DSSADConfig(gcm_scales=(3,))
 
 
+def test_windows_overlap_by_half_a_clip_unless_told_and_never_leave_gaps():
+    """A shorter clip (--set one_stage.model.clip_snippets=128) brings its own stride; a stride
+    longer than a clip would leave snippets of a long video in no window."""
+    assert DSSADConfig().stride == 256 and DSSADConfig(clip_snippets=128).stride == 64
+    assert DSSADConfig(clip_snippets=128, window_stride=96).stride == 96
+    with pytest.raises(ValueError, match="window_stride must be <= clip_snippets"):
+        DSSADConfig(clip_snippets=128, window_stride=200)
+
+
 def test_one_stage_clips_need_no_proposal_files(small_dataset, tmp_path):
     """A one-stage user has features and annotations only: the same clips come from a data root
     without the card's proposal lists."""
