@@ -143,7 +143,7 @@ def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], int
     spec = checkpoint.graph
     parts = ("body", checkpoint.model_config.comp_input)
     prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts)
-    comp = checkpoint.model_config.comp_input if checkpoint.model_config.detector == "ssn" else None
+    comp = checkpoint.model_config.completeness_features
     per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats)
                   for s, head in checkpoint.heads.items()}
     return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)

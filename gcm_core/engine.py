@@ -225,7 +225,7 @@ def fit(videos: Sequence[PreparedVideo], streams: Sequence[str], model_config: M
         ) -> tuple[StreamHeads, RegressionStats]:
     """Train every stream's head from scratch for ``config.epochs`` epochs (seeded, one process)."""
     seed_everything(config.seed)
-    comp = model_config.comp_input if model_config.detector == "ssn" else None
+    comp = model_config.completeness_features
     data = {s: UnitDataset(videos, s, spec, comp) for s in streams}
     model = build_heads(model_config, streams, {s: d.dim for s, d in data.items()}, num_classes).to(device)
     stats = next(iter(data.values())).regression_stats()

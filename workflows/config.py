@@ -18,10 +18,13 @@ import yaml
 
 from gcm_core.checks import check_ranges
 from gcm_core.data.cards import read_yaml
+from gcm_core.data.dataset import ROLES
+from gcm_core.data.pooling import PARTS, Reduce
 from gcm_core.data.sampling import SamplingConfig
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSADConfig
 from gcm_core.engine import TrainConfig
+from gcm_core.evaluation import PROTOCOLS
 from gcm_core.candidates import CandidateCaps
 from gcm_core.graph import GraphSpec
 from gcm_core.one_stage import default_recipe
@@ -54,9 +57,9 @@ class PreprocessConfig:
     card: str = "synthetic"
     data_root: str | None = None
     out: str = "runs/preprocessed"
-    roles: tuple[str, ...] = ("train", "test")
-    parts: tuple[str, ...] = ("body", "three_part")
-    reduce: str = "max"
+    roles: tuple[str, ...] = ROLES
+    parts: tuple[str, ...] = ("body", "three_part")   # body always; the completeness input of the heads to train
+    reduce: Reduce = "max"
     caps: CandidateCaps = field(default_factory=CandidateCaps)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     videos_per_shard: int = 16          # about; shards are balanced over the workers
@@ -67,6 +70,16 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, videos_per_shard=">= 1", num_workers=">= 1")
+        _check_choice("roles", self.roles, ROLES)
+        _check_choice("parts", self.parts, PARTS)
+        if "body" not in self.parts:
+            raise ValueError(f"parts must hold body (every head classifies units by it), got {list(self.parts)}")
+
+
+def _check_choice(name: str, given: tuple[str, ...], known: tuple[str, ...]) -> None:
+    """``given`` names one or more of ``known``, each once."""
+    if not given or len(set(given)) < len(given) or not set(given) <= set(known):
+        raise ValueError(f"{name} must name one or more of {list(known)}, each once, got {list(given)}")
 
 
 @dataclass
@@ -138,6 +151,10 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, tiou="in (0, 1]", num_workers=">= 1")
+        if self.protocol is not None and self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
+        if self.tiou is not None and not self.tiou:
+            raise ValueError("tiou must give one or more thresholds (or none at all: each dataset's own)")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import ConfigError, EvaluateConfig, dump
 from workflows.progress import Progress
-from workflows.shards import load_manifest, prepared_from, read_videos
+from workflows.shards import check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, detect_test_split, is_one_stage_checkpoint, load_one_stage
 
@@ -126,9 +126,10 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     ckpt = load_checkpoint(checkpoint)
     widths = {key.split(":")[0]: width for key, width in manifest["dims"].items() if key.endswith(":body")}
     check_feature_widths(ckpt.dims, widths, Path(data) / "manifest.json")
+    comp = ckpt.model_config.completeness_features
+    check_unit_parts(data, manifest, list(ckpt.heads), comp)
     classes = list(ckpt.classes)
     videos = read_videos(data, "test", manifest)
-    comp = ckpt.model_config.comp_input if ckpt.model_config.detector == "ssn" else None
     per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats)
                   for s, head in ckpt.heads.items()}
     return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)

@@ -158,6 +158,15 @@ def load_manifest(folder: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def check_unit_parts(folder: str | Path, manifest: dict[str, Any], streams: list[str] | tuple[str, ...],
+                     part: str | None) -> None:
+    """Stop, naming the preprocessed dataset, where it holds no ``part`` unit features (a head's
+    completeness input; None: body only, which every dataset holds) of a stream a model reads."""
+    if part is not None and any(f"{s}:{part}" not in manifest["dims"] for s in streams):
+        raise ValueError(f"{folder} holds no {part} unit features, which the model reads (model.comp_input="
+                         f"{part}): preprocess the dataset with --set 'parts=[body, {part}]'")
+
+
 def prepared_from(folder: str | Path, manifest: dict[str, Any]) -> tuple[DatasetCard, str]:
     """The card (the copy beside the shards) and the data root a preprocessed dataset was prepared from."""
     return load_card(Path(folder) / "card.yaml"), manifest["config"]["data_root"]

@@ -42,7 +42,9 @@ from workflows.config import (
     ConfigError, TrainStageConfig, changed_settings, describe_changes, dump, from_dict, to_dict,
 )
 from workflows.progress import Progress, read_epoch_log
-from workflows.shards import caps_from_manifest, load_manifest, prepared_from, read_shard_rows, row_to_video
+from workflows.shards import (
+    caps_from_manifest, check_unit_parts, load_manifest, prepared_from, read_shard_rows, row_to_video,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -136,7 +138,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     videos = collect_videos(ray.train.get_dataset_shard("train"), set(train_ids[rank::world]), manifest)
     seed = stage.train.seed * 1009 + rank
     seed_everything(seed)
-    comp = stage.model.comp_input if stage.model.detector == "ssn" else None
+    comp = stage.model.completeness_features
     data = {s: UnitDataset(videos, s, stage.graph, comp) for s in stage.streams}
     dims = {s: manifest["dims"][f"{s}:body"] for s in stage.streams}
     heads = build_heads(stage.model, stage.streams, dims, len(manifest["classes"]))
@@ -234,7 +236,7 @@ def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: 
     """Rank 0: the two-stage heads' test metrics (:func:`score_test_split`)."""
     if not videos:
         return {}
-    comp = stage.model.comp_input if stage.model.detector == "ssn" else None
+    comp = stage.model.completeness_features
     classes = manifest["classes"]
     per_stream = {s: predict(heads[s], UnitDataset(videos, s, stage.graph, comp), stats, device) for s in stage.streams}
     detections = {name: detections_of(videos, streams, classes, stage.inference)
@@ -341,17 +343,19 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
     stage = absolute_inputs(stage)
     manifest = None if stage.card else load_manifest(stage.data)
     card = dataset_of(stage, manifest)[0]
-    check_streams(stage, card)
+    check_inputs(stage, card, manifest)
     return stage, manifest, dict(card.snippets)
 
 
-def check_streams(stage: TrainStageConfig, card: DatasetCard) -> None:
-    """A run trains streams its dataset has: refused here, naming them, rather than a KeyError in
-    every training worker."""
+def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:
+    """A run reads streams its dataset has and, two-stage, unit features its preprocessing pooled:
+    refused here, naming them, rather than a KeyError in every training worker."""
     unknown = [s for s in stage.streams if s not in card.streams]
     if unknown:
         raise ConfigError(f"{stage.card or stage.data}: the dataset's streams are {list(card.streams)}, not "
                           f"{unknown} (streams={list(stage.streams)})")
+    if stage.kind == "two-stage":
+        check_unit_parts(stage.data, manifest, stage.streams, stage.model.completeness_features)
 
 
 def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:

@@ -31,7 +31,7 @@ from workflows.config import (
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
-from workflows.train import absolute_inputs, check_streams, dataset_of, run_train, training_resources
+from workflows.train import absolute_inputs, check_inputs, dataset_of, run_train, training_resources
 
 
 @dataclass
@@ -213,14 +213,13 @@ def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
 def _check_dataset(stages: list[TrainStageConfig]) -> None:
     """Fail here, once, not in every trial, where the trials' dataset cannot be read (the
     preprocessed ``data``, or the dataset that ``base.card`` and ``base.data_root`` name: one-stage
-    grids) or lacks a stream a trial trains."""
-    if stages[0].card:
-        card, data_root = dataset_of(stages[0], None)
+    grids) or lacks a stream or unit features a trial reads."""
+    manifest = None if stages[0].card else load_manifest(stages[0].data)
+    card, data_root = dataset_of(stages[0], manifest)
+    if manifest is None:
         DatasetSource(card, data_root, "train")
-    else:
-        card, _ = dataset_of(stages[0], load_manifest(stages[0].data))
     for stage in stages:
-        check_streams(stage, card)
+        check_inputs(stage, card, manifest)
 
 
 def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:

@@ -30,6 +30,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_ranges(self, num_layers=">= 1", num_samples=">= 1", module_dropout="in [0, 1)", dropout="in [0, 1)")
 
+    @property
+    def completeness_features(self) -> str | None:
+        """The unit features the head reads besides the body: SSN's completeness input; None for
+        the single-GCM head, which reads the body alone."""
+        return self.comp_input if self.detector == "ssn" else None
+
 
 @dataclass
 class UnitBatch:

@@ -64,6 +64,12 @@ def test_bad_settings_are_named(override, message):
     (PreprocessConfig, "videos_per_shard=0", r"videos_per_shard must be >= 1, got 0$"),
     (TuneStageConfig, "cpus_per_trial=0", r"cpus_per_trial must be > 0, got 0\.0$"),
     (EvaluateConfig, "tiou=[0.5, 1.5]", r"tiou must be in \(0, 1\], got \(0\.5, 1\.5\)$"),
+    (EvaluateConfig, "tiou=[]", r"tiou must give one or more thresholds"),
+    (EvaluateConfig, "protocol=thumos", r"protocol must be one of \['thumos14', 'activitynet'\], got 'thumos'$"),
+    (PreprocessConfig, "roles=[train, val]", r"roles must name one or more of \['train', 'test'\], each once"),
+    (PreprocessConfig, "parts=[body, body]", r"parts must name one or more of \['body', 'extended', 'three_part'\]"),
+    (PreprocessConfig, "parts=[three_part]", r"parts must hold body"),
+    (PreprocessConfig, "reduce=median", r"reduce: 'median' is not one of \('max', 'mean'\)"),
 ])
 def test_settings_out_of_range_are_refused_where_they_are_read(stage, override, message):
     """Before any Ray worker starts (torch would refuse a negative lr minutes later in a worker;

@@ -84,12 +84,16 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 
-def test_a_stream_the_dataset_lacks_is_refused_before_training(prepared, tmp_path):
+def test_a_stream_or_unit_features_the_dataset_lacks_are_refused_before_training(prepared, tmp_path):
     """Named up front, not a KeyError in every training worker (nor in every trial of a grid)."""
     config = dataclasses.replace(stage(prepared, tmp_path, "depth"), streams=("rgb", "depth"))
     with pytest.raises(ConfigError, match=r"the dataset's streams are \['rgb', 'flow'\], not \['depth'\]"):
         run_train(config, quiet=True)
     assert not (tmp_path / "depth").exists()
+    extended = dataclasses.replace(config, streams=("rgb", "flow"),
+                                   model=dataclasses.replace(config.model, comp_input="extended"))
+    with pytest.raises(ValueError, match=f"{prepared} holds no extended unit features, which the model reads"):
+        run_train(extended, quiet=True)   # the dataset was prepared with body and three_part features
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: streams\ngrid:\n  streams: [[rgb], [depth]]\n")
     with pytest.raises(ConfigError, match=r"not \['depth'\]"):
@@ -109,25 +113,30 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
     namesake = tmp_path / "elsewhere" / "gcm" / "model.pt"  # same run folder name as gcm's
     broken = tmp_path / "broken" / "model.pt"
     narrow = tmp_path / "narrow" / "model.pt"   # heads that read features of another width
+    extended = tmp_path / "extended" / "model.pt"   # ... or unit features the dataset was not prepared with
     namesake.parent.mkdir(parents=True)
-    broken.parent.mkdir()
-    narrow.parent.mkdir()
+    for path in (broken, narrow, extended):
+        path.parent.mkdir()
     shutil.copyfile(gcm, namesake)
     broken.write_bytes(b"not a checkpoint")
     trained = load_checkpoint(gcm)
     save_checkpoint(narrow, dataclasses.replace(trained, heads=build_heads(
         trained.model_config, trained.streams, {s: 16 for s in trained.streams}, len(trained.classes))))
+    reads_extended = dataclasses.replace(trained.model_config, comp_input="extended")
+    save_checkpoint(extended, dataclasses.replace(trained, model_config=reads_extended, heads=build_heads(
+        reads_extended, trained.streams, trained.dims, len(trained.classes))))
     out = tmp_path / "eval"
-    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken, narrow))), data=(str(prepared),),
-                            out=str(out))
+    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken, narrow, extended))),
+                            data=(str(prepared),), out=str(out))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_evaluate(EvaluateConfig(checkpoints=(str(tmp_path / "none.pt"),), data=(str(prepared),), out=str(out)))
-    with pytest.raises(EvaluationError, match="2 of 5 evaluations failed") as failed:
+    with pytest.raises(EvaluationError, match="3 of 6 evaluations failed") as failed:
         run_evaluate(config, quiet=True)
     assert f"{broken} on {prepared}: {broken}: unreadable checkpoint" in str(failed.value)
     width = json.loads((prepared / "manifest.json").read_text())["dims"]["rgb:body"]
     assert (f"{narrow} on {prepared}: {prepared / 'manifest.json'}: rgb features are {width}-d, the model's rgb "
             f"stream reads 16-d; flow features are {width}-d") in str(failed.value)
+    assert f"{extended} on {prepared}: {prepared} holds no extended unit features" in str(failed.value)
 
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert sorted(r["checkpoint"] for r in rows) == sorted(map(str, (gcm, mlp, namesake)))
