@@ -27,7 +27,7 @@ from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import ConfigError, EvaluateConfig, dump
 from workflows.progress import Progress
-from workflows.shards import check_unit_parts, load_manifest, prepared_from, read_videos
+from workflows.shards import check_split, check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, detect_test_split, is_one_stage_checkpoint, load_one_stage
 
@@ -186,16 +186,19 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
 
 def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> None:
     """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
-    read, or a two-stage head paired with a dataset read directly (it scores prepared proposals)."""
+    read, a two-stage head paired with a dataset read directly (it scores prepared proposals) or
+    with a preprocessed one without a test split."""
     for checkpoint in checkpoints:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
+    two_stage = [c for c in checkpoints if not is_one_stage_checkpoint(c)]
     for dataset in datasets:
-        card, data_root, _ = dataset.open()
+        card, data_root, manifest = dataset.open()
         if dataset.card:
             DatasetSource(card, data_root, "test")
+        elif two_stage:
+            check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]
-    two_stage = [c for c in checkpoints if not is_one_stage_checkpoint(c)]
     if direct and two_stage:
         raise ValueError(f"{two_stage[0]} is not a D-SSAD checkpoint (dssad.pt): a two-stage head scores the units of "
                          f"a preprocessed dataset and cannot be evaluated on {direct[0]} (read directly); evaluate it "

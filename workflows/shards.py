@@ -167,6 +167,14 @@ def check_unit_parts(folder: str | Path, manifest: dict[str, Any], streams: list
                          f"{part}): preprocess the dataset with --set 'parts=[body, {part}]'")
 
 
+def check_split(folder: str | Path, manifest: dict[str, Any], role: str) -> None:
+    """Stop, naming the preprocessed dataset, where it holds no videos of ``role`` (prepared with
+    other roles, or every one of them skipped as bad)."""
+    if not manifest["counts"].get(role, {}).get("videos"):
+        raise ValueError(f"{folder} holds no {role} videos (its splits: {sorted(manifest['counts']) or 'none'}): "
+                         f"preprocess the dataset with its {role} split (--set 'roles=[train, test]')")
+
+
 def prepared_from(folder: str | Path, manifest: dict[str, Any]) -> tuple[DatasetCard, str]:
     """The card (the copy beside the shards) and the data root a preprocessed dataset was prepared from."""
     return load_card(Path(folder) / "card.yaml"), manifest["config"]["data_root"]

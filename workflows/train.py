@@ -43,7 +43,7 @@ from workflows.config import (
 )
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import (
-    caps_from_manifest, check_unit_parts, load_manifest, prepared_from, read_shard_rows, row_to_video,
+    caps_from_manifest, check_split, check_unit_parts, load_manifest, prepared_from, read_shard_rows, row_to_video,
 )
 
 if TYPE_CHECKING:
@@ -348,13 +348,14 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:
-    """A run reads streams its dataset has and, two-stage, unit features its preprocessing pooled:
-    refused here, naming them, rather than a KeyError in every training worker."""
+    """A run reads streams its dataset has and, two-stage, a train split and unit features its
+    preprocessing prepared: refused here, naming them, rather than failing in every training worker."""
     unknown = [s for s in stage.streams if s not in card.streams]
     if unknown:
         raise ConfigError(f"{stage.card or stage.data}: the dataset's streams are {list(card.streams)}, not "
                           f"{unknown} (streams={list(stage.streams)})")
     if stage.kind == "two-stage":
+        check_split(stage.data, manifest, "train")
         check_unit_parts(stage.data, manifest, stage.streams, stage.model.completeness_features)
 
 

@@ -84,7 +84,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 
-def test_a_stream_or_unit_features_the_dataset_lacks_are_refused_before_training(prepared, tmp_path):
+def test_a_stream_split_or_unit_features_the_dataset_lacks_are_refused_up_front(prepared, runs, tmp_path):
     """Named up front, not a KeyError in every training worker (nor in every trial of a grid)."""
     config = dataclasses.replace(stage(prepared, tmp_path, "depth"), streams=("rgb", "depth"))
     with pytest.raises(ConfigError, match=r"the dataset's streams are \['rgb', 'flow'\], not \['depth'\]"):
@@ -94,6 +94,22 @@ def test_a_stream_or_unit_features_the_dataset_lacks_are_refused_before_training
                                    model=dataclasses.replace(config.model, comp_input="extended"))
     with pytest.raises(ValueError, match=f"{prepared} holds no extended unit features, which the model reads"):
         run_train(extended, quiet=True)   # the dataset was prepared with body and three_part features
+    def without(role: str) -> Path:   # a dataset preprocessed with the other split alone (roles=[...])
+        partial = tmp_path / f"no-{role}"
+        partial.mkdir()
+        shutil.copyfile(prepared / "card.yaml", partial / "card.yaml")
+        manifest = json.loads((prepared / "manifest.json").read_text())
+        manifest["counts"].pop(role)
+        manifest["shards"] = [shard for shard in manifest["shards"] if shard["role"] != role]
+        (partial / "manifest.json").write_text(json.dumps(manifest))
+        return partial
+
+    no_train, no_test = without("train"), without("test")
+    with pytest.raises(ValueError, match=rf"{no_train} holds no train videos \(its splits: \['test'\]\)"):
+        run_train(dataclasses.replace(config, streams=("rgb", "flow"), data=str(no_train)), quiet=True)
+    with pytest.raises(ValueError, match=rf"{no_test} holds no test videos \(its splits: \['train'\]\)"):
+        run_evaluate(EvaluateConfig(checkpoints=(runs["gcm"]["checkpoint"],), data=(str(no_test),),
+                                    out=str(tmp_path / "eval")), quiet=True)
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: streams\ngrid:\n  streams: [[rgb], [depth]]\n")
     with pytest.raises(ConfigError, match=r"not \['depth'\]"):
