@@ -141,9 +141,9 @@ def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], int
     inputs = VideoInputs(video, Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv))),
                          {s: features[s] for s in checkpoint.streams}, grid)
     spec = checkpoint.graph
-    parts = ("body", checkpoint.model_config.comp_input)
-    prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts)
     comp = checkpoint.model_config.completeness_features
+    parts = ("body", comp) if comp else ("body",)   # pooled for the head, no more
+    prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts)
     per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats)
                   for s, head in checkpoint.heads.items()}
     return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)
