@@ -317,6 +317,8 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 # What a resumed run may change: how long it trains, what it runs on, when it evaluates
 RESUMABLE_CHANGES = frozenset({"resume", "train.epochs", "one_stage.train.epochs", "evaluate", "evaluate_every",
                                "use_gpu", "cpus_per_worker", "max_failures"})
+# settings a run of each kind does not read, whatever they were when it started
+UNREAD_BY = {"two-stage": ("one_stage.",), "one-stage": ("train.", "model.", "graph.", "stream_lr.")}
 
 
 def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
@@ -330,7 +332,9 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
         earlier = from_dict(TrainStageConfig, read_yaml(written) or {})
     except ValueError as err:
         raise ConfigError(f"{written}: cannot read the settings the run was trained with ({err})") from None
-    changed = {key: values for key, values in changed_settings(earlier, stage).items() if key not in RESUMABLE_CHANGES}
+    unread = UNREAD_BY[stage.kind]
+    changed = {key: values for key, values in changed_settings(earlier, stage).items()
+               if key not in RESUMABLE_CHANGES and not key.startswith(unread)}
     if changed:
         raise ConfigError(f"{folder} trained with other settings than these ({describe_changes(changed)}): --resume "
                           "continues a run for more epochs only; start another --name for new settings")

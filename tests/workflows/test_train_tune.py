@@ -365,6 +365,11 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     longer = run_train(dataclasses.replace(config, resume=True, train=dataclasses.replace(config.train, epochs=5)),
                        quiet=True)
     assert longer["metrics"]["epoch"] == 5 and load_checkpoint(run / "model.pt").extra["epoch"] == 5
+    # a setting the run does not read (a two-stage run and the one-stage settings) is no change to it
+    other = dataclasses.replace(config.one_stage, model=dataclasses.replace(config.one_stage.model, hidden=64))
+    again = run_train(dataclasses.replace(config, resume=True, one_stage=other,
+                                          train=dataclasses.replace(config.train, epochs=5)), quiet=True)
+    assert again["metrics"]["epoch"] == 5
 
 
 def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, tmp_path):
