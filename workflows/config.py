@@ -70,16 +70,17 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, videos_per_shard=">= 1", num_workers=">= 1")
-        _check_choice("roles", self.roles, ROLES)
-        _check_choice("parts", self.parts, PARTS)
+        _check_names("roles", self.roles, ROLES)
+        _check_names("parts", self.parts, PARTS)
         if "body" not in self.parts:
             raise ValueError(f"parts must hold body (every head classifies units by it), got {list(self.parts)}")
 
 
-def _check_choice(name: str, given: tuple[str, ...], known: tuple[str, ...]) -> None:
-    """``given`` names one or more of ``known``, each once."""
-    if not given or len(set(given)) < len(given) or not set(given) <= set(known):
-        raise ValueError(f"{name} must name one or more of {list(known)}, each once, got {list(given)}")
+def _check_names(name: str, given: tuple[str, ...], known: tuple[str, ...] | None = None) -> None:
+    """``given`` names one or more things (of ``known``, where they are fixed), each once."""
+    if not given or len(set(given)) < len(given) or known is not None and not set(given) <= set(known):
+        what = f"of {list(known)}" if known is not None else name
+        raise ValueError(f"{name} must name one or more {what}, each once, got {list(given)}")
 
 
 @dataclass
@@ -119,8 +120,7 @@ class TrainStageConfig:
     def __post_init__(self) -> None:
         check_ranges(self, stream_lr="> 0", evaluate_every=">= 0", num_workers=">= 1", cpus_per_worker="> 0",
                      max_failures=">= 0")
-        if not self.streams or len(set(self.streams)) < len(self.streams):
-            raise ValueError(f"streams must name one or more streams, each once, got {list(self.streams)}")
+        _check_names("streams", self.streams)   # which exist, the dataset says (workflows.train.check_inputs)
         weights = dict(self.inference.fusion)   # a stream it does not name weighs 1 (fuse_streams)
         if sum(weights.get(s, 1.0) for s in self.streams) <= 0:
             raise ValueError(f"inference.fusion weighs the streams {list(self.streams)} 0 in all: nothing to fuse")
