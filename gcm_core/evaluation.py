@@ -1,8 +1,9 @@
 """Detections against ground truth under a named protocol: the bridge from files to metrics."""
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -54,6 +55,63 @@ def evaluate_detections(videos: dict[str, Video], detections: Detections, classe
         return activitynet_ap(gt, det, tiou, len(classes))
     ambiguous = _segments([(video_index[video_key(v.id)], -1, s, e) for v in videos.values() for s, e in v.ambiguous])
     return thumos14_ap(gt, det, tiou, len(classes), ambiguous)
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """The parts of a detection file that the evaluated ground truth does not name.
+
+    Both official evaluators score them without a word: detections on other videos count as
+    false positives and detections of other labels are ignored, so a mismatch of video ids,
+    subset, class names or label convention shows only as a lower mAP. Counted so that a user
+    sees it.
+    """
+
+    outside_videos: Counter[str]     # detections per video that is not an evaluated one
+    unknown_labels: Counter[str]     # detections per label that is not one of the classes
+    videos_without: list[str]        # evaluated videos without a detection
+
+    def counts(self) -> dict[str, int]:
+        return {"detections_on_other_videos": sum(self.outside_videos.values()),
+                "detections_of_other_labels": sum(self.unknown_labels.values()),
+                "videos_without_detections": len(self.videos_without)}
+
+    def notes(self, num_classes: int) -> list[str]:
+        """One sentence per kind of mismatch found, with the first few names."""
+        notes = []
+        if self.outside_videos:
+            notes.append(f"{_count(sum(self.outside_videos.values()), 'detection')} on "
+                         f"{_count(len(self.outside_videos), 'video')} outside the evaluated ones "
+                         f"({_first(self.outside_videos)}): scored as false positives")
+        if self.unknown_labels:
+            notes.append(f"{_count(sum(self.unknown_labels.values()), 'detection')} with labels outside the "
+                         f"{num_classes} classes ({_first(self.unknown_labels)}): ignored")
+        if self.videos_without:
+            notes.append(f"{_count(len(self.videos_without), 'evaluated video')} without a detection "
+                         f"({_first(self.videos_without)})")
+        return notes
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _first(names: Sequence[str] | Counter[str], shown: int = 3) -> str:
+    listed = sorted(names)
+    return ", ".join(listed[:shown]) + (f" and {len(listed) - shown} more" if len(listed) > shown else "")
+
+
+def unmatched_detections(videos: dict[str, Video], detections: Detections, classes: Sequence[str]) -> Unmatched:
+    """What of ``detections`` lies outside ``videos`` and ``classes`` (matched as
+    :func:`evaluate_detections` matches them), and which of ``videos`` it leaves without a detection."""
+    evaluated = {video_key(vid) for vid in videos}
+    detected = Counter(detections.video)
+    known = set(classes)
+    return Unmatched(
+        outside_videos=Counter({vid: n for vid, n in detected.items() if video_key(vid) not in evaluated}),
+        unknown_labels=Counter(label for label in detections.label if label not in known),
+        videos_without=sorted(evaluated - {video_key(vid) for vid in detected}),
+    )
 
 
 def class_agnostic(videos: dict[str, Video], detections: Detections,

@@ -50,7 +50,7 @@ def _add_eval_detections(p: argparse.ArgumentParser) -> None:
 def _run_eval_detections(args: argparse.Namespace) -> int:
     from gcm_core.data.cards import load_card
     from gcm_core.data.formats import read_annotations, read_detections
-    from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, select_subset
+    from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, select_subset, unmatched_detections
     from gcm_core.metrics import ACTIVITYNET_TIOU, THUMOS14_TIOU
 
     thumos_inputs = args.protocol == "thumos14" or args.detections.suffix != ".json"
@@ -66,12 +66,16 @@ def _run_eval_detections(args: argparse.Namespace) -> int:
     classes = card.classes if card else sorted({i.label for v in videos.values() for i in v.instances})
     tiou = args.tiou or (card.tiou if card else (THUMOS14_TIOU if args.protocol == "thumos14" else ACTIVITYNET_TIOU))
     summary = evaluate_detections(videos, detections, classes, args.protocol, tiou).as_dict(classes)
+    unmatched = unmatched_detections(videos, detections, classes)
+    for note in unmatched.notes(len(classes)):
+        print(f"note: {note}", file=sys.stderr)
     agnostic = None
     if args.class_agnostic:
         merged = class_agnostic(videos, detections)
         agnostic = evaluate_detections(*merged, [AGNOSTIC], args.protocol, tiou).as_dict([AGNOSTIC])
     if args.json:
-        print(json.dumps({**summary, "class_agnostic": agnostic} if agnostic else summary))
+        extra = {"unmatched": unmatched.counts(), **({"class_agnostic": agnostic} if agnostic else {})}
+        print(json.dumps({**summary, **extra}))
         return 0
     n_inst = sum(len(v.instances) for v in videos.values())
     print(f"protocol {args.protocol}: {len(videos)} videos{f' ({subset})' if subset else ''}, "

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from gcm_core.data.model import Detections, Instance, Video
-from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections
+from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, unmatched_detections
 from gcm_core.metrics import Segments, activitynet_ap, average_recall, thumos14_ap
 from reference_metrics import loop_activitynet_ap, loop_thumos_ap, loop_tiou
 
@@ -183,3 +183,21 @@ def test_class_agnostic_ap_merges_classes_and_keeps_a_segment_once():
     assert sorted(zip(merged.start.tolist(), merged.score.tolist())) == [(0.0, 0.95), (20.0, 0.8)]
     assert [i.label for i in merged_truth["v"].instances] == [AGNOSTIC, AGNOSTIC]
     assert evaluate_detections(merged_truth, merged, [AGNOSTIC], "thumos14", [0.5]).map[0].item() == pytest.approx(1.0)
+
+
+def test_unmatched_detections_are_counted_with_ids_matched_as_evaluation_matches_them():
+    """'v_abcdefghijk' is the ground truth's 'abcdefghijk' (not unmatched); 'other' is outside
+    the evaluated videos, 'C' outside the classes, and 'w' is left without a detection."""
+    truth = {"abcdefghijk": Video("abcdefghijk", 9.0, instances=[Instance("A", 0.0, 4.0)]),
+             "w": Video("w", 9.0, instances=[Instance("B", 1.0, 2.0)])}
+    dets = Detections(["v_abcdefghijk", "v_abcdefghijk", "other", "other"], ["A", "C", "A", "C"],
+                      np.zeros(4), np.ones(4), np.ones(4))
+    unmatched = unmatched_detections(truth, dets, ["A", "B"])
+    assert unmatched.counts() == {"detections_on_other_videos": 2, "detections_of_other_labels": 2,
+                                  "videos_without_detections": 1}
+    assert unmatched.notes(2) == [
+        "2 detections on 1 video outside the evaluated ones (other): scored as false positives",
+        "2 detections with labels outside the 2 classes (C): ignored",
+        "1 evaluated video without a detection (w)"]
+    assert unmatched_detections(truth, Detections(["w", "abcdefghijk"], ["B", "A"], *np.ones((3, 2))),
+                                ["A", "B"]).notes(2) == []

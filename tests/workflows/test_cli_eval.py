@@ -127,3 +127,30 @@ def test_the_demo_recreates_only_a_folder_it_made(tmp_path):
     (demo / "results.md").write_text("an earlier demo's table")
     claim_folder(demo)                                  # an earlier demo's: emptied for the new one
     assert sorted(p.name for p in demo.iterdir()) == [MARK]
+
+
+def test_what_the_ground_truth_does_not_name_is_counted_and_said(shared_data, capsys):
+    """The official evaluators score detections on other videos as false positives and ignore
+    other labels without a word; the command says how many there are. Real case: thumos14.json
+    leaves out video_test_0001292 (only Ambiguous instances), on which CBR's results hold
+    detections, and a wrong label convention names classes the card does not have."""
+    th = shared_data / "thumos14"
+    results = th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt"
+    rows = [line.split() for line in results.read_text().splitlines() if line.strip()]
+    on_left_out = sum(row[0] == "video_test_0001292" for row in rows)
+    # under the 1-based convention, classes are 1..20; CBR's official indices (7..97) mostly fall outside
+    outside_one_based = sum(not 1 <= int(row[3]) <= 20 for row in rows)
+    assert on_left_out > 0 and outside_one_based > 0
+
+    base = ["eval-detections", "--protocol", "thumos14", "--ground-truth", str(th / "annotations/thumos14.json"),
+            "--detections", str(results), "--tiou", "0.5"]
+    assert main([*base, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["unmatched"] == {
+        "detections_on_other_videos": on_left_out, "detections_of_other_labels": 0, "videos_without_detections": 0}
+    assert captured.err == (f"note: {on_left_out} detections on 1 video outside the evaluated ones "
+                            "(video_test_0001292): scored as false positives\n")
+
+    assert main([*base, "--label-convention", "one_based"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {outside_one_based} detections with labels outside the 20 classes (#" in err
