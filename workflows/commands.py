@@ -344,7 +344,7 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
 def _run_tune(args: argparse.Namespace) -> int:
     from workflows.config import TuneStageConfig
-    from workflows.tune import load_grid, run_tune, trial_name
+    from workflows.tune import load_grid, run_tune, trial_name, unreported_metrics
 
     direct = {k: v for k, v in (("card", args.card), ("data_root", args.data_root)) if v is not None}
     config = _stage(TuneStageConfig, args, grid=args.grid, data=args.data, out=args.out, resume=args.resume,
@@ -355,6 +355,11 @@ def _run_tune(args: argparse.Namespace) -> int:
     table = Path(config.out) / grid.name / f"{grid.name}.md"
     print(table.read_text())
     print(f"tune: table written to {table} (and .csv)")
+    unreported = unreported_metrics(grid, rows)
+    if unreported:
+        print(f"tune: no trial reported {unreported}, so their columns are empty; trials report "
+              f"{sorted({name for r in rows for name in r['metrics']})} (correct the grid's metrics and run again "
+              "with --resume to rewrite the table)", file=sys.stderr)
     failed = [(trial_name(grid, r["trial"]), r["error"].strip().splitlines()[-1]) for r in rows if r["error"].strip()]
     if failed:
         print(f"tune: {len(failed)} of {len(rows)} trials failed (rerun with --resume to retry them):", file=sys.stderr)

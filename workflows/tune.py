@@ -1,8 +1,12 @@
 """Ablation grids with Ray Tune: train + evaluate trials over ONE dataset, preprocessed (or, for
 one-stage grids, read directly: a card and a data root, no proposals needed).
 
-A grid file (``workflows/grids/*.yaml``) names a base training configuration and axes of dotted
-keys; the trials are every combination. Each trial is a Tune function trainable that runs a
+A grid file (``workflows/grids/*.yaml``) holds ``name`` (the experiment's folder under ``--out``),
+``title``, ``base`` (training settings shared by every trial, as in a stage config file), ``grid``
+(dotted key -> list of values; the trials are every combination), ``labels`` (dotted key -> a
+name for each of its values, for the table), ``metrics`` (the table's columns: a test metric
+``<stream or fused>/mAP@<tIoU>`` or ``.../mAP_avg``, or an epoch metric of a run's progress.jsonl
+such as ``seconds_per_step``) and ``note``. Each trial is a Tune function trainable that runs a
 TorchTrainer (the training stage, evaluated on the test split) and reports its metrics through
 Ray Train's ``TuneReportCallback``. Thresholds are applied to the stored candidate edges, so no
 trial preprocesses anything. An interrupted experiment resumes with ``resume`` without re-running
@@ -75,15 +79,18 @@ def load_grid(name_or_path: str | Path) -> Grid:
     missing = {"name", "grid"} - set(raw)
     if missing:
         raise ConfigError(f"{path}: missing {sorted(missing)}")
+    name, metrics = raw["name"], raw.get("metrics") or ["rgb/mAP@0.5", "flow/mAP@0.5", "fused/mAP@0.5"]
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ConfigError(f"{path}: name must be a folder name (the experiment's folder under --out), got {name!r}")
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise ConfigError(f"{path}: metrics must be a list of the names of metrics the trials report")
     axes, labels = raw["grid"], raw.get("labels") or {}
     if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise ConfigError(f"{path}: grid must give each setting it varies (a dotted key) a non-empty list of values")
     for key, names in labels.items():
         if key not in axes or not isinstance(names, list) or len(names) != len(axes[key]):
             raise ConfigError(f"{path}: labels of {key} must name each of the grid's values of {key}, in order")
-    grid = Grid(raw["name"], raw.get("title", raw["name"]), raw.get("base") or {}, axes,
-                labels, raw.get("metrics") or ["rgb/mAP@0.5", "flow/mAP@0.5", "fused/mAP@0.5"],
-                raw.get("note", ""))
+    grid = Grid(name, raw.get("title", name), raw.get("base") or {}, axes, labels, metrics, raw.get("note", ""))
     for trial in grid.trials():  # fail before any trial starts
         trial_config(TrainStageConfig(), grid, trial)
     return grid
@@ -153,7 +160,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     folder = Path(config.out).resolve() / grid.name
     trials = grid.trials()
     trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
-    _check_dataset(trial_stages)
+    _check_dataset(trial_stages, grid.metrics)
     stages = [to_dict(s) for s in trial_stages]
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
     use_gpu = use_gpus(base.use_gpu)
@@ -210,22 +217,38 @@ def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
                           "finishes an experiment as it was started; give another --out for a new one")
 
 
-def _check_dataset(stages: list[TrainStageConfig]) -> None:
+def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> None:
     """Fail here, once, not in every trial, where the trials' dataset cannot be read (the
     preprocessed ``data``, or the dataset that ``base.card`` and ``base.data_root`` name: one-stage
-    grids) or lacks a stream or unit features a trial reads."""
+    grids) or lacks a stream or unit features a trial reads, or where a test metric of the table
+    is one no trial reports (a stream no trial trains, a tIoU the dataset's protocol does not use)."""
     manifest = None if stages[0].card else load_manifest(stages[0].data)
     card, data_root = dataset_of(stages[0], manifest)
     if manifest is None:
         DatasetSource(card, data_root, "train")
     for stage in stages:
         check_inputs(stage, card, manifest)
+    sources = {"fused", *(s for stage in stages for s in stage.streams)}
+    measures = {"mAP_avg", *(f"mAP@{t:g}" for t in card.tiou)}
+    for metric in metrics:
+        source, _, measure = metric.partition("/")
+        if measure and (source not in sources or measure not in measures):
+            raise ConfigError(f"the grid's metric {metric!r} is not one its trials report: a test metric is "
+                              f"<streams>/<measure>, streams one of {sorted(sources)}, measure one of "
+                              f"{sorted(measures)} (the tIoU of {card.name}'s protocol)")
 
 
 def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:
     stage = trial_config(base, grid, trial)
     return from_dict(TrainStageConfig, {**to_dict(stage), "out": str(folder / "trials"),
                                         "name": trial_name(grid, trial), "evaluate": True, "resume": True})
+
+
+def unreported_metrics(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
+    """The grid's metrics that no trial reported although some trial reported metrics: a name
+    mistyped in the grid file, whose column is empty (test metrics are checked before the trials)."""
+    reported = {name for r in rows for name in r["metrics"]}
+    return [m for m in grid.metrics if m not in reported] if reported else []
 
 
 def grid_markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:

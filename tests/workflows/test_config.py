@@ -124,6 +124,7 @@ def test_a_learning_rate_given_alone_trains_every_stream():
     ("name: x\ngrid:\n  graph.l_sem: [1, 2]\nlabels:\n  graph.l_sem: [one]\n",
      "labels of graph.l_sem must name each of the grid's values of graph.l_sem"),
     ("- name\n- grid\n", "a grid is a mapping with a name and a grid"),
+    ("name: ../x\ngrid:\n  graph.l_sem: [1]\n", r"name must be a folder name \(the experiment's folder under --out\)"),
     ("name: x\ngrid: {graph.l_sem: [1,\n", r"not valid YAML \(expected the node content"),
 ])
 def test_a_malformed_grid_is_named_in_one_line(tmp_path, text, problem):

@@ -32,7 +32,7 @@ from workflows.ray_env import ray_session
 from workflows.shards import read_videos
 from workflows.train import dataset_of, run_train
 from workflows.train_one_stage import OneStageModels, load_one_stage, save_one_stage
-from workflows.tune import run_tune
+from workflows.tune import load_grid, run_tune, unreported_metrics
 
 FAST = {"epochs": 3, "lr": 0.05, "batch_videos": 8, "sampling": {"per_video": 16}}
 
@@ -84,8 +84,10 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 
-def test_a_stream_split_or_unit_features_the_dataset_lacks_are_refused_up_front(prepared, runs, tmp_path):
-    """Named up front, not a KeyError in every training worker (nor in every trial of a grid)."""
+def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, tmp_path):
+    """A stream, split or unit features the dataset lacks, or a grid's test metric at a tIoU its
+    protocol does not use: named up front, not a KeyError in every training worker (nor in every
+    trial of a grid), nor an empty column after the whole grid."""
     config = dataclasses.replace(stage(prepared, tmp_path, "depth"), streams=("rgb", "depth"))
     with pytest.raises(ConfigError, match=r"the dataset's streams are \['rgb', 'flow'\], not \['depth'\]"):
         run_train(config, quiet=True)
@@ -115,6 +117,12 @@ def test_a_stream_split_or_unit_features_the_dataset_lacks_are_refused_up_front(
     with pytest.raises(ConfigError, match=r"not \['depth'\]"):
         run_tune(TuneStageConfig(grid=str(grid), data=str(prepared), out=str(tmp_path)), quiet=True)
     assert not (tmp_path / "streams").exists()
+    grid.write_text("name: strict\ngrid:\n  model.num_samples: [1, 2]\nmetrics: [fused/mAP@0.5, flow/mAP@0.7]\n")
+    tiou = [f"mAP@{t:g}" for t in json.loads((prepared / "manifest.json").read_text())["tiou"]]
+    assert "mAP@0.5" in tiou and "mAP@0.7" not in tiou
+    with pytest.raises(ConfigError, match=r"the grid's metric 'flow/mAP@0\.7' is not one its trials report"):
+        run_tune(TuneStageConfig(grid=str(grid), data=str(prepared), out=str(tmp_path)), quiet=True)
+    assert not (tmp_path / "strict").exists()
 
 
 def test_more_workers_than_the_embedded_ray_holds_is_an_error_not_a_hang(prepared, tmp_path):
@@ -374,7 +382,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
 
 def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, tmp_path):
     grid = tmp_path / "grid.yaml"
-    grid.write_text("name: tiny\ngrid:\n  model.num_samples: [1, 2, 4]\nmetrics: [fused/mAP@0.5]\n")
+    grid.write_text("name: tiny\ngrid:\n  model.num_samples: [1, 2, 4]\nmetrics: [fused/mAP@0.5, loss_totl]\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # paths relative to where the user stands (trials run in folders of their own)
     command = [sys.executable, "-m", "workflows.cli", "tune", "grid.yaml", "--data", os.path.relpath(prepared, tmp_path),
@@ -402,6 +410,7 @@ def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, 
             run_tune(dataclasses.replace(config, base=longer), quiet=True)
         rows = run_tune(config, quiet=True)
     assert len(rows) == 3 and all("fused/mAP@0.5" in r["metrics"] for r in rows)
+    assert unreported_metrics(load_grid(grid), rows) == ["loss_totl"]   # a typo: its column is empty
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/metrics.json")}
     assert len(after) == 3
     for name, stamp in finished_before.items():
