@@ -83,6 +83,13 @@ def _check_names(name: str, given: tuple[str, ...], known: tuple[str, ...] | Non
         raise ValueError(f"{name} must name one or more {what}, each once, got {list(given)}")
 
 
+def check_folder_name(key: str, name: object) -> None:
+    """``name`` names one folder inside an output folder (a run, an experiment): not empty, no
+    path separator, not ``.`` or ``..``, so that outputs land where ``--out`` says."""
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"{key} must be a folder name (a folder inside --out), got {name!r}")
+
+
 @dataclass
 class OneStageConfig:
     """D-SSAD (+ GCM): clips of the snippet features of the dataset the preprocessing read."""
@@ -120,6 +127,7 @@ class TrainStageConfig:
     def __post_init__(self) -> None:
         check_ranges(self, stream_lr="> 0", evaluate_every=">= 0", num_workers=">= 1", cpus_per_worker="> 0",
                      max_failures=">= 0")
+        check_folder_name("name", self.name)
         _check_names("streams", self.streams)   # which exist, the dataset says (workflows.train.check_inputs)
         weights = dict(self.inference.fusion)   # a stream it does not name weighs 1 (fuse_streams)
         if sum(weights.get(s, 1.0) for s in self.streams) <= 0:

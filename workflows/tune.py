@@ -30,8 +30,8 @@ from gcm_core.data.cards import read_yaml, shipped_yaml
 from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
 from workflows.config import (
-    ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, deep_merge, describe_changes, dump, from_dict,
-    sets_lr_alone, to_dict,
+    ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, deep_merge, describe_changes,
+    dump, from_dict, sets_lr_alone, to_dict,
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
@@ -80,8 +80,10 @@ def load_grid(name_or_path: str | Path) -> Grid:
     if missing:
         raise ConfigError(f"{path}: missing {sorted(missing)}")
     name, metrics = raw["name"], raw.get("metrics") or ["rgb/mAP@0.5", "flow/mAP@0.5", "fused/mAP@0.5"]
-    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
-        raise ConfigError(f"{path}: name must be a folder name (the experiment's folder under --out), got {name!r}")
+    try:
+        check_folder_name("name", name)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise ConfigError(f"{path}: metrics must be a list of the names of metrics the trials report")
     axes, labels = raw["grid"], raw.get("labels") or {}

@@ -61,6 +61,8 @@ def test_bad_settings_are_named(override, message):
     (TrainStageConfig, "one_stage.model.window_stride=600", r"window_stride must be <= clip_snippets \(512\)"),
     (TrainStageConfig, "streams=[rgb, rgb]", r"streams must name one or more streams, each once, got \['rgb', 'rgb'\]"),
     (TrainStageConfig, "streams=[]", r"streams must name one or more streams, each once, got \[\]$"),
+    (TrainStageConfig, "name=../elsewhere", r"name must be a folder name \(a folder inside --out\), got '\.\./elsewhere'$"),
+    (TrainStageConfig, "name=''", r"name must be a folder name \(a folder inside --out\), got ''$"),
     (PreprocessConfig, "videos_per_shard=0", r"videos_per_shard must be >= 1, got 0$"),
     (TuneStageConfig, "cpus_per_trial=0", r"cpus_per_trial must be > 0, got 0\.0$"),
     (EvaluateConfig, "tiou=[0.5, 1.5]", r"tiou must be in \(0, 1\], got \(0\.5, 1\.5\)$"),
@@ -124,7 +126,7 @@ def test_a_learning_rate_given_alone_trains_every_stream():
     ("name: x\ngrid:\n  graph.l_sem: [1, 2]\nlabels:\n  graph.l_sem: [one]\n",
      "labels of graph.l_sem must name each of the grid's values of graph.l_sem"),
     ("- name\n- grid\n", "a grid is a mapping with a name and a grid"),
-    ("name: ../x\ngrid:\n  graph.l_sem: [1]\n", r"name must be a folder name \(the experiment's folder under --out\)"),
+    ("name: ../x\ngrid:\n  graph.l_sem: [1]\n", r"name must be a folder name \(a folder inside --out\), got '../x'"),
     ("name: x\ngrid: {graph.l_sem: [1,\n", r"not valid YAML \(expected the node content"),
 ])
 def test_a_malformed_grid_is_named_in_one_line(tmp_path, text, problem):
