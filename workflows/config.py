@@ -180,6 +180,36 @@ class TuneStageConfig:
         check_ranges(self, cpus_per_trial="> 0", gpus_per_trial=">= 0", max_concurrent=">= 1")
 
 
+# what each stage's output folder holds, by the stage config its config.yaml was written from
+OUTPUTS: dict[type, str] = {PreprocessConfig: "a preprocessed dataset", TrainStageConfig: "a training run",
+                            TuneStageConfig: "a grid experiment", EvaluateConfig: "an evaluation"}
+
+
+def written_by(path: Path) -> type | None:
+    """The stage config a config.yaml was written from: the stage whose own settings (those no
+    other stage has) it names most of; None if that is not clear."""
+    try:
+        keys = set(read_yaml(path) or {})
+    except (ValueError, TypeError):
+        return None
+    own = {stage: {f.name for f in dataclasses.fields(stage)} for stage in OUTPUTS}
+    score = {stage: len(keys & names.difference(*(o for s, o in own.items() if s is not stage)))
+             for stage, names in own.items()}
+    best = sorted(score.values())
+    return max(score, key=score.get) if best[-1] > best[-2] else None
+
+
+def check_output_folder(folder: str | Path, stage: type) -> None:
+    """Refuse to write ``stage``'s outputs into a folder holding another stage's: its config.yaml
+    says how they were made (a run resumes from it, preprocessing restarts against it, a report
+    reads it) and would be replaced, e.g. by an evaluation given a run's folder as --out."""
+    path = Path(folder) / "config.yaml"
+    other = written_by(path) if path.is_file() else None
+    if other is not None and other is not stage:
+        raise FileExistsError(f"{folder} holds {OUTPUTS[other]}; writing {OUTPUTS[stage]} there would replace its "
+                              "config.yaml: give it a folder of its own")
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 

@@ -25,7 +25,7 @@ from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
-from workflows.config import ConfigError, EvaluateConfig, dump
+from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump
 from workflows.progress import Progress
 from workflows.shards import check_split, check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
@@ -153,6 +153,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
                          "D-SSAD checkpoints --card (and --data-root)")
     _check_inputs(config.checkpoints, datasets)
     out = Path(config.out)
+    check_output_folder(out, EvaluateConfig)
     if (out / "summary.md").exists() and not config.overwrite:
         raise FileExistsError(f"{out} holds a previous evaluation: pass --overwrite to replace it, or another --out")
     task = ray.remote(num_cpus=1)(evaluate_pair)

@@ -37,7 +37,9 @@ from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import FOREGROUND, RegressionStats
-from workflows.config import PreprocessConfig, changed_settings, describe_changes, dump, from_dict, to_dict
+from workflows.config import (
+    PreprocessConfig, changed_settings, check_output_folder, describe_changes, dump, from_dict, to_dict,
+)
 from workflows.progress import Progress
 from workflows.provenance import code_version
 from workflows.shards import video_to_row, write_shard
@@ -141,6 +143,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     card = load_card(config.card)
     plan = _plan(card, config)  # reads the annotations: a wrong card or data root stops before anything is written
     out = Path(config.out)
+    check_output_folder(out, PreprocessConfig)
     card_copy = out / "card.yaml"
     if config.overwrite and (out / "shards").exists():
         shutil.rmtree(out / "shards")

@@ -39,7 +39,7 @@ from gcm_core.engine import (
 )
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import (
-    ConfigError, TrainStageConfig, changed_settings, describe_changes, dump, from_dict, to_dict,
+    ConfigError, TrainStageConfig, changed_settings, check_output_folder, describe_changes, dump, from_dict, to_dict,
 )
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import (
@@ -279,6 +279,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
     folder = run_dir(stage)
+    check_output_folder(folder, TrainStageConfig)
     if (folder / SNAPSHOT).exists():
         if not stage.resume:
             raise FileExistsError(f"{folder} holds a previous run: pass --resume to continue it, or another --name")

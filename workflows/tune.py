@@ -30,8 +30,8 @@ from gcm_core.data.cards import read_yaml, shipped_yaml
 from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
 from workflows.config import (
-    ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, deep_merge, describe_changes,
-    dump, from_dict, sets_lr_alone, to_dict,
+    ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, check_output_folder,
+    deep_merge, describe_changes, dump, from_dict, sets_lr_alone, to_dict,
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
@@ -169,6 +169,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     trial = training_resources(base, use_gpu)
     require_resources(f"one trial of {grid.name} ({base.num_workers} workers)",
                       {**trial, "CPU": trial["CPU"] + resources["cpu"]}, "use fewer workers (--set base.num_workers=N)")
+    check_output_folder(folder, TuneStageConfig)
     trainable = tune.with_resources(run_trial, resources)
     if config.resume and tune.Tuner.can_restore(str(folder)):
         _check_same_trials(folder, stages)

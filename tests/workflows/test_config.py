@@ -7,7 +7,8 @@ import yaml
 from gcm_core.engine import build_heads, make_optimizer
 from workflows import GRID_DIR
 from workflows.config import (
-    ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, dump, from_dict, resolve,
+    OUTPUTS, ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder,
+    dump, from_dict, resolve,
 )
 from workflows.tune import Grid, load_grid, trial_config
 
@@ -149,3 +150,24 @@ def test_every_shipped_grid_yields_valid_trials(grid):
     assert len(trials) >= 3
     configs = [trial_config(TrainStageConfig(), g, t) for t in trials]
     assert len({repr(c) for c in configs}) == len(trials)  # every trial is a different configuration
+
+
+def test_a_stage_refuses_a_folder_holding_another_stages_outputs(tmp_path):
+    """Its config.yaml would be replaced: an evaluation written into a run's folder left a run that
+    neither resumes nor reports. Each stage's folder is told by the config.yaml it wrote (one-stage
+    runs and grid bases included); a folder of its own kind, or without a config.yaml, is its to use."""
+    written = {PreprocessConfig: PreprocessConfig(), TrainStageConfig: resolve(TrainStageConfig, None, ["kind=one-stage"]),
+               TuneStageConfig: TuneStageConfig(grid="table9_edges"), EvaluateConfig: EvaluateConfig(checkpoints=("m.pt",))}
+    for stage, config in written.items():
+        folder = tmp_path / stage.__name__
+        folder.mkdir()
+        (folder / "config.yaml").write_text(dump(config))
+        for other in OUTPUTS:
+            if other is stage:
+                check_output_folder(folder, other)
+            else:
+                with pytest.raises(FileExistsError, match=f"^{folder} holds {OUTPUTS[stage]}; writing {OUTPUTS[other]} "
+                                                          "there would replace its config.yaml"):
+                    check_output_folder(folder, other)
+        assert (folder / "config.yaml").read_text() == dump(config)
+    check_output_folder(tmp_path / "new", EvaluateConfig)

@@ -154,6 +154,10 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
                             data=(str(prepared),), out=str(out))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_evaluate(EvaluateConfig(checkpoints=(str(tmp_path / "none.pt"),), data=(str(prepared),), out=str(out)))
+    run_config = (gcm.parent / "config.yaml").read_text()
+    with pytest.raises(FileExistsError, match=f"^{gcm.parent} holds a training run; writing an evaluation there"):
+        run_evaluate(dataclasses.replace(config, out=str(gcm.parent)), quiet=True)   # beside the run: not into it
+    assert (gcm.parent / "config.yaml").read_text() == run_config
     with pytest.raises(EvaluationError, match="3 of 6 evaluations failed") as failed:
         run_evaluate(config, quiet=True)
     assert f"{broken} on {prepared}: {broken}: unreadable checkpoint" in str(failed.value)
