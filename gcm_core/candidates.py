@@ -51,22 +51,27 @@ class CandidateCaps:
             knn_k=spec.l_sem if semantic and literal else 0,
         )
 
-    def check_covers(self, spec: GraphSpec) -> None:
-        """Raise ValueError if ``spec`` needs candidates these caps did not keep."""
-        problems = []
+    def uncovered(self, spec: GraphSpec) -> dict[str, str]:
+        """The caps that keep candidates ``spec`` needs out, each with why (empty: it can be selected)."""
+        problems = {}
         if "contextual" in spec.edge_types and spec.theta_ctx < self.min_ctx_tiou:
-            problems.append(f"theta_ctx={spec.theta_ctx} < min_ctx_tiou={self.min_ctx_tiou}")
+            problems["min_ctx_tiou"] = f"theta_ctx={spec.theta_ctx} < min_ctx_tiou={self.min_ctx_tiou}"
         if "surrounding" in spec.edge_types:
             if spec.theta_sur > self.sur_max_dist:
-                problems.append(f"theta_sur={spec.theta_sur} > sur_max_dist={self.sur_max_dist}")
+                problems["sur_max_dist"] = f"theta_sur={spec.theta_sur} > sur_max_dist={self.sur_max_dist}"
             if self.sur_k is not None and (spec.k_sur is None or spec.k_sur > self.sur_k):
-                problems.append(f"k_sur={spec.k_sur} exceeds sur_k={self.sur_k}")
+                problems["sur_k"] = f"k_sur={spec.k_sur} exceeds sur_k={self.sur_k}"
         if "semantic" in spec.edge_types:
             cap_name = "knn_k" if spec.semantic_rule == "knn-then-disjoint" else "sem_k"
             if spec.l_sem > getattr(self, cap_name):
-                problems.append(f"l_sem={spec.l_sem} exceeds {cap_name}={getattr(self, cap_name)}")
+                problems[cap_name] = f"l_sem={spec.l_sem} exceeds {cap_name}={getattr(self, cap_name)}"
+        return problems
+
+    def check_covers(self, spec: GraphSpec) -> None:
+        """Raise ValueError if ``spec`` needs candidates these caps did not keep."""
+        problems = self.uncovered(spec)
         if problems:
-            raise ValueError("graph settings outside the candidate caps: " + "; ".join(problems)
+            raise ValueError("graph settings outside the candidate caps: " + "; ".join(problems.values())
                              + " (recompute candidates with looser CandidateCaps)")
 
 

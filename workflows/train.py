@@ -353,8 +353,9 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:
-    """A run reads streams its dataset has and, two-stage, a train split and unit features its
-    preprocessing prepared: refused here, naming them, rather than failing in every training worker."""
+    """A run reads streams its dataset has and, two-stage, a train split, unit features and
+    candidate edges its preprocessing prepared (a graph within the caps it kept candidates under):
+    refused here, naming them, rather than failing in every training worker."""
     unknown = [s for s in stage.streams if s not in card.streams]
     if unknown:
         raise ConfigError(f"{stage.card or stage.data}: the dataset's streams are {list(card.streams)}, not "
@@ -362,6 +363,11 @@ def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str,
     if stage.kind == "two-stage":
         check_split(stage.data, manifest, "train")
         check_unit_parts(stage.data, manifest, stage.streams, stage.model.completeness_features)
+        uncovered = caps_from_manifest(manifest).uncovered(stage.graph)
+        if uncovered:
+            raise ConfigError(f"{stage.data} kept candidate edges under caps the run's graph exceeds "
+                              f"({'; '.join(uncovered.values())}): keep the graph within them, or preprocess the "
+                              f"dataset again into another --out with looser {', '.join(f'caps.{c}' for c in uncovered)}")
 
 
 def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -241,3 +242,18 @@ def test_surrounding_threshold_is_strict(caps):
         spec = GraphSpec(theta_sur=theta_sur, edge_types=("surrounding",))
         cands = candidate_edges(intervals, feats, caps or CandidateCaps.for_spec(spec))
         assert select_edges(cands, spec).num_edges == expected
+
+
+def test_caps_name_each_graph_setting_they_cannot_serve():
+    """Candidates kept under caps serve only graphs within them; a setting beyond a cap is named
+    with that cap, and only for the edge types the graph uses."""
+    caps = CandidateCaps(min_ctx_tiou=0.5, sur_k=8, sur_max_dist=1.0, sem_k=8, knn_k=4)
+    assert caps.uncovered(GraphSpec()) == {}
+    wide = GraphSpec(theta_ctx=0.3, theta_sur=1.5, k_sur=None, l_sem=6, semantic_rule="knn-then-disjoint")
+    assert caps.uncovered(wide) == {"min_ctx_tiou": "theta_ctx=0.3 < min_ctx_tiou=0.5",
+                                    "sur_max_dist": "theta_sur=1.5 > sur_max_dist=1.0",
+                                    "sur_k": "k_sur=None exceeds sur_k=8", "knn_k": "l_sem=6 exceeds knn_k=4"}
+    assert caps.uncovered(replace(wide, edge_types=("semantic",))) == {"knn_k": "l_sem=6 exceeds knn_k=4"}
+    assert caps.uncovered(replace(wide, semantic_rule="disjoint-top")).keys() == {"min_ctx_tiou", "sur_max_dist", "sur_k"}
+    with pytest.raises(ValueError, match="graph settings outside the candidate caps: theta_ctx=0.3"):
+        caps.check_covers(wide)

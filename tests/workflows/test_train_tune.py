@@ -85,9 +85,9 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, tmp_path):
-    """A stream, split or unit features the dataset lacks, or a grid's test metric at a tIoU its
-    protocol does not use: named up front, not a KeyError in every training worker (nor in every
-    trial of a grid), nor an empty column after the whole grid."""
+    """A stream, split, unit features or candidate edges the dataset lacks, or a grid's test metric
+    at a tIoU its protocol does not use: named up front, not a KeyError or ValueError in every
+    training worker (nor in every trial of a grid), nor an empty column after the whole grid."""
     config = dataclasses.replace(stage(prepared, tmp_path, "depth"), streams=("rgb", "depth"))
     with pytest.raises(ConfigError, match=r"the dataset's streams are \['rgb', 'flow'\], not \['depth'\]"):
         run_train(config, quiet=True)
@@ -96,6 +96,13 @@ def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, tmp_path):
                                    model=dataclasses.replace(config.model, comp_input="extended"))
     with pytest.raises(ValueError, match=f"{prepared} holds no extended unit features, which the model reads"):
         run_train(extended, quiet=True)   # the dataset was prepared with body and three_part features
+    caps = json.loads((prepared / "manifest.json").read_text())["caps"]
+    wider = dataclasses.replace(config, streams=("rgb", "flow"), name="wider",
+                                graph=dataclasses.replace(config.graph, l_sem=caps["sem_k"] + 1))
+    with pytest.raises(ConfigError, match=rf"{prepared} kept candidate edges under caps the run's graph exceeds "
+                                          rf"\(l_sem={caps['sem_k'] + 1} exceeds sem_k={caps['sem_k']}\).*caps\.sem_k$"):
+        run_train(wider, quiet=True)
+    assert not (tmp_path / "wider").exists()
     def without(role: str) -> Path:   # a dataset preprocessed with the other split alone (roles=[...])
         partial = tmp_path / f"no-{role}"
         partial.mkdir()
