@@ -27,7 +27,7 @@ from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump
 from workflows.progress import Progress
-from workflows.shards import check_split, check_unit_parts, load_manifest, prepared_from, read_videos
+from workflows.shards import check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, detect_test_split, is_one_stage_checkpoint, load_one_stage
 
@@ -128,6 +128,7 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     check_feature_widths(ckpt.dims, widths, Path(data) / "manifest.json")
     comp = ckpt.model_config.completeness_features
     check_unit_parts(data, manifest, list(ckpt.heads), comp)
+    check_caps(data, manifest, ckpt.graph)
     classes = list(ckpt.classes)
     videos = read_videos(data, "test", manifest)
     per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats)

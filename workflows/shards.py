@@ -48,6 +48,7 @@ from gcm_core.data.cards import DatasetCard, load_card
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import UnitLabels
 from gcm_core.candidates import CandidateCaps, CandidateEdges
+from gcm_core.graph import GraphSpec
 
 EDGE_COLUMNS = ("tiou", "distance", "cosine", "sur_rank", "sem_rank", "knn_rank")
 LABEL_COLUMNS = ("best_gt", "tiou", "overlap", "role", "label", "reg_target")
@@ -165,6 +166,16 @@ def check_unit_parts(folder: str | Path, manifest: dict[str, Any], streams: list
     if part is not None and any(f"{s}:{part}" not in manifest["dims"] for s in streams):
         raise ValueError(f"{folder} holds no {part} unit features, which the model reads (model.comp_input="
                          f"{part}): preprocess the dataset with --set 'parts=[body, {part}]'")
+
+
+def check_caps(folder: str | Path, manifest: dict[str, Any], graph: GraphSpec) -> None:
+    """Stop, naming the preprocessed dataset, where a model's graph needs candidate edges beyond
+    the caps the dataset kept them under (a wider theta_ctx, more semantic neighbours, ...)."""
+    uncovered = caps_from_manifest(manifest).uncovered(graph)
+    if uncovered:
+        raise ValueError(f"{folder} kept candidate edges under caps the model's graph exceeds "
+                         f"({'; '.join(uncovered.values())}): keep the graph within them, or preprocess the "
+                         f"dataset again into another --out with looser {', '.join(f'caps.{c}' for c in uncovered)}")
 
 
 def check_split(folder: str | Path, manifest: dict[str, Any], role: str) -> None:

@@ -43,7 +43,8 @@ from workflows.config import (
 )
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import (
-    caps_from_manifest, check_split, check_unit_parts, load_manifest, prepared_from, read_shard_rows, row_to_video,
+    caps_from_manifest, check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_shard_rows,
+    row_to_video,
 )
 
 if TYPE_CHECKING:
@@ -363,11 +364,7 @@ def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str,
     if stage.kind == "two-stage":
         check_split(stage.data, manifest, "train")
         check_unit_parts(stage.data, manifest, stage.streams, stage.model.completeness_features)
-        uncovered = caps_from_manifest(manifest).uncovered(stage.graph)
-        if uncovered:
-            raise ConfigError(f"{stage.data} kept candidate edges under caps the run's graph exceeds "
-                              f"({'; '.join(uncovered.values())}): keep the graph within them, or preprocess the "
-                              f"dataset again into another --out with looser {', '.join(f'caps.{c}' for c in uncovered)}")
+        check_caps(stage.data, manifest, stage.graph)
 
 
 def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:

@@ -99,7 +99,7 @@ def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, tmp_path):
     caps = json.loads((prepared / "manifest.json").read_text())["caps"]
     wider = dataclasses.replace(config, streams=("rgb", "flow"), name="wider",
                                 graph=dataclasses.replace(config.graph, l_sem=caps["sem_k"] + 1))
-    with pytest.raises(ConfigError, match=rf"{prepared} kept candidate edges under caps the run's graph exceeds "
+    with pytest.raises(ValueError, match=rf"{prepared} kept candidate edges under caps the model's graph exceeds "
                                           rf"\(l_sem={caps['sem_k'] + 1} exceeds sem_k={caps['sem_k']}\).*caps\.sem_k$"):
         run_train(wider, quiet=True)
     assert not (tmp_path / "wider").exists()
@@ -145,8 +145,9 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
     broken = tmp_path / "broken" / "model.pt"
     narrow = tmp_path / "narrow" / "model.pt"   # heads that read features of another width
     extended = tmp_path / "extended" / "model.pt"   # ... or unit features the dataset was not prepared with
+    wide = tmp_path / "wide" / "model.pt"           # ... or a graph beyond the dataset's candidate caps
     namesake.parent.mkdir(parents=True)
-    for path in (broken, narrow, extended):
+    for path in (broken, narrow, extended, wide):
         path.parent.mkdir()
     shutil.copyfile(gcm, namesake)
     broken.write_bytes(b"not a checkpoint")
@@ -156,8 +157,10 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
     reads_extended = dataclasses.replace(trained.model_config, comp_input="extended")
     save_checkpoint(extended, dataclasses.replace(trained, model_config=reads_extended, heads=build_heads(
         reads_extended, trained.streams, trained.dims, len(trained.classes))))
+    sem_k = json.loads((prepared / "manifest.json").read_text())["caps"]["sem_k"]
+    save_checkpoint(wide, dataclasses.replace(trained, graph=dataclasses.replace(trained.graph, l_sem=sem_k + 1)))
     out = tmp_path / "eval"
-    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken, narrow, extended))),
+    config = EvaluateConfig(checkpoints=tuple(map(str, (gcm, mlp, namesake, broken, narrow, extended, wide))),
                             data=(str(prepared),), out=str(out))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         run_evaluate(EvaluateConfig(checkpoints=(str(tmp_path / "none.pt"),), data=(str(prepared),), out=str(out)))
@@ -165,13 +168,15 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
     with pytest.raises(FileExistsError, match=f"^{gcm.parent} holds a training run; writing an evaluation there"):
         run_evaluate(dataclasses.replace(config, out=str(gcm.parent)), quiet=True)   # beside the run: not into it
     assert (gcm.parent / "config.yaml").read_text() == run_config
-    with pytest.raises(EvaluationError, match="3 of 6 evaluations failed") as failed:
+    with pytest.raises(EvaluationError, match="4 of 7 evaluations failed") as failed:
         run_evaluate(config, quiet=True)
     assert f"{broken} on {prepared}: {broken}: unreadable checkpoint" in str(failed.value)
     width = json.loads((prepared / "manifest.json").read_text())["dims"]["rgb:body"]
     assert (f"{narrow} on {prepared}: {prepared / 'manifest.json'}: rgb features are {width}-d, the model's rgb "
             f"stream reads 16-d; flow features are {width}-d") in str(failed.value)
     assert f"{extended} on {prepared}: {prepared} holds no extended unit features" in str(failed.value)
+    assert (f"{wide} on {prepared}: {prepared} kept candidate edges under caps the model's graph exceeds "
+            f"(l_sem={sem_k + 1} exceeds sem_k={sem_k})") in str(failed.value)
 
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert sorted(r["checkpoint"] for r in rows) == sorted(map(str, (gcm, mlp, namesake)))
