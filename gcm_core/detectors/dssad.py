@@ -55,6 +55,8 @@ class DSSADConfig:
                              f"{self.num_scales} maps), got {self.clip_snippets}")
         if any(not 0 <= s < self.num_scales for s in self.gcm_scales):
             raise ValueError(f"gcm_scales {self.gcm_scales} outside 0..{self.num_scales - 1}")
+        if len(set(self.gcm_scales)) < len(self.gcm_scales):   # one GCM per scale: a repeat would be dropped
+            raise ValueError(f"gcm_scales must name each scale once, got {self.gcm_scales}")
         if self.semantic_disjoint not in ("extent", "receptive-field"):
             raise ValueError(f"semantic_disjoint {self.semantic_disjoint!r}: 'extent' or 'receptive-field'")
         if "contextual" in self.graph.edge_types:

@@ -58,6 +58,7 @@ def test_bad_settings_are_named(override, message):
     (TrainStageConfig, "num_workers=0", r"num_workers must be >= 1, got 0$"),
     (TrainStageConfig, "one_stage.model.clip_snippets=100", r"^one_stage\.model: clip_snippets must be a multiple of 16"),
     (TrainStageConfig, "one_stage.model.gcm_scales=[3]", r"^one_stage\.model: gcm_scales \(3,\) outside 0\.\.2$"),
+    (TrainStageConfig, "one_stage.model.gcm_scales=[0, 0]", r"^one_stage\.model: gcm_scales must name each scale once"),
     (TrainStageConfig, "one_stage.model.anchor_ratios=[]", r"^one_stage\.model: anchor_ratios must give at least one"),
     (TrainStageConfig, "one_stage.model.window_stride=600", r"window_stride must be <= clip_snippets \(512\)"),
     (TrainStageConfig, "streams=[rgb, rgb]", r"streams must name one or more streams, each once, got \['rgb', 'rgb'\]"),
