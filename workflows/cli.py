@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to use: 'auto' or ray://host:port (default: an embedded local Ray)")
+                        help="Ray cluster to use: 'auto' (the cluster this node belongs to), HOST:PORT (its head "
+                             "node) or ray://HOST:PORT (Ray Client) (default: an embedded local Ray)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_arguments, _) in commands.REGISTRY.items():
         p = sub.add_parser(name, help=help_text, description=help_text,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     global _embedded
     if config.address:
+        check_reachable(config.address)
         ray.init(address=config.address, **kwargs)
     else:
         # "local": a new embedded Ray, never one that `ray start` left running (or left a stale
@@ -68,6 +70,24 @@ def ray_session(config: RayConfig = RayConfig()) -> Iterator[None]:
     finally:
         _embedded = False
         ray.shutdown()
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Refuse a cluster address where nothing answers: Ray retries a head (``HOST:PORT``) that
+    does not answer forever, logging a warning every few seconds. ``auto`` is left to Ray, which
+    finds the cluster this machine belongs to or says there is none."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--address {address!r}: expected auto, HOST:PORT (a head node's GCS port, 6379 unless "
+                         "changed) or ray://HOST:PORT (its Ray Client port)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"no Ray cluster answers at {address} ({err.strerror or err}): start it (ray up "
+                              "ray_cluster.yaml), or give its head node's address; on a node of the cluster, "
+                              "--address auto finds it") from None
 
 
 def _warn_unless_loopback() -> None:

@@ -27,6 +27,21 @@ def test_the_embedded_default_ignores_a_cluster_address_that_is_gone_and_stays_o
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1:9", "ray://127.0.0.1:9"])
+def test_a_cluster_address_where_nothing_answers_is_an_error_not_a_hang(address):
+    """Ray itself retries such a head forever, logging a warning every few seconds."""
+    import ray
+
+    with pytest.raises(ConnectionError, match=f"^no Ray cluster answers at {re.escape(address)} "
+                                              r"\(Connection refused\): start it \(ray up ray_cluster.yaml\)"):
+        with ray_session(RayConfig(address=address)):
+            pass
+    assert not ray.is_initialized()
+    with pytest.raises(ValueError, match=r"--address '127\.0\.0\.1': expected auto, HOST:PORT"):
+        with ray_session(RayConfig(address="127.0.0.1")):
+            pass
+
+
 def test_gpu_preprocessing_without_gpus_is_an_error_not_a_hang(small_dataset, tmp_path):
     with ray_session(RayConfig(num_cpus=1, object_store_mb=100)):
         config = PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=str(small_dataset),
