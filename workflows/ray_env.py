@@ -83,7 +83,7 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise ValueError(f"--address {address!r}: expected auto, HOST:PORT (a head node's GCS port, 6379 unless "
                          "changed) or ray://HOST:PORT (its Ray Client port)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()   # [::1]: IPv6
     except OSError as err:
         raise ConnectionError(f"no Ray cluster answers at {address} ({err.strerror or err}): start it (ray up "
                               "ray_cluster.yaml), or give its head node's address; on a node of the cluster, "
