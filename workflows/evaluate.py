@@ -197,7 +197,7 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> 
     for dataset in datasets:
         card, data_root, manifest = dataset.open()
         if dataset.card:
-            DatasetSource(card, data_root, "test")
+            DatasetSource(card, data_root, "test").check_layout(proposals=False)
         elif two_stage:
             check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]

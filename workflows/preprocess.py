@@ -252,6 +252,7 @@ def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, Any]]:
     rows = []
     for role in config.roles:
         source = DatasetSource(card, config.data_root, role)
+        source.check_layout(proposals=True)
         rows += [{"video_id": v, "role": role, "duration": float(source.videos[v].duration or 0.0)}
                  for v in source.video_ids]
     return rows

@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
 from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card, read_yaml
+from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats
@@ -348,9 +349,18 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
     features."""
     stage = absolute_inputs(stage)
     manifest = None if stage.card else load_manifest(stage.data)
-    card = dataset_of(stage, manifest)[0]
+    card, data_root = dataset_of(stage, manifest)
     check_inputs(stage, card, manifest)
+    if stage.kind == "one-stage":
+        check_snippet_layout(card, data_root, stage.evaluate)
     return stage, manifest, dict(card.snippets)
+
+
+def check_snippet_layout(card: DatasetCard, data_root: str | None, evaluate: bool) -> None:
+    """A one-stage run reads the dataset's annotations and snippet features itself (its test split
+    too where it evaluates): a data root without them is named here, once, not in every worker."""
+    for role in ("train", "test") if evaluate else ("train",):
+        DatasetSource(card, data_root, role).check_layout(proposals=False)
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:

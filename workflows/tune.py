@@ -27,7 +27,6 @@ from typing import Any
 
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import read_yaml, shipped_yaml
-from gcm_core.data.dataset import DatasetSource
 from workflows import GRID_DIR
 from workflows.config import (
     ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, check_output_folder,
@@ -35,7 +34,9 @@ from workflows.config import (
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
-from workflows.train import absolute_inputs, check_inputs, dataset_of, run_train, training_resources
+from workflows.train import (
+    absolute_inputs, check_inputs, check_snippet_layout, dataset_of, run_train, training_resources,
+)
 
 
 @dataclass
@@ -227,8 +228,8 @@ def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> None:
     is one no trial reports (a stream no trial trains, a tIoU the dataset's protocol does not use)."""
     manifest = None if stages[0].card else load_manifest(stages[0].data)
     card, data_root = dataset_of(stages[0], manifest)
-    if manifest is None:
-        DatasetSource(card, data_root, "train")
+    if any(stage.kind == "one-stage" for stage in stages):
+        check_snippet_layout(card, data_root, evaluate=True)
     for stage in stages:
         check_inputs(stage, card, manifest)
     sources = {"fused", *(s for stage in stages for s in stage.streams)}

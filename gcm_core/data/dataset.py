@@ -50,6 +50,21 @@ class DatasetSource:
         if not self.videos:
             raise FormatError(annotations, f"no video of subset {subset!r}")
 
+    def check_layout(self, proposals: bool) -> None:
+        """Fail once, naming the folder or file, where the data root lacks what every video of the
+        role reads (a stream's features folder; with ``proposals``, the role's proposal list),
+        rather than once per video, each with the same message."""
+        columns = self.card.snippets.get("stream_columns")
+        for stream in self.card.streams[:1] if columns else self.card.streams:
+            folder = self.feature_path(self.video_ids[0], stream).parent
+            if not folder.is_dir():
+                raise FormatError(folder, f"no {stream} features folder under the data root {self.root.resolve()} "
+                                          f"(the card's paths.features: {self.card.paths['features']})")
+        listed = self.card.path(f"proposals.{self.role}", self.root)
+        if proposals and not listed.exists():
+            raise FormatError(listed, f"no {self.role} proposals under the data root {self.root.resolve()} (the "
+                                      f"card's paths.proposals.{self.role})")
+
     @cached_property
     def proposals(self) -> ProposalSource:
         """Each video's proposals, read when asked for (planning needs only the annotations)."""

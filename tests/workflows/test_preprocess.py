@@ -87,6 +87,21 @@ def test_a_wrong_data_root_stops_before_anything_is_written(small_dataset, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("missing, problem", [
+    ("features/flow", "no flow features folder under the data root"),
+    ("proposals/test_proposal_list.txt", "no test proposals under the data root"),
+])
+def test_a_data_root_without_what_every_video_reads_is_one_error(small_dataset, tmp_path, missing, problem):
+    """Not one error per video (each with the same message) after every worker ran."""
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data, symlinks=True)
+    assert (data / missing).exists()
+    shutil.rmtree(data / missing) if (data / missing).is_dir() else (data / missing).unlink()
+    with pytest.raises(FormatError, match=f"^{data / missing}: {problem} {data}"):
+        run_preprocess(config(data, tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_broken_video_is_named_and_other_shards_stay(small_dataset, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(small_dataset, data)

@@ -22,6 +22,7 @@ from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import build_heads
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.model import FormatError
 from workflows.config import (
     ConfigError, EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
 )
@@ -84,7 +85,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 
-def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, tmp_path):
+def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, small_dataset, tmp_path):
     """A stream, split, unit features or candidate edges the dataset lacks, or a grid's test metric
     at a tIoU its protocol does not use: named up front, not a KeyError or ValueError in every
     training worker (nor in every trial of a grid), nor an empty column after the whole grid."""
@@ -103,6 +104,13 @@ def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, tmp_path):
                                           rf"\(l_sem={caps['sem_k'] + 1} exceeds sem_k={caps['sem_k']}\).*caps\.sem_k$"):
         run_train(wider, quiet=True)
     assert not (tmp_path / "wider").exists()
+    bare = tmp_path / "bare"   # a data root with annotations and proposals but no features: one-stage reads them
+    shutil.copytree(small_dataset, bare, symlinks=True, ignore=shutil.ignore_patterns("features"))
+    one_stage = from_dict(TrainStageConfig, {"kind": "one-stage", "card": str(bare / "card.yaml"),
+                                             "data_root": str(bare), "out": str(tmp_path), "name": "bare-run"})
+    with pytest.raises(FormatError, match=f"^{bare / 'features' / 'rgb'}: no rgb features folder under the data root"):
+        run_train(one_stage, quiet=True)
+    assert not (tmp_path / "bare-run").exists()
     def without(role: str) -> Path:   # a dataset preprocessed with the other split alone (roles=[...])
         partial = tmp_path / f"no-{role}"
         partial.mkdir()
