@@ -12,8 +12,10 @@ summary beside it. Nothing but ids and summaries passes through the driver.
 Restartable: a shard whose Parquet file and summary exist is skipped unless ``overwrite``, if the
 rerun prepares the same dataset the same way (``config.yaml``, written before the first shard,
 says how the shards were made); otherwise the rerun is refused. A broken video stops the stage
-with an error naming it after the other shards are written, or, with ``skip_bad``, is left out
-and listed in the manifest. See :mod:`workflows.shards` for the layout.
+with an error naming it after the other shards are written (past 20 such videos, the error shows
+20 and ``failed_videos.txt`` lists them all), or, with ``skip_bad``, is left out and listed in the
+manifest. A data root without a stream's features folder or a role's proposal list stops it
+before anything is written. See :mod:`workflows.shards` for the layout.
 """
 from __future__ import annotations
 
@@ -150,6 +152,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     elif _finished_shards(out):
         _check_same_preparation(out, card, config)
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    (out / FAILURES).unlink(missing_ok=True)   # an earlier attempt's
     if card.source is not None and card.source.resolve() != card_copy.resolve():
         atomic_copy(card.source, card_copy)
     atomic_write_text(out / "config.yaml", dump(config))  # before any shard: what the shards were made with
@@ -180,12 +183,26 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
                 failures.append(f"  {row['video_id']}: {row['error']}")
     progress.close()
     if failures:
-        raise PreprocessError(f"{len(failures)} video(s) could not be prepared (the other shards are written; fix "
-                              "the input and rerun, or rerun with --skip-bad to leave them out):\n"
-                              + "\n".join(sorted(failures)))
+        raise PreprocessError(_failure_report(sorted(failures), out))
     manifest = _manifest(card, config, out)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
+
+
+FAILURES = "failed_videos.txt"   # every video that could not be prepared, when there are too many to print
+SHOWN_FAILURES = 20
+
+
+def _failure_report(failures: list[str], out: Path) -> str:
+    """The videos that could not be prepared, each with its problem; past :data:`SHOWN_FAILURES`
+    the rest go to a file in ``out`` (a wrong file naming fails every video, thousands of lines)."""
+    head = (f"{len(failures)} video(s) could not be prepared (the other shards are written; fix the input and "
+            "rerun, or rerun with --skip-bad to leave them out):\n")
+    if len(failures) <= SHOWN_FAILURES:
+        return head + "\n".join(failures)
+    atomic_write_text(out / FAILURES, "\n".join(f.strip() for f in failures) + "\n")
+    return (head + "\n".join(failures[:SHOWN_FAILURES])
+            + f"\n  ... and {len(failures) - SHOWN_FAILURES} more, all listed in {out / FAILURES}")
 
 
 SHARD_CONTENT = ("data_root", "parts", "reduce", "caps", "sampling")   # settings a shard's rows depend on

@@ -16,7 +16,7 @@ from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
 from workflows.config import PreprocessConfig, RayConfig
-from workflows.preprocess import PreprocessError, balanced_order, run_preprocess, shard_count
+from workflows.preprocess import FAILURES, PreprocessError, balanced_order, run_preprocess, shard_count
 from workflows.ray_env import ray_session
 from workflows.shards import load_manifest, read_videos
 
@@ -100,6 +100,29 @@ def test_a_data_root_without_what_every_video_reads_is_one_error(small_dataset, 
     with pytest.raises(FormatError, match=f"^{data / missing}: {problem} {data}"):
         run_preprocess(config(data, tmp_path / "out"), quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_failures_past_twenty_are_listed_in_a_file(small_dataset, tmp_path):
+    """Feature files named otherwise than the card says fail every video: the error shows the
+    first 20 and the file lists all of them; a later successful run removes it."""
+    data = tmp_path / "data"
+    shutil.copytree(small_dataset, data, symlinks=True)
+    renamed = sorted((data / "features" / "rgb").glob("*.npy"))
+    for path in renamed:
+        path.rename(path.with_name("x" + path.name))
+    with pytest.raises(PreprocessError) as err:
+        run_preprocess(config(data, tmp_path / "out"), quiet=True)
+    listed = (tmp_path / "out" / FAILURES).read_text().splitlines()
+    assert len(listed) == len(renamed) == 72
+    assert sorted(line.split(":")[0] for line in listed) == sorted(p.stem for p in renamed)
+    assert all(line.endswith("feature file missing") for line in listed)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("72 video(s) could not be prepared") and len(lines) == 1 + 20 + 1
+    assert lines[-1] == f"  ... and 52 more, all listed in {tmp_path / 'out' / FAILURES}"
+    for path in renamed:
+        path.with_name("x" + path.name).rename(path)
+    run_preprocess(config(data, tmp_path / "out"), quiet=True)
+    assert not (tmp_path / "out" / FAILURES).exists()
 
 
 def test_a_broken_video_is_named_and_other_shards_stay(small_dataset, tmp_path):
