@@ -214,6 +214,9 @@ def _run_detect(args: argparse.Namespace) -> int:
         progress.close()
     for reason in skipped.values():
         print(f"skipped: {reason}", file=sys.stderr)
+    if len(skipped) == len(videos):
+        raise ValueError(f"every one of the {len(videos)} videos of {args.features_dir} failed its checks (above): "
+                         "nothing written")
     if args.out:
         write_result_json(args.out, detections)
         which = videos[0][0] if len(videos) == 1 else f"{len(videos) - len(skipped)} videos"

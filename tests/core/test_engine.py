@@ -227,3 +227,9 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     err = capsys.readouterr().err
     assert "skipped: " in err and "detect: 3/3 videos" in err  # and the folder's progress
     assert json.loads((tmp_path / "all.json").read_text())["results"] == alone
+    # every video skipped: an error, not an empty result file
+    for vid in durations:
+        np.save(tmp_path / "rgb" / f"{vid}.npy", np.full((100, 16), np.nan, dtype=np.float32))
+    assert main([*folder, "--skip-bad", "--out", str(tmp_path / "none.json")]) == 2
+    assert f"every one of the 3 videos of {tmp_path} failed its checks" in capsys.readouterr().err
+    assert not (tmp_path / "none.json").exists()
