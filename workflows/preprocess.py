@@ -179,11 +179,12 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
             num_cpus=1, num_gpus=1 if use_gpu else 0)
         for row in results.iter_rows():
             progress.update()
-            if row["status"] != "ok" and not config.skip_bad:
+            if row["status"] != "ok":
                 failures.append(f"  {row['video_id']}: {row['error']}")
     progress.close()
-    if failures:
-        raise PreprocessError(_failure_report(sorted(failures), out))
+    every = len(failures) == len(plan)   # nothing to leave out: a dataset of no video is no result
+    if failures and (every or not config.skip_bad):
+        raise PreprocessError(_failure_report(sorted(failures), out, every))
     manifest = _manifest(card, config, out)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
@@ -193,10 +194,11 @@ FAILURES = "failed_videos.txt"   # every video that could not be prepared, when 
 SHOWN_FAILURES = 20
 
 
-def _failure_report(failures: list[str], out: Path) -> str:
+def _failure_report(failures: list[str], out: Path, every: bool) -> str:
     """The videos that could not be prepared, each with its problem; past :data:`SHOWN_FAILURES`
     the rest go to a file in ``out`` (a wrong file naming fails every video, thousands of lines)."""
-    head = (f"{len(failures)} video(s) could not be prepared (the other shards are written; fix the input and "
+    head = (f"every video ({len(failures)}) could not be prepared: fix the input and rerun:\n" if every else
+            f"{len(failures)} video(s) could not be prepared (the other shards are written; fix the input and "
             "rerun, or rerun with --skip-bad to leave them out):\n")
     if len(failures) <= SHOWN_FAILURES:
         return head + "\n".join(failures)

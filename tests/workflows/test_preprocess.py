@@ -104,7 +104,8 @@ def test_a_data_root_without_what_every_video_reads_is_one_error(small_dataset, 
 
 def test_failures_past_twenty_are_listed_in_a_file(small_dataset, tmp_path):
     """Feature files named otherwise than the card says fail every video: the error shows the
-    first 20 and the file lists all of them; a later successful run removes it."""
+    first 20 and the file lists all of them (with --skip-bad too: a dataset of no video is no
+    result); a later successful run removes the file."""
     data = tmp_path / "data"
     shutil.copytree(small_dataset, data, symlinks=True)
     renamed = sorted((data / "features" / "rgb").glob("*.npy"))
@@ -116,8 +117,11 @@ def test_failures_past_twenty_are_listed_in_a_file(small_dataset, tmp_path):
     assert len(listed) == len(renamed) == 72
     assert sorted(line.split(":")[0] for line in listed) == sorted(p.stem for p in renamed)
     assert all(line.endswith("feature file missing") for line in listed)
+    with pytest.raises(PreprocessError, match=r"^every video \(72\) could not be prepared"):
+        run_preprocess(config(data, tmp_path / "out", skip_bad=True), quiet=True)   # no dataset of no video
+    assert not (tmp_path / "out" / "manifest.json").exists()
     lines = str(err.value).splitlines()
-    assert lines[0].startswith("72 video(s) could not be prepared") and len(lines) == 1 + 20 + 1
+    assert lines[0] == "every video (72) could not be prepared: fix the input and rerun:" and len(lines) == 1 + 20 + 1
     assert lines[-1] == f"  ... and 52 more, all listed in {tmp_path / 'out' / FAILURES}"
     for path in renamed:
         path.with_name("x" + path.name).rename(path)
