@@ -19,7 +19,7 @@ from gcm_core.data.model import Detections
 from gcm_core.data.pooling import SnippetGrid
 from gcm_core.data.sampling import apply_regression
 from gcm_core.detectors.dssad import DSSAD, pad_clip
-from gcm_core.engine import TrainConfig, make_optimizer
+from gcm_core.engine import TrainConfig, epoch_batches, make_optimizer
 from gcm_core.losses import AnchorMatching, anchor_loss, match_anchors
 from gcm_core.postprocess import InferenceConfig, nms
 
@@ -102,16 +102,29 @@ def snippet_timing(grid: SnippetGrid) -> tuple[float, float]:
     return seconds, float(grid.centres()[0]) - seconds / 2
 
 
-def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.Optimizer, config: TrainConfig,
+def train_one_epoch(model: nn.Module, clips: Sequence[Clip], optimizer: torch.optim.Optimizer, config: TrainConfig,
                     snippet_seconds: float, generator: torch.Generator, matching: AnchorMatching = AnchorMatching(),
-                    device: torch.device | str = "cpu") -> dict[str, float]:
+                    device: torch.device | str = "cpu", steps: int | None = None,
+                    batch_videos: int | None = None) -> dict[str, float]:
+    """One epoch of a :class:`DSSAD` over ``clips``; returns the mean of each loss term.
+
+    In a data-parallel run ``model`` is the DSSAD wrapped in DistributedDataParallel, called
+    through the wrapper so that every step's gradients are averaged over the workers, and
+    ``steps`` (the same on every worker) and ``batch_videos`` (the worker's share of the batch)
+    are given; otherwise one permutation of the clips is cut into batches, the last one short.
+    """
     model.train()
-    anchors = model.anchors(snippet_seconds)
+    detector = model.module if hasattr(model, "module") else model
+    anchors = detector.anchors(snippet_seconds)
     targets = [match_anchors(anchors, c.gt, c.gt_labels, matching) for c in clips]
-    sums, steps = {}, 0
-    order = torch.randperm(len(clips), generator=generator).tolist()
-    for start in range(0, len(order), config.batch_videos):
-        idx = order[start:start + config.batch_videos]
+    batch = batch_videos or config.batch_videos
+    if steps is None:
+        order = torch.randperm(len(clips), generator=generator).tolist()
+        batches = [order[start:start + batch] for start in range(0, len(order), batch)]
+    else:
+        batches = epoch_batches(len(clips), batch, generator, steps)
+    sums: dict[str, float] = {}
+    for idx in batches:
         logits, offsets = model(torch.stack([clips[i].features for i in idx]).to(device), snippet_seconds,
                                 [clips[i].snippets for i in idx])
         cls_t = torch.cat([targets[i][0] for i in idx]).to(device)
@@ -124,8 +137,7 @@ def train_one_epoch(model: DSSAD, clips: Sequence[Clip], optimizer: torch.optim.
         optimizer.step()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
-        steps += 1
-    return {f"loss_{k}": v / max(steps, 1) for k, v in sums.items()}
+    return {f"loss_{k}": v / max(len(batches), 1) for k, v in sums.items()}
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ states as the two-stage loop, so resuming works the same way.
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -118,8 +119,12 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     seed_everything(seed)
     dim = clips[stage.streams[0]][0].features.shape[1]
     models = OneStageModels({s: DSSAD(stage.one_stage.model, dim, card.num_classes) for s in stage.streams})
-    model = ray.train.torch.prepare_model(models)
-    optimizer, schedule = make_optimizer(model, config)
+    # one DistributedDataParallel per stream, trained through it (the streams train one after the
+    # other); the workers split each batch and take the same number of steps, as the two-stage loop
+    replicas = {s: ray.train.torch.prepare_model(models[s]) for s in stage.streams}
+    optimizer, schedule = make_optimizer(models, config)
+    per_worker = max(1, config.batch_videos // world)
+    steps = math.ceil(math.ceil(len(every[stage.streams[0]]) / world) / per_worker) if world > 1 else None
     generator = torch.Generator().manual_seed(seed)
     start, last_metrics = 0, {}
     resumed = ray.train.get_checkpoint()
@@ -135,8 +140,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
         began = time.perf_counter()
         metrics: dict[str, Any] = {}
         for stream in stage.streams:
-            for k, v in train_one_epoch(models[stream], clips[stream], optimizer, config, seconds, generator,
-                                        device=device).items():
+            for k, v in train_one_epoch(replicas[stream], clips[stream], optimizer, config, seconds, generator,
+                                        device=device, steps=steps, batch_videos=per_worker).items():
                 metrics[k] = metrics.get(k, 0.0) + v
         schedule.step()
         metrics.update(epoch=epoch + 1, seconds_per_epoch=time.perf_counter() - began)
