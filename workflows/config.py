@@ -135,6 +135,10 @@ class TrainStageConfig:
         key, recipe = ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
+        if recipe.batch_videos % self.num_workers:   # else the batch would shrink to a multiple unsaid
+            multiple = -(-recipe.batch_videos // self.num_workers) * self.num_workers
+            raise ValueError(f"the {self.num_workers} workers split each batch evenly: {key}.batch_videos "
+                             f"({recipe.batch_videos}) must be a multiple of num_workers, e.g. {multiple}")
         if self.kind == "one-stage":  # the two-stage settings would be changed for nothing
             changed = [name for name, default in (("train", TrainConfig()), ("model", ModelConfig()),
                                                   ("graph", GraphSpec())) if getattr(self, name) != default]

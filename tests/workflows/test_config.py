@@ -56,6 +56,9 @@ def test_bad_settings_are_named(override, message):
     (TrainStageConfig, "inference.fusion={rgb: 0, flow: 0}", r"fusion weighs the streams \['rgb', 'flow'\] 0 in all"),
     (TrainStageConfig, "train.sampling.ratio=[0, 0, 0]", r"^train\.sampling: ratio must be three counts"),
     (TrainStageConfig, "num_workers=0", r"num_workers must be >= 1, got 0$"),
+    (TrainStageConfig, "num_workers=3", r"the 3 workers split each batch evenly: train\.batch_videos \(32\) must be a "
+                                        r"multiple of num_workers, e\.g\. 33$"),
+    (TrainStageConfig, ["kind=one-stage", "num_workers=4"], r"one_stage\.train\.batch_videos \(2\) must be a multiple"),
     (TrainStageConfig, "one_stage.model.clip_snippets=100", r"^one_stage\.model: clip_snippets must be a multiple of 16"),
     (TrainStageConfig, "one_stage.model.gcm_scales=[3]", r"^one_stage\.model: gcm_scales \(3,\) outside 0\.\.2$"),
     (TrainStageConfig, "one_stage.model.gcm_scales=[0, 0]", r"^one_stage\.model: gcm_scales must name each scale once"),
@@ -79,7 +82,7 @@ def test_settings_out_of_range_are_refused_where_they_are_read(stage, override, 
     """Before any Ray worker starts (torch would refuse a negative lr minutes later in a worker;
     a dropout of 1 or a clip that does not tile the coarsest map would run and give nonsense)."""
     with pytest.raises(ConfigError, match=message):
-        resolve(stage, None, [override])
+        resolve(stage, None, override if isinstance(override, list) else [override])
 
 
 def test_fusion_weights_are_given_as_a_mapping_or_as_pairs():
