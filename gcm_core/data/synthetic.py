@@ -343,6 +343,8 @@ def generate_dataset(out_dir: str | Path, card: DatasetCard, scale: str = "small
                              for k, v in card.extra.get("structure", {}).items() if k in Structure.__dataclass_fields__})
     profiles = {s: StreamProfile(**p) for s, p in card.extra.get("stream_profiles", {}).items()} or STREAMS
     classes = list(card.classes)
+    if structure_from is not None:
+        _check_structure_source(structure_from, classes, card.subsets)
     videos, latents = _structures(seed, classes, structure, relations, size, structure_from)
     if proposals_from is None:
         proposals = {vid: _as_proposals(sample_proposals(np.random.default_rng([seed, 2, k]), v))
@@ -368,6 +370,19 @@ def generate_dataset(out_dir: str | Path, card: DatasetCard, scale: str = "small
                 "relations": asdict(relations), "generated": summary}
     atomic_write_text(out / "card.yaml", yaml.safe_dump(resolved, sort_keys=False))
     return summary
+
+
+def _check_structure_source(real: dict[str, Video], classes: list[str], subsets: dict[str, str]) -> None:
+    """Real videos lend their structure only where the card can hold it: labels among its classes
+    or at most as many (mapped onto them), and videos in its train or test subset."""
+    names = {i.label for v in real.values() for i in v.instances}
+    if not names <= set(classes) and len(names) > len(classes):
+        raise ValueError(f"the real annotations name {len(names)} classes, the synthetic card {len(classes)}: give "
+                         "--card a synthetic card with as many classes (its classes and structure.class_log_length)")
+    found = {(v.subset or "").lower() for v in real.values()}
+    if not found & {s.lower() for s in subsets.values()}:
+        raise ValueError(f"the real videos' subsets {sorted(found)} are not the card's {sorted(subsets.values())}: "
+                         "give --card a synthetic card whose subsets name them")
 
 
 def _structures(seed: int, classes: list[str], structure: Structure, relations: Relations, size: Scale,

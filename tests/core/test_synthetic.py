@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -127,3 +128,16 @@ def test_structure_from_real_annotation_and_proposals(tmp_path, shared_data):
     vid = "video_test_0000004"
     assert len(props[vid]) == len(real[vid])
     np.testing.assert_allclose(props[vid].start, real[vid].start, atol=1 / 30 + 1e-6)
+
+
+def test_real_structure_the_card_cannot_hold_is_refused(tmp_path, shared_data, capsys):
+    """ActivityNet's annotations name more classes than the synthetic card has: a KeyError on
+    the first class past its 20 before."""
+    annotations = shared_data / "activitynet/anet_anno_action.json"
+    names = {a["label"] for v in json.loads(annotations.read_text()).values() for a in v["annotations"]}
+    assert len(names) > 20
+    assert main(["synth", "--out", str(tmp_path / "out"), "--structure-from", str(annotations),
+                 "--structure-card", "activitynet13"]) == 2
+    assert (f"the real annotations name {len(names)} classes, the synthetic card 20"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
