@@ -302,7 +302,8 @@ def _grid_dataset(table: Path) -> str:
 
 
 def _data_section(runs: list[Run], out: Path, count: int) -> list[str]:
-    config = runs[0].config
+    # the units, their graph and proposals come from a two-stage run where there is one
+    config = next((run.config for run in runs if run.config.get("kind", "two-stage") == "two-stage"), runs[0].config)
     detections = {run.label: read_detections(run.path / "detections.json") for run in runs
                   if (run.path / "detections.json").is_file()}
     lines = ["## What the detectors found", ""]
@@ -320,7 +321,7 @@ def _data_section(runs: list[Run], out: Path, count: int) -> list[str]:
     for video in chosen:
         _save(plot_timeline(video.as_video(manifest["classes"]), detections), out / f"timeline_{video.video_id}.png")
         lines += [f"![timeline of {video.video_id}](timeline_{video.video_id}.png)", ""]
-    spec = GraphSpec(**{k: tuple(v) if k == "edge_types" else v for k, v in runs[0].config.get("graph", {}).items()})
+    spec = GraphSpec(**{k: tuple(v) if k == "edge_types" else v for k, v in config.get("graph", {}).items()})
     stream = manifest["streams"][-1]
     fig, info = plot_unit_graph(chosen[0], stream, spec)
     _save(fig, out / "graph_unit.png")

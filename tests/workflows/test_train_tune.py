@@ -344,6 +344,10 @@ def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepar
     assert Path("report/REPORT.md").read_text() == text
     assert cli_main(["report", "runs/d", "--out", "report", "--overwrite"]) == 0
     assert "## Evaluation summary" not in Path("report/REPORT.md").read_text()
+    # beside a two-stage run, listed second, the units' graph and proposal recall come from that run's dataset
+    assert cli_main(["report", "runs/d", runs["gcm"]["run_dir"], "--out", "mixed"]) == 0
+    text = Path("mixed/REPORT.md").read_text()
+    assert "](graph_unit.png)" in text and "](ar_an.png)" in text and "without proposals" not in text
 
 
 def test_evaluation_folders_name_a_dataset_read_directly_by_its_data_root(monkeypatch, tmp_path):
