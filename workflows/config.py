@@ -158,11 +158,12 @@ class EvaluateConfig:
     out: str = "runs/evaluation"
     protocol: str | None = None          # default: each dataset card's protocol
     tiou: tuple[float, ...] | None = None
-    num_workers: int = 2
     overwrite: bool = False              # replace a previous evaluation in ``out``
+    # no number of workers: every (checkpoint, dataset) pair is a one-CPU Ray task, as many at
+    # once as the cluster has CPUs
 
     def __post_init__(self) -> None:
-        check_ranges(self, tiou="in (0, 1]", num_workers=">= 1")
+        check_ranges(self, tiou="in (0, 1]")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         if self.tiou is not None and not self.tiou:
