@@ -23,3 +23,34 @@ def read_tag_proposals_frames(path: Path, n_videos: int) -> dict[str, list[tuple
         out[video] = [(int(r[3]), int(r[4])) for r in rows]
         i += 1 + n_prop
     return out
+
+
+def _join_process_group(rank: int, port: int, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_workers(fn, *args, timeout_s: int = 120) -> None:
+    """Run ``fn(rank, *args)`` in two processes joined in a gloo process group on the loopback (the
+    group a data-parallel Ray Train run sets up); bounded: workers that wait on each other forever
+    are killed and the call fails."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:   # a free port for the workers' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.spawn(_join_process_group, args=(port, fn, args), nprocs=2, join=False)
+    for _ in range(timeout_s):
+        if context.join(timeout=1):
+            return
+    for process in context.processes:
+        process.kill()
+    raise AssertionError(f"the two workers did not finish within {timeout_s} s")

@@ -165,7 +165,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     test_videos = None   # read on rank 0 at its first evaluation
     for epoch in range(start, stage.train.epochs):
         began = time.perf_counter()
-        metrics = train_one_epoch(model, data, optimizer, stage.train, stats, generator, device, steps, per_worker)
+        metrics = mean_over_workers(train_one_epoch(model, data, optimizer, stage.train, stats, generator, device,
+                                                    steps, per_worker), world, device)
         metrics["seconds_per_step"] = (time.perf_counter() - began) / steps  # Table 10's time per iteration
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         schedule.step()
@@ -186,6 +187,19 @@ def train_loop(loop: dict[str, Any]) -> None:
                 log_epoch(out, writer, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def mean_over_workers(losses: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """An epoch's losses averaged over the workers (each computes them on its share of the
+    videos), so that a run logs its loss, not its rank 0's."""
+    if world == 1:
+        return losses
+    import torch.distributed as dist
+
+    names = sorted(losses)
+    summed = torch.tensor([losses[name] for name in names], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return {name: float(value) / world for name, value in zip(names, summed.tolist())}
 
 
 def save_state(folder: Path, optimizer: Optimizer, schedule: LRScheduler, generator: torch.Generator, rank: int,

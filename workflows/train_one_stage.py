@@ -104,7 +104,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     import ray.train.torch
 
     from workflows.train import (
-        dataset_of, evaluates_after, log_epoch, restore_state, save_state, tensorboard_writer, worker_setup,
+        dataset_of, evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, tensorboard_writer,
+        worker_setup,
     )
 
     w = worker_setup(loop)
@@ -138,11 +139,12 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     writer = tensorboard_writer(out) if rank == 0 else None
     for epoch in range(start, config.epochs):
         began = time.perf_counter()
-        metrics: dict[str, Any] = {}
+        losses: dict[str, float] = {}
         for stream in stage.streams:
             for k, v in train_one_epoch(replicas[stream], clips[stream], optimizer, config, seconds, generator,
                                         device=device, steps=steps, batch_videos=per_worker).items():
-                metrics[k] = metrics.get(k, 0.0) + v
+                losses[k] = losses.get(k, 0.0) + v
+        metrics: dict[str, Any] = mean_over_workers(losses, world, device)
         schedule.step()
         metrics.update(epoch=epoch + 1, seconds_per_epoch=time.perf_counter() - began)
         with tempfile.TemporaryDirectory() as tmp:

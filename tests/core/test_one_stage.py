@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_two_workers
 from gcm_core import one_stage
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
@@ -194,14 +195,8 @@ def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicat
         assert float(overlap[same_class].max()) <= inference.nms_threshold + 1e-9
 
 
-def _train_replica(rank: int, port: int, clips: list, folder: str) -> None:
+def _train_replica(rank: int, clips: list, folder: str) -> None:
     """One worker of a two-worker data-parallel epoch (the one-stage training stage's way)."""
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(rank)   # the ranks draw different initial weights; DDP starts them from rank 0's
     model = DSSAD(DSSADConfig(hidden=16, clip_snippets=128, window_stride=64, gcm_scales=(0,)), 8, 3)
     replica = torch.nn.parallel.DistributedDataParallel(model)
@@ -211,34 +206,17 @@ def _train_replica(rank: int, port: int, clips: list, folder: str) -> None:
     one_stage.train_one_epoch(replica, mine, optimizer, recipe, SNIPPET_SECONDS, torch.Generator().manual_seed(rank),
                               steps=3, batch_videos=1)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{folder}/rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def test_data_parallel_workers_keep_equal_weights(tmp_path):
     """Workers of a data-parallel run must apply the same averaged gradient at every step: the
     one-stage loop called each worker's inner D-SSAD, past DistributedDataParallel, and its
     workers trained apart (rank 0's weights, trained on half the clips, were the run's)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     gen = torch.Generator().manual_seed(0)
     clips = [one_stage.Clip(f"v{k}", torch.randn(128, 8, generator=gen), 128, 0.0,
                             torch.tensor([[4.0 + k, 20.0 + 3 * k]], dtype=torch.float64), torch.tensor([k % 3]))
              for k in range(5)]
-    with socket.socket() as probe:   # a free port on the loopback for the workers' rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    context = mp.spawn(_train_replica, args=(port, clips, str(tmp_path)), nprocs=2, join=False)
-    finished = False
-    for _ in range(120):   # bounded: workers that disagree on the number of steps would wait forever
-        finished = context.join(timeout=1)
-        if finished:
-            break
-    if not finished:
-        for process in context.processes:
-            process.kill()
-    assert finished, "the two workers did not finish one epoch"
+    run_two_workers(_train_replica, clips, str(tmp_path))
     first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
     initial = DSSAD(DSSADConfig(hidden=16, clip_snippets=128, window_stride=64, gcm_scales=(0,)), 8, 3).state_dict()

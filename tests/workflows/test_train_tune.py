@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, run_two_workers
 from gcm_core.checkpoint import load_checkpoint, save_checkpoint
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import build_heads
@@ -503,3 +503,18 @@ def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
     fig = report.plot_timeline(bsn_spelled, bare)
     assert len(fig.axes[0].patches) == videos[0].gt.shape[0] + 2 * 8
     plt.close(fig)
+
+
+def _mean_of_two(rank: int, folder: str) -> None:
+    from workflows.train import mean_over_workers
+
+    losses = {"loss_cls": 1.0 + rank, "loss_total": 10.0 * (rank + 1)}   # rank 0: 1, 10; rank 1: 2, 20
+    (Path(folder) / f"rank{rank}.json").write_text(json.dumps(mean_over_workers(losses, 2, torch.device("cpu"))))
+
+
+def test_a_run_logs_its_losses_averaged_over_the_workers(tmp_path):
+    """Each worker computes its epoch's losses on its share of the videos; the run logs their mean
+    (it logged rank 0's)."""
+    run_two_workers(_mean_of_two, str(tmp_path))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"loss_cls": 1.5, "loss_total": 15.0}
