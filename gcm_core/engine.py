@@ -133,6 +133,9 @@ def epoch_batches(n: int, batch: int, generator: torch.Generator, steps: int | N
     through further permutations when the videos run out.
     """
     steps = steps if steps is not None else math.ceil(n / batch)
+    if n == 0 and steps > 0:   # else the loop below would draw empty permutations forever
+        raise ValueError("no videos to draw a batch from: a worker's share of the training set is empty "
+                         "(use at most as many workers as there are training videos)")
     order: list[int] = []
     while len(order) < steps * batch:
         order += torch.randperm(n, generator=generator).tolist()

@@ -387,6 +387,10 @@ def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str,
                           f"{unknown} (streams={list(stage.streams)})")
     if stage.kind == "two-stage":
         check_split(stage.data, manifest, "train")
+        videos = manifest["counts"]["train"]["videos"]
+        if videos < stage.num_workers:   # a worker without videos could take no step
+            raise ConfigError(f"{stage.data} holds {videos} training videos, fewer than the {stage.num_workers} "
+                              "workers that would share them: use fewer workers")
         check_unit_parts(stage.data, manifest, stage.streams, stage.model.completeness_features)
         check_caps(stage.data, manifest, stage.graph)
 

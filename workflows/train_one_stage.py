@@ -115,6 +115,9 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     every, _, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                                       stage.one_stage.model.stride)
     clips = {s: every[s][rank::world] for s in stage.streams}
+    if not clips[stage.streams[0]]:
+        raise ValueError(f"the dataset has {len(every[stage.streams[0]])} training clips, fewer than the {world} "
+                         "workers that would share them: use fewer workers")
     config = stage.one_stage.train
     seed = config.seed * 1009 + rank
     seed_everything(seed)

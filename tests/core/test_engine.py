@@ -233,3 +233,13 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     assert main([*folder, "--skip-bad", "--out", str(tmp_path / "none.json")]) == 2
     assert f"every one of the 3 videos of {tmp_path} failed its checks" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
+
+
+def test_an_empty_share_of_the_videos_is_an_error_not_an_endless_loop():
+    """A data-parallel worker draws a fixed number of steps; with no video it would loop forever."""
+    from gcm_core.engine import epoch_batches
+
+    assert epoch_batches(0, 4, torch.Generator(), None) == []
+    assert epoch_batches(3, 2, torch.Generator().manual_seed(0), 3) != []
+    with pytest.raises(ValueError, match="a worker's share of the training set is empty"):
+        epoch_batches(0, 4, torch.Generator(), 2)

@@ -127,6 +127,14 @@ def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, small_datase
     with pytest.raises(ValueError, match=rf"{no_test} holds no test videos \(its splits: \['train'\]\)"):
         run_evaluate(EvaluateConfig(checkpoints=(runs["gcm"]["checkpoint"],), data=(str(no_test),),
                                     out=str(tmp_path / "eval")), quiet=True)
+    one_video = no_test   # now with one training video for two workers: one worker could take no step
+    manifest = json.loads((one_video / "manifest.json").read_text())
+    manifest["counts"]["train"]["videos"] = 1
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["shards"][0]["videos"] = manifest["shards"][0]["videos"][:1]
+    (one_video / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"{one_video} holds 1 training videos, fewer than the 2 workers"):
+        run_train(dataclasses.replace(config, streams=("rgb", "flow"), data=str(one_video), num_workers=2), quiet=True)
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: streams\ngrid:\n  streams: [[rgb], [depth]]\n")
     with pytest.raises(ConfigError, match=r"not \['depth'\]"):
