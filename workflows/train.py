@@ -159,8 +159,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     if start >= stage.train.epochs:  # a finished run asked to resume: hand its final metrics on again
         ray.train.report(last_metrics)
         return
-    per_worker = max(1, stage.train.batch_videos // world)
-    steps = math.ceil(math.ceil(len(train_ids) / world) / per_worker)
+    per_worker, steps = worker_steps(len(train_ids), stage.train.batch_videos, world)
     writer = tensorboard_writer(out) if rank == 0 else None
     test_videos = None   # read on rank 0 at its first evaluation
     for epoch in range(start, stage.train.epochs):
@@ -187,6 +186,14 @@ def train_loop(loop: dict[str, Any]) -> None:
                 log_epoch(out, writer, metrics)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
+
+
+def worker_steps(items: int, batch_videos: int, world: int) -> tuple[int, int]:
+    """A worker's share of each batch, and the number of steps every worker takes in an epoch over
+    ``items`` dealt to ``world`` workers (their shares differ by one at most; all must take the same
+    number of steps, as each step's gradients are averaged over them)."""
+    per_worker = max(1, batch_videos // world)
+    return per_worker, math.ceil(math.ceil(items / world) / per_worker)
 
 
 def mean_over_workers(losses: dict[str, float], world: int, device: torch.device) -> dict[str, float]:

@@ -10,7 +10,6 @@ states as the two-stage loop, so resuming works the same way.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -105,7 +104,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
     from workflows.train import (
         dataset_of, evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, tensorboard_writer,
-        worker_setup,
+        worker_setup, worker_steps,
     )
 
     w = worker_setup(loop)
@@ -127,8 +126,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     # other); the workers split each batch and take the same number of steps, as the two-stage loop
     replicas = {s: ray.train.torch.prepare_model(models[s]) for s in stage.streams}
     optimizer, schedule = make_optimizer(models, config)
-    per_worker = max(1, config.batch_videos // world)
-    steps = math.ceil(math.ceil(len(every[stage.streams[0]]) / world) / per_worker) if world > 1 else None
+    per_worker, steps = worker_steps(len(every[stage.streams[0]]), config.batch_videos, world)
+    steps = steps if world > 1 else None   # one worker: as gcm_core.one_stage.fit, the last batch short
     generator = torch.Generator().manual_seed(seed)
     start, last_metrics = 0, {}
     resumed = ray.train.get_checkpoint()
