@@ -131,8 +131,8 @@ def test_structure_from_real_annotation_and_proposals(tmp_path, shared_data):
 
 
 def test_real_structure_the_card_cannot_hold_is_refused(tmp_path, shared_data, capsys):
-    """ActivityNet's annotations name more classes than the synthetic card has: a KeyError on
-    the first class past its 20 before."""
+    """ActivityNet's annotations name more classes than the synthetic card has (a KeyError on
+    the first class past its 20 before); videos of none of its subsets would give no dataset."""
     annotations = shared_data / "activitynet/anet_anno_action.json"
     names = {a["label"] for v in json.loads(annotations.read_text()).values() for a in v["annotations"]}
     assert len(names) > 20
@@ -140,4 +140,12 @@ def test_real_structure_the_card_cannot_hold_is_refused(tmp_path, shared_data, c
                  "--structure-card", "activitynet13"]) == 2
     assert (f"the real annotations name {len(names)} classes, the synthetic card 20"
             in capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+    # the card's classes, but videos of a subset the card does not have: no train or test video
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"database": {"v1": {"subset": "training", "duration": 100.0, "annotations": [
+        {"segment": [10.0, 20.0], "label": load_card("synthetic").classes[0]}]}}}))
+    assert main(["synth", "--out", str(tmp_path / "out"), "--structure-from", str(other),
+                 "--structure-card", "synthetic"]) == 2
+    assert "the real videos' subsets ['training'] are not the card's ['test', 'validation']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
