@@ -17,6 +17,12 @@ def read_epoch_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def epoch_history(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per epoch, in epoch order: a worker group restarted from an earlier checkpoint
+    logs the epochs after it again, and the later record is the one the run continued from."""
+    return sorted({record["epoch"]: record for record in records}.values(), key=lambda record: record["epoch"])
+
+
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \

@@ -37,7 +37,7 @@ from gcm_core.data.model import Video, video_key  # noqa: E402
 from gcm_core.data.prepared import PreparedVideo  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
-from workflows.progress import read_epoch_log  # noqa: E402
+from workflows.progress import epoch_history, read_epoch_log  # noqa: E402
 from workflows.shards import load_manifest, read_videos  # noqa: E402
 from workflows.tables import markdown_table  # noqa: E402
 
@@ -77,7 +77,7 @@ def discover(folders: list[Path]) -> dict[str, list]:
         if (folder / "metrics.json").is_file() and (folder / "config.yaml").is_file():
             found["runs"].append(Run(folder, yaml.safe_load((folder / "config.yaml").read_text()),
                                      json.loads((folder / "metrics.json").read_text()),
-                                     read_epoch_log(folder / "progress.jsonl")))
+                                     epoch_history(read_epoch_log(folder / "progress.jsonl"))))
         if (folder / "summary.csv").is_file():
             found["evaluations"].append(folder)
         for table in folder.glob("*.csv"):

@@ -65,3 +65,12 @@ def test_a_progress_travels_where_stdout_cannot_and_writes_to_the_stdout_it_find
     clock[0] += 2.0
     bar.update(2)
     assert written.getvalue() == "tune: 2/2 trials (1.0 trials/s, elapsed 0:02, ETA 0:00)\n"
+
+
+def test_epochs_repeated_after_a_restart_count_once_with_their_later_record():
+    """A worker group restarted from the checkpoint of epoch 1 logs epoch 2 again: the report's
+    training figure plots each epoch once, as the run continued from it."""
+    logged = [{"epoch": 1, "loss_total": 4.3}, {"epoch": 2, "loss_total": 3.1}, {"epoch": 2, "loss_total": 3.0},
+              {"epoch": 3, "loss_total": 2.7}]
+    assert progress.epoch_history(logged) == [logged[0], logged[2], logged[3]]
+    assert progress.epoch_history([]) == []
