@@ -26,6 +26,10 @@ from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
 from workflows.config import TrainStageConfig, from_dict
+from workflows.train_worker import (
+    evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
+    worker_setup, worker_steps,
+)
 
 
 WEIGHTS = "dssad.pt"
@@ -102,10 +106,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from workflows.train import (
-        dataset_of, evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, tensorboard_writer,
-        worker_setup, worker_steps,
-    )
+    from workflows.train import dataset_of
 
     w = worker_setup(loop)
     stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
@@ -164,8 +165,6 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str,
               out: Path | None, device: torch.device) -> dict[str, float]:
-    """Rank 0: the D-SSAD models' test metrics (:func:`workflows.train.score_test_split`)."""
-    from workflows.train import score_test_split
-
+    """Rank 0: the D-SSAD models' test metrics (:func:`workflows.train_worker.score_test_split`)."""
     videos, detections = detect_test_split(models, stage, card, data_root, device)
     return score_test_split(videos, detections, list(card.classes), card.protocol, list(card.tiou), out)

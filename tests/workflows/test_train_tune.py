@@ -514,7 +514,7 @@ def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
 
 
 def _mean_of_two(rank: int, folder: str) -> None:
-    from workflows.train import mean_over_workers
+    from workflows.train_worker import mean_over_workers
 
     losses = {"loss_cls": 1.0 + rank, "loss_total": 10.0 * (rank + 1)}   # rank 0: 1, 10; rank 1: 2, 20
     (Path(folder) / f"rank{rank}.json").write_text(json.dumps(mean_over_workers(losses, 2, torch.device("cpu"))))
