@@ -1,7 +1,7 @@
 """Speed of the SSN head with GCM branches against the same head with MLP branches, one run.
 
     python benchmarks/model_speed.py [--device cpu|cuda] [--precision fp32|tf32|bf16|bf16-autocast] [--videos 8]
-                                     [--units 2500] [--repeat 5] [--compile-graph] [--skip-all-units]
+                                     [--units 2500] [--repeat 5] [--compile graph|step] [--skip-all-units]
 
 - training step: forward + backward + SGD over a batch of ``--videos`` videos x ``--units`` units,
   1024-d body and 3072-d three-part features, graphs precomputed (as training does). Two ways:
@@ -12,7 +12,8 @@
   neighbourhoods, eval mode; graph construction alone is timed too.
 - on a GPU, the inference pass once more as one replayed CUDA graph
   (:class:`gcm_core.captured.CapturedInference`: dense fixed-shape graph, units padded to a
-  multiple of 64; ``--compile-graph``: its graph built through ``torch.compile``).
+  multiple of 64; ``--compile graph``: its graph built through ``torch.compile``; ``--compile step``:
+  graph and head compiled together).
 - ``--precision tf32`` lets CUDA matrix products use TF32 (float32 storage, 10-bit mantissa
   products); ``bf16`` also converts the captured passes' head to bfloat16 (weights cast once),
   ``bf16-autocast`` runs it under bfloat16 autocast instead (weights re-cast at every replay);
@@ -103,7 +104,7 @@ def inference_pass(kind: str, n: int, device: str, repeat: int) -> float:
     return timed(run, device, repeat)
 
 
-def captured_pass(kind: str, n: int, precision: str, compile_graph: bool, repeat: int) -> float:
+def captured_pass(kind: str, n: int, precision: str, compile: str | None, repeat: int) -> float:
     intervals, body, comp = video(n, torch.Generator().manual_seed(n))
     body, comp = body.cuda(), comp.cuda()  # features already on the device, as in inference_pass
     torch.manual_seed(0)
@@ -111,7 +112,7 @@ def captured_pass(kind: str, n: int, precision: str, compile_graph: bool, repeat
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     autocast = torch.bfloat16 if precision == "bf16-autocast" else None
-    captured = CapturedInference(model, GraphSpec(), autocast=autocast, compile_graph=compile_graph)
+    captured = CapturedInference(model, GraphSpec(), autocast=autocast, compile=compile)
     return timed(lambda: captured(intervals, body, comp), "cuda", repeat)
 
 
@@ -128,8 +129,8 @@ def main() -> None:
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--units", type=int, default=2500)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--compile-graph", action="store_true",
-                        help="captured passes build the graph through torch.compile")
+    parser.add_argument("--compile", choices=("graph", "step"),
+                        help="captured passes compile the graph, or graph and head, through torch.compile")
     parser.add_argument("--skip-all-units", action="store_true", help="skip the slow every-unit training step")
     args = parser.parse_args()
     device = args.device
@@ -157,7 +158,7 @@ def main() -> None:
              for n in (800, 2000)]
     if device == "cuda":
         rows += [(f"same, one CUDA graph, N={n}",
-                  lambda k, n=n: captured_pass(k, n, args.precision, args.compile_graph, args.repeat))
+                  lambda k, n=n: captured_pass(k, n, args.precision, args.compile, args.repeat))
                  for n in (800, 2000)]
     for label, fn in rows:
         gcm, mlp = fn("gcm") * 1e3, fn("mlp") * 1e3

@@ -50,6 +50,18 @@ def test_outputs_equal_the_eager_head_for_videos_sharing_a_padded_size(config):
     assert sorted(captured._replays) == [16, 48]
 
 
+def test_a_video_after_one_with_non_finite_features_gets_the_eager_outputs():
+    """The rows past a video's units still hold the previous video's features; they must not leak."""
+    torch.manual_seed(0)
+    model = build_detector(ModelConfig(), DIM, CLASSES).eval()
+    captured = CapturedInference(model, SPEC, pad_to=16)
+    intervals, body, comp = video(16, 1)
+    body[12], comp[12] = float("nan"), float("inf")
+    assert captured(intervals, body, comp).logits[12].isnan().all()
+    intervals, body, comp = video(9, 2)
+    assert_same(captured(intervals, body, comp), eager(model, intervals, body, comp))
+
+
 def test_lower_precision_products_stay_close_and_the_cache_is_bounded():
     torch.manual_seed(0)
     model = build_detector(ModelConfig(), DIM, CLASSES).eval()
@@ -66,26 +78,29 @@ def test_branches_without_a_dense_form_and_too_many_units_are_refused():
     model = build_detector(ModelConfig(comp_module="mp"), DIM, CLASSES)
     with pytest.raises(ValueError, match="gcm and mlp branches, not \\['mp'\\]"):
         CapturedInference(model, SPEC)
+    with pytest.raises(ValueError, match="compile is 'graph', 'step' or None, not 'head'"):
+        CapturedInference(build_detector(ModelConfig(), DIM, CLASSES), SPEC, compile="head")
     captured = CapturedInference(build_detector(ModelConfig(), DIM, CLASSES), SPEC, pad_to=8, max_units=16)
     with pytest.raises(ValueError, match="17 units exceed max_units=16"):
         captured(*video(17, 0))
 
 
-def test_a_compiled_graph_gives_the_same_outputs():
+@pytest.mark.parametrize("compile", ["graph", "step"])
+def test_a_compiled_graph_or_step_gives_the_same_outputs(compile):
     torch.manual_seed(0)
     model = build_detector(ModelConfig(), DIM, CLASSES).eval()
-    captured = CapturedInference(model, SPEC, pad_to=16, compile_graph=True)
+    captured = CapturedInference(model, SPEC, pad_to=16, compile=compile)
     for n, seed in ((11, 1), (30, 2)):
         intervals, body, comp = video(n, seed)
         assert_same(captured(intervals, body, comp), eager(model, intervals, body, comp))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
-@pytest.mark.parametrize("compile_graph", [False, True])
-def test_replayed_cuda_graph_equals_the_eager_head_on_the_gpu(compile_graph):
+@pytest.mark.parametrize("compile", [None, "graph", "step"])
+def test_replayed_cuda_graph_equals_the_eager_head_on_the_gpu(compile):
     torch.manual_seed(0)
     model = build_detector(ModelConfig(), DIM, CLASSES).cuda().eval()
-    captured = CapturedInference(model, SPEC, pad_to=32, compile_graph=compile_graph)
+    captured = CapturedInference(model, SPEC, pad_to=32, compile=compile)
     for n, seed in ((20, 1), (31, 2), (7, 3)):  # one capture, replayed with three videos
         intervals, body, comp = video(n, seed)
         want = eager(model, intervals.cuda(), body.cuda(), comp.cuda())
