@@ -234,10 +234,10 @@ def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _stage(cls, args: argparse.Namespace, **explicit):
+def _stage(cls, args: argparse.Namespace, earlier: dict | None = None, **explicit):
     from workflows.config import resolve
 
-    return resolve(cls, args.config, args.overrides, **explicit)
+    return resolve(cls, args.config, args.overrides, earlier, **explicit)
 
 
 def _session(args: argparse.Namespace):
@@ -282,17 +282,20 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (a folder under --out)")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue the run from its last checkpoint, for more epochs (--set train.epochs=N); its "
-                        "workers and model, graph and data settings stay as they were")
+                   help="continue the run from its last checkpoint with the settings it was started with (its "
+                        "config.yaml; nothing needs repeating), or for more epochs (--set train.epochs=N)")
     _add_stage_options(p, "train.lr=0.01")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from workflows.config import TrainStageConfig
-    from workflows.train import run_train
+    from workflows.train import resumed_settings, run_train
 
-    config = _stage(TrainStageConfig, args, data=args.data, card=args.card, data_root=args.data_root, out=args.out,
-                    name=args.name, num_workers=args.workers, resume=args.resume)
+    given = {"data": args.data, "card": args.card, "data_root": args.data_root, "out": args.out, "name": args.name,
+             "num_workers": args.workers, "resume": args.resume}
+    config = _stage(TrainStageConfig, args, **given)
+    if config.resume:  # the run's own settings, changed only where this command says so
+        config = _stage(TrainStageConfig, args, resumed_settings(config), **given)
     with _session(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}

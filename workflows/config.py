@@ -370,10 +370,11 @@ def sets_lr_alone(settings: dict[str, Any]) -> bool:
 
 
 def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[str] | None = None,
-            **explicit: Any) -> T:
-    """Defaults, then the YAML file, then ``--set`` overrides, then explicit CLI arguments
-    (a ``train.lr`` given alone trains every stream at that rate: :func:`sets_lr_alone`)."""
-    data: dict[str, Any] = {}
+            earlier: dict[str, Any] | None = None, **explicit: Any) -> T:
+    """Defaults (or ``earlier``: the settings of a run being resumed), then the YAML file, then
+    ``--set`` overrides, then explicit CLI arguments (a ``train.lr`` given alone trains every
+    stream at that rate: :func:`sets_lr_alone`)."""
+    data: dict[str, Any] = dict(earlier or {})
     if yaml_path:
         path = Path(yaml_path)
         try:
@@ -384,7 +385,7 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
             raise ConfigError(str(err)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the configuration must be a mapping")
-        data = loaded
+        data = deep_merge(data, loaded)
     data = deep_merge(data, parse_overrides(overrides or []))
     data = deep_merge(data, {k: v for k, v in explicit.items() if v is not None})
     if cls is TrainStageConfig and sets_lr_alone(data):

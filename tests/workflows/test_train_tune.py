@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import ROOT, run_two_workers
 from gcm_core.checkpoint import load_checkpoint, save_checkpoint
@@ -414,6 +415,15 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     again = run_train(dataclasses.replace(config, resume=True, one_stage=other,
                                           train=dataclasses.replace(config.train, epochs=5)), quiet=True)
     assert again["metrics"]["epoch"] == 5
+    # the command line resumes a run with its own settings, changed only where it says so: a bare
+    # --resume neither trains to the default 45 epochs nor is refused for the settings it omits
+    command = ["train", "--out", str(tmp_path), "--name", "faulty", "--resume", "--quiet"]
+    assert cli_main(command) == 0
+    assert load_checkpoint(run / "model.pt").extra["epoch"] == 5
+    assert cli_main([*command, "--set", "train.epochs=6"]) == 0
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    assert (settings["train"]["epochs"], settings["train"]["lr"]) == (6, FAST["lr"])
+    assert load_checkpoint(run / "model.pt").extra["epoch"] == 6
 
 
 def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, tmp_path):
