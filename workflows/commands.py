@@ -288,14 +288,14 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from workflows.config import TrainStageConfig
-    from workflows.train import resumed_settings, run_train
+    from workflows.config import TrainStageConfig, earlier_settings
+    from workflows.train import run_dir, run_train
 
     given = {"data": args.data, "card": args.card, "data_root": args.data_root, "out": args.out, "name": args.name,
              "num_workers": args.workers, "resume": args.resume}
     config = _stage(TrainStageConfig, args, **given)
     if config.resume:  # the run's own settings, changed only where this command says so
-        config = _stage(TrainStageConfig, args, resumed_settings(config), **given)
+        config = _stage(TrainStageConfig, args, earlier_settings(run_dir(config)), **given)
     with _session(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}
@@ -344,17 +344,20 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="with --card: the folder its paths are relative to (default: $GCM_DATA_ROOT)")
     p.add_argument("--out", help="experiments folder")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="finish an interrupted experiment (with the grid and settings it started with)")
+                   help="finish an interrupted experiment with the settings it started with (its config.yaml; "
+                        "nothing needs repeating but the grid and --out)")
     _add_stage_options(p, "base.train.epochs=10")
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from workflows.config import TuneStageConfig
-    from workflows.tune import load_grid, run_tune, trial_name, unreported_metrics
+    from workflows.config import TuneStageConfig, earlier_settings
+    from workflows.tune import experiment_dir, load_grid, run_tune, trial_name, unreported_metrics
 
     direct = {k: v for k, v in (("card", args.card), ("data_root", args.data_root)) if v is not None}
-    config = _stage(TuneStageConfig, args, grid=args.grid, data=args.data, out=args.out, resume=args.resume,
-                    base=direct or None)
+    given = {"grid": args.grid, "data": args.data, "out": args.out, "resume": args.resume, "base": direct or None}
+    config = _stage(TuneStageConfig, args, **given)
+    if config.resume:  # the experiment's own settings, changed only where this command says so
+        config = _stage(TuneStageConfig, args, earlier_settings(experiment_dir(config)), **given)
     with _session(args):
         rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)

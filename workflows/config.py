@@ -395,5 +395,22 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
     return from_dict(cls, data)
 
 
+def earlier_settings(folder: Path) -> dict[str, Any] | None:
+    """The settings a run or experiment in ``folder`` was started with (its ``config.yaml``; None
+    before a first start): what ``--resume`` continues with, changed only where the command says
+    so, as detectron2's and ActionFormer's resume do. Resolved from the defaults instead, a run
+    started with ``train.epochs=2`` and resumed bare trained to the default 45 epochs unsaid."""
+    written = folder / "config.yaml"
+    if not written.is_file():
+        return None
+    try:
+        settings = read_yaml(written)
+    except ValueError as err:
+        raise ConfigError(f"{written}: cannot read the settings it was started with ({err})") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{written}: cannot read the settings it was started with (not a mapping)")
+    return settings
+
+
 def dump(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)

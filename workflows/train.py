@@ -230,23 +230,6 @@ RESUMABLE_CHANGES = frozenset({"resume", "train.epochs", "one_stage.train.epochs
 UNREAD_BY = {"two-stage": ("one_stage.",), "one-stage": ("train.", "model.", "graph.", "stream_lr.")}
 
 
-def resumed_settings(stage: TrainStageConfig) -> dict[str, Any] | None:
-    """The settings of the run that ``stage`` resumes (its ``config.yaml``; None before a first
-    start), so that a resumed run keeps its recipe, model, data and workers without the command
-    repeating them, as detectron2's and ActionFormer's resume do: resolved from the defaults
-    instead, a run started with ``train.epochs=2`` resumed to the default 45 epochs unsaid."""
-    written = run_dir(stage) / "config.yaml"
-    if not written.is_file():
-        return None
-    try:
-        settings = read_yaml(written)
-    except ValueError as err:
-        raise ConfigError(f"{written}: cannot read the settings the run was trained with ({err})") from None
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{written}: cannot read the settings the run was trained with (not a mapping)")
-    return settings
-
-
 def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
     """Refuse to resume a run with other settings than it trained with (its ``config.yaml``): the
     model, graph, data or recipe changed half-way would give a run that no configuration describes,
@@ -310,6 +293,12 @@ def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:
     if stage.card and stage.kind != "one-stage":
         raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
                          "reads the units of a preprocessed dataset (--data)")
+    return absolute_paths(stage)
+
+
+def absolute_paths(stage: TrainStageConfig) -> TrainStageConfig:
+    """The stage with the dataset it names (a card and data root, else a preprocessed dataset)
+    given by absolute paths."""
     if stage.card:
         return replace(stage, card=absolute_card(stage.card), data_root=str(data_root_path(stage.data_root).resolve()))
     return replace(stage, data=str(Path(stage.data).resolve()))

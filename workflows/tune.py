@@ -35,7 +35,7 @@ from workflows.config import (
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
 from workflows.train import (
-    absolute_inputs, check_inputs, check_snippet_layout, dataset_of, run_train, training_resources,
+    absolute_inputs, absolute_paths, check_inputs, check_snippet_layout, dataset_of, run_train, training_resources,
 )
 
 
@@ -159,8 +159,9 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     from workflows.ray_env import require_resources, use_gpus
 
     grid = load_grid(config.grid)
-    base = replace(config.base, data=config.data)
-    folder = Path(config.out).resolve() / grid.name
+    base = absolute_paths(replace(config.base, data=config.data))   # (the grid may make its trials one-stage)
+    config = replace(config, data=base.data, base=base)   # recorded so: --resume may run from elsewhere
+    folder = experiment_dir(config)
     trials = grid.trials()
     trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
     _check_dataset(trial_stages, grid.metrics)
@@ -180,6 +181,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
             raise FileExistsError(f"{folder} holds a previous experiment: pass --resume to finish it")
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / TRIALS, json.dumps(stages, indent=1))
+        atomic_write_text(folder / "config.yaml", dump(config))   # what --resume continues with
         tuner = tune.Tuner(
             trainable, param_space={"stage": tune.grid_search(stages)},
             tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent),
@@ -200,6 +202,11 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
 
 # the resolved training stage of every trial, written when an experiment starts
 TRIALS = "trials.json"
+
+
+def experiment_dir(config: TuneStageConfig) -> Path:
+    """The folder of the experiment: its grid's name under ``out``."""
+    return Path(config.out).resolve() / load_grid(config.grid).name
 
 
 def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
