@@ -247,6 +247,12 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
     if changed:
         raise ConfigError(f"{folder} trained with other settings than these ({describe_changes(changed)}): --resume "
                           "continues a run for more epochs only; start another --name for new settings")
+    trained = max((int(p.name.removeprefix("epoch-")) for p in folder.glob("epoch-[0-9]*") if p.is_dir()), default=0)
+    epochs = stage.one_stage.train.epochs if stage.kind == "one-stage" else stage.train.epochs
+    if epochs < trained:  # its record would say fewer epochs than its weights had
+        key = "one_stage.train.epochs" if stage.kind == "one-stage" else "train.epochs"
+        raise ConfigError(f"{folder} has trained {trained} epochs already: --resume continues it to {key} >= {trained}; "
+                          "start another --name to train for fewer")
 
 
 def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:

@@ -379,7 +379,7 @@ def test_a_dataset_named_without_a_data_root_is_read_from_gcm_data_root(small_da
         assert DatasetSource(card_read, data_root, "test").root == small_dataset
 
 
-def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path):
+def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(prepared, tmp_path, capsys):
     reference = run_train(stage(prepared, tmp_path, "reference", epochs=4), quiet=True)["metrics"]
     config = stage(prepared, tmp_path, "faulty", epochs=4)
     run = tmp_path / "faulty"
@@ -424,6 +424,12 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_as_an_uninterrupte
     settings = yaml.safe_load((run / "config.yaml").read_text())
     assert (settings["train"]["epochs"], settings["train"]["lr"]) == (6, FAST["lr"])
     assert load_checkpoint(run / "model.pt").extra["epoch"] == 6
+    # fewer epochs than it has trained would leave a record that its weights contradict
+    written = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert cli_main([*command, "--set", "train.epochs=4"]) == 2
+    assert "has trained 6 epochs already: --resume continues it to train.epochs >= 6" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == written
 
 
 def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, tmp_path, capsys):
