@@ -175,8 +175,17 @@ class CapturedInference:
     def __call__(self, intervals: Tensor, body: Tensor, comp: Tensor | None = None) -> UnitOutputs:
         """Outputs for the units of one video (``intervals`` [N, 2], ``body`` [N, d], ``comp`` [N, d'])."""
         intervals = as_intervals(intervals)
-        if self.model.config.detector == "ssn" and comp is None:
+        n = intervals.shape[0]
+        ssn = self.model.config.detector == "ssn"
+        if ssn and comp is None:
             raise ValueError("the SSN head needs completeness features (comp)")
-        replay = self._replay_for(intervals.shape[0], body, comp)
+        widths = {"body": (body, self.model.classifier.in_features)}
+        if ssn:
+            widths["comp"] = (comp, self.model.completeness.in_features)
+        for name, (features, width) in widths.items():
+            if tuple(features.shape) != (n, width):
+                raise ValueError(f"{name} features must be [{n} units, {width}] for this head, "
+                                 f"got {list(features.shape)}")
+        replay = self._replay_for(n, body, comp)
         replay.load(intervals, body, comp)
-        return replay.run(intervals.shape[0])
+        return replay.run(n)

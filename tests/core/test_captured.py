@@ -74,7 +74,7 @@ def test_lower_precision_products_stay_close_and_the_cache_is_bounded():
     assert list(captured._replays) == [24, 8]  # 20 -> 24, then 7 -> 8; 16 was evicted
 
 
-def test_branches_without_a_dense_form_and_too_many_units_are_refused():
+def test_branches_without_a_dense_form_too_many_units_and_wrong_widths_are_refused():
     model = build_detector(ModelConfig(comp_module="mp"), DIM, CLASSES)
     with pytest.raises(ValueError, match="gcm and mlp branches, not \\['mp'\\]"):
         CapturedInference(model, SPEC)
@@ -83,6 +83,11 @@ def test_branches_without_a_dense_form_and_too_many_units_are_refused():
     captured = CapturedInference(build_detector(ModelConfig(), DIM, CLASSES), SPEC, pad_to=8, max_units=16)
     with pytest.raises(ValueError, match="17 units exceed max_units=16"):
         captured(*video(17, 0))
+    intervals, body, comp = video(5, 0)
+    with pytest.raises(ValueError, match=rf"comp features must be \[5 units, {3 * DIM}\] for this head, got \[5, {DIM}\]"):
+        captured(intervals, body, body)
+    with pytest.raises(ValueError, match=rf"body features must be \[5 units, {DIM}\] for this head, got \[4, {DIM}\]"):
+        captured(intervals, body[:4], comp)
 
 
 @pytest.mark.parametrize("compile", ["graph", "step"])
