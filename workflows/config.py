@@ -398,8 +398,8 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
 def earlier_settings(folder: Path) -> dict[str, Any] | None:
     """The settings a run or experiment in ``folder`` was started with (its ``config.yaml``; None
     before a first start): what ``--resume`` continues with, changed only where the command says
-    so, as detectron2's and ActionFormer's resume do. Resolved from the defaults instead, a run
-    started with ``train.epochs=2`` and resumed bare trained to the default 45 epochs unsaid."""
+    so, so that resuming needs the folder alone. Resolved from the defaults instead, a run started
+    with ``train.epochs=2`` and resumed bare trained to the default 45 epochs unsaid."""
     written = folder / "config.yaml"
     if not written.is_file():
         return None
