@@ -159,11 +159,13 @@ class EvaluateConfig:
     protocol: str | None = None          # default: each dataset card's protocol
     tiou: tuple[float, ...] | None = None
     overwrite: bool = False              # replace a previous evaluation in ``out``
-    # no number of workers: every (checkpoint, dataset) pair is a one-CPU Ray task, as many at
-    # once as the cluster has CPUs
+    use_gpu: bool | None = None          # None: when the cluster has GPUs
+    gpus_per_pair: float = 0.25          # with GPUs: each evaluation's share of one (inference is light)
+    # no number of workers: every (checkpoint, dataset) pair is a Ray task of one CPU (and, with
+    # GPUs, gpus_per_pair), as many at once as the cluster holds
 
     def __post_init__(self) -> None:
-        check_ranges(self, tiou="in (0, 1]")
+        check_ranges(self, tiou="in (0, 1]", gpus_per_pair="in (0, 1]")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         if self.tiou is not None and not self.tiou:

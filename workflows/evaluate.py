@@ -1,8 +1,8 @@
 """Parallel evaluation: many checkpoints x many datasets at once, as Ray tasks.
 
 A dataset is a preprocessed one, or (for D-SSAD checkpoints, which read snippet features and no
-proposals) a card and a data root read directly. Each (checkpoint, dataset) pair is one task:
-inference on every test video without sampling (a two-stage head on the prepared units, or D-SSAD
+proposals) a card and a data root read directly. Each (checkpoint, dataset) pair is one task (with
+``gpus_per_pair`` of a GPU, on which it runs, where the cluster has GPUs): inference on every test video without sampling (a two-stage head on the prepared units, or D-SSAD
 on the snippet features), detections written as ActivityNet result JSON, mAP under the dataset's
 protocol (or the one asked for); the driver gathers one summary table (``summary.md`` and
 ``summary.csv``).
@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from gcm_core.checkpoint import check_feature_widths, load_checkpoint
 from gcm_core.data.atomic import atomic_write_text
@@ -97,15 +99,17 @@ def pair_folders(pairs: list[tuple[str, EvalDataset]]) -> list[str]:
 def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: str | None,
                   tiou: list[float] | None) -> dict[str, Any]:
     """Evaluate one checkpoint (a two-stage ``model.pt`` or a D-SSAD ``dssad.pt``) on one
-    dataset's test split into ``folder`` (runs as a Ray task)."""
-    import torch
+    dataset's test split into ``folder`` (runs as a Ray task, on the GPU Ray gave it if any)."""
+    import ray
 
     torch.set_num_threads(1)
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
     card, data_root, manifest = dataset.open()
     if is_one_stage_checkpoint(checkpoint):
-        classes, truth, detections = _one_stage_detections(checkpoint, card, data_root)
+        classes, truth, detections = _one_stage_detections(checkpoint, card, data_root, device)
     else:
-        classes, truth, detections = _two_stage_detections(checkpoint, dataset.folder, manifest)
+        classes, truth, detections = _two_stage_detections(checkpoint, dataset.folder, manifest, device)
     if list(card.classes) != classes:
         raise ValueError(f"{checkpoint} was trained on other classes than dataset {dataset.name} "
                          f"({len(classes)} vs {card.num_classes})")
@@ -117,10 +121,10 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     atomic_write_text(Path(folder) / "metrics.json", json.dumps(summary, indent=1))
     return {"checkpoint": checkpoint, "data": dataset.name, "videos": len(truth), "protocol": protocol,
             "tiou": list(thresholds), "mAP": summary["mAP"], "average": summary["average"],
-            "detections": str(Path(folder) / "detections.json")}
+            "detections": str(Path(folder) / "detections.json"), "device": str(device), "gpus": gpus}
 
 
-def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
+def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any], device: torch.device
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """Classes, test ground truth and fused detections of a two-stage head on the prepared units."""
     ckpt = load_checkpoint(checkpoint)
@@ -131,22 +135,24 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any]
     check_caps(data, manifest, ckpt.graph)
     classes = list(ckpt.classes)
     videos = read_videos(data, "test", manifest)
-    per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats)
+    per_stream = {s: predict(head.to(device), UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
                   for s, head in ckpt.heads.items()}
     return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
 
 
-def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | None
+def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | None, device: torch.device
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features."""
     run = load_one_stage(checkpoint)
-    truth, detections = detect_test_split(run.models, run.stage, card, data_root)
+    truth, detections = detect_test_split(run.models.to(device), run.stage, card, data_root, device)
     return run.classes, truth, detections["fused"]
 
 
 def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, Any]]:
     """Every checkpoint on every dataset, in parallel on the connected Ray; writes the summary."""
     import ray
+
+    from workflows.ray_env import require_resources, use_gpus
 
     datasets = datasets_of(config)
     if not config.checkpoints or not datasets:
@@ -157,7 +163,10 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     check_output_folder(out, EvaluateConfig)
     if (out / "summary.md").exists() and not config.overwrite:
         raise FileExistsError(f"{out} holds a previous evaluation: pass --overwrite to replace it, or another --out")
-    task = ray.remote(num_cpus=1)(evaluate_pair)
+    use_gpu = use_gpus(config.use_gpu)
+    if use_gpu:
+        require_resources("evaluation on GPUs", {"GPU": config.gpus_per_pair}, "leave use_gpu unset or false")
+    task = ray.remote(num_cpus=1, num_gpus=config.gpus_per_pair if use_gpu else 0)(evaluate_pair)
     pairs = [(c, d) for c in config.checkpoints for d in datasets]
     tiou = list(config.tiou) if config.tiou else None
     # tasks get absolute paths (workers need not share our directory); the table keeps the ones given

@@ -1,4 +1,5 @@
-"""Preprocessing on Ray Data: correct shards, the GPU path, restarts, broken videos."""
+"""Preprocessing on Ray Data: correct shards, the GPU path, restarts, broken videos (and the GPU path
+of evaluation, which needs the same Ray declaring a GPU)."""
 from __future__ import annotations
 
 import dataclasses
@@ -174,3 +175,35 @@ def test_long_videos_spread_over_the_shards_costliest_first():
     assert [r["role"] for r in ordered] == ["train"] * 8 + ["test"] * 5
     assert sorted(r["video_id"] for r in ordered) == sorted([*durations, *(f"t{k}" for k in range(5))])
     assert ordered[0]["video_id"] == "v1" and ordered[8]["video_id"] == "t1"  # each role's longest first
+
+
+def test_evaluation_takes_a_share_of_a_gpu_where_the_cluster_has_one(small_dataset, tmp_path):
+    """The same logical-GPU Ray: each evaluation asks for gpus_per_pair of a GPU and runs on the
+    one it is given (the CPU here, CUDA being absent), with the CPU evaluation's results."""
+    from gcm_core.checkpoint import Checkpoint, save_checkpoint
+    from gcm_core.data.sampling import RegressionStats
+    from gcm_core.detectors import ModelConfig
+    from gcm_core.engine import build_heads
+    from gcm_core.graph import GraphSpec
+    from gcm_core.postprocess import InferenceConfig
+    from workflows.config import EvaluateConfig
+    from workflows.evaluate import run_evaluate
+
+    prepared = tmp_path / "prep"
+    run_preprocess(config(small_dataset, prepared), quiet=True)
+    card = load_card(small_dataset / "card.yaml")
+    torch.manual_seed(0)
+    widths = load_manifest(prepared)["dims"]   # an untrained head: the same weights on either path
+    heads = build_heads(ModelConfig(), ["rgb", "flow"], {s: widths[f"{s}:body"] for s in ("rgb", "flow")},
+                        card.num_classes)
+    save_checkpoint(tmp_path / "model.pt", Checkpoint(list(card.classes), ModelConfig(), GraphSpec(), InferenceConfig(),
+                                                      dict(card.snippets), heads,
+                                                      RegressionStats(torch.zeros(2), torch.ones(2))))
+    runs = {use_gpu: run_evaluate(EvaluateConfig(checkpoints=(str(tmp_path / "model.pt"),), data=(str(prepared),),
+                                                 out=str(tmp_path / f"eval-{use_gpu}"), use_gpu=use_gpu), quiet=True)[0]
+            for use_gpu in (None, False)}
+    assert runs[None]["gpus"] and runs[None]["device"] == "cpu", "the GPU path was not taken"
+    assert runs[False]["gpus"] == []
+    assert runs[None]["mAP"] == runs[False]["mAP"]
+    with pytest.raises(ValueError, match=r"gpus_per_pair must be in \(0, 1\], got 2"):
+        EvaluateConfig(gpus_per_pair=2)
