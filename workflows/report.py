@@ -86,6 +86,16 @@ def discover(folders: list[Path]) -> dict[str, list]:
     return found
 
 
+def _why_nothing(folder: Path) -> str:
+    weights = [folder / name for name in ("model.pt", "dssad.pt") if (folder / name).is_file()]
+    if weights and (folder / "config.yaml").is_file():  # a run whose test split was never scored
+        return (f"the run has no test metrics (metrics.json): trained with evaluate: false, or not finished; "
+                f"score its checkpoint with `gcm evaluate --checkpoint {weights[0]} --data ...` and report the "
+                "evaluation folder")
+    return ("no finished run (metrics.json and config.yaml), evaluation (summary.csv) or grid table (NAME.csv and "
+            "NAME.md) in it or in a folder directly under it")
+
+
 def _save(fig, path: Path) -> Path:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
@@ -239,9 +249,7 @@ def write_report(folders: list[Path | str], out: Path | str | None = None, video
     located = [run.path for run in found["runs"]] + found["evaluations"] + [t.parent for t in found["grids"]]
     for folder in folders:  # a mistyped or unfinished folder would otherwise just be missing from the report
         if not any(folder in (place, place.parent) for place in located):
-            raise FileNotFoundError(f"nothing to report in {folder}: no finished run (metrics.json and config.yaml), "
-                                    "evaluation (summary.csv) or grid table (NAME.csv and NAME.md) in it or in a "
-                                    "folder directly under it")
+            raise FileNotFoundError(f"nothing to report in {folder}: " + _why_nothing(folder))
     out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = found["runs"]
     lines = ["# gcm-tal report", "", f"Inputs: {', '.join(str(f) for f in folders)}", ""]

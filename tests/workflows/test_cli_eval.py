@@ -73,6 +73,12 @@ def test_a_report_of_nothing_is_refused_and_writes_nothing(tmp_path, capsys):
     for folder, problem in (("unfinished", "nothing to report in"), ("mistyped", "no folder")):
         assert main(["report", str(tmp_path / folder), "--out", str(tmp_path / "report")]) == 2
         assert capsys.readouterr().err.startswith(f"gcm report: error: {problem} {tmp_path / folder}")
+    # a run trained without scoring its test split (evaluate: false) is told how to score it
+    (tmp_path / "unfinished" / "run" / "model.pt").write_bytes(b"weights")
+    assert main(["report", str(tmp_path / "unfinished" / "run"), "--out", str(tmp_path / "report")]) == 2
+    assert (f"the run has no test metrics (metrics.json): trained with evaluate: false, or not finished; score its "
+            f"checkpoint with `gcm evaluate --checkpoint {tmp_path / 'unfinished' / 'run' / 'model.pt'}") \
+        in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
 
 
