@@ -2,10 +2,10 @@
 
 A dataset is a preprocessed one, or (for D-SSAD checkpoints, which read snippet features and no
 proposals) a card and a data root read directly. Each (checkpoint, dataset) pair is one task (with
-``gpus_per_pair`` of a GPU, on which it runs, where the cluster has GPUs): inference on every test video without sampling (a two-stage head on the prepared units, or D-SSAD
-on the snippet features), detections written as ActivityNet result JSON, mAP under the dataset's
-protocol (or the one asked for); the driver gathers one summary table (``summary.md`` and
-``summary.csv``).
+``gpus_per_pair`` of a GPU, on which it runs, where the cluster has GPUs): inference on every test
+video without sampling (a two-stage head on the prepared units, or D-SSAD on the snippet
+features), detections written as ActivityNet result JSON, mAP under the dataset's protocol (or the
+one asked for); the driver gathers one summary table (``summary.md`` and ``summary.csv``).
 """
 from __future__ import annotations
 

@@ -251,8 +251,8 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
     epochs = stage.one_stage.train.epochs if stage.kind == "one-stage" else stage.train.epochs
     if epochs < trained:  # its record would say fewer epochs than its weights had
         key = "one_stage.train.epochs" if stage.kind == "one-stage" else "train.epochs"
-        raise ConfigError(f"{folder} has trained {trained} epochs already: --resume continues it to {key} >= {trained}; "
-                          "start another --name to train for fewer")
+        raise ConfigError(f"{folder} has trained {trained} epochs already: --resume continues it to "
+                          f"{key} >= {trained}; start another --name to train for fewer")
 
 
 def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:
