@@ -295,7 +295,7 @@ def _run_train(args: argparse.Namespace) -> int:
              "num_workers": args.workers, "resume": args.resume}
     config = _stage(TrainStageConfig, args, **given)
     if config.resume:  # the run's own settings, changed only where this command says so
-        config = _stage(TrainStageConfig, args, earlier_settings(run_dir(config)), **given)
+        config = _stage(TrainStageConfig, args, earlier_settings(run_dir(config), TrainStageConfig), **given)
     with _session(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}
@@ -357,7 +357,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     given = {"grid": args.grid, "data": args.data, "out": args.out, "resume": args.resume, "base": direct or None}
     config = _stage(TuneStageConfig, args, **given)
     if config.resume:  # the experiment's own settings, changed only where this command says so
-        config = _stage(TuneStageConfig, args, earlier_settings(experiment_dir(config)), **given)
+        config = _stage(TuneStageConfig, args, earlier_settings(experiment_dir(config), TuneStageConfig), **given)
     with _session(args):
         rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)

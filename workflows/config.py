@@ -397,20 +397,22 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
     return from_dict(cls, data)
 
 
-def earlier_settings(folder: Path) -> dict[str, Any] | None:
-    """The settings a run or experiment in ``folder`` was started with (its ``config.yaml``; None
-    before a first start): what ``--resume`` continues with, changed only where the command says
-    so, so that resuming needs the folder alone. Resolved from the defaults instead, a run started
-    with ``train.epochs=2`` and resumed bare trained to the default 45 epochs unsaid."""
+def earlier_settings(folder: Path, cls: type) -> dict[str, Any] | None:
+    """The settings (of stage ``cls``) a run or experiment in ``folder`` was started with (its
+    ``config.yaml``; None before a first start): what ``--resume`` continues with, changed only
+    where the command says so, so that resuming needs the folder alone. Resolved from the defaults
+    instead, a run started with ``train.epochs=2`` and resumed bare trained to the default 45
+    epochs unsaid."""
     written = folder / "config.yaml"
     if not written.is_file():
         return None
     try:
         settings = read_yaml(written)
+        if not isinstance(settings, dict):
+            raise ValueError("not a mapping")
+        from_dict(cls, settings)   # named here, not as a fault of the command's own settings
     except ValueError as err:
         raise ConfigError(f"{written}: cannot read the settings it was started with ({err})") from None
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{written}: cannot read the settings it was started with (not a mapping)")
     return settings
 
 

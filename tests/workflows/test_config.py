@@ -1,6 +1,8 @@
 """Stage configuration: defaults, YAML, --set overrides, and the shipped grids."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -8,7 +10,7 @@ from gcm_core.engine import build_heads, make_optimizer
 from workflows import GRID_DIR
 from workflows.config import (
     OUTPUTS, ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder,
-    dump, from_dict, resolve,
+    dump, earlier_settings, from_dict, resolve,
 )
 from workflows.tune import Grid, load_grid, trial_config
 
@@ -175,3 +177,16 @@ def test_a_stage_refuses_a_folder_holding_another_stages_outputs(tmp_path):
                     check_output_folder(folder, other)
         assert (folder / "config.yaml").read_text() == dump(config)
     check_output_folder(tmp_path / "new", EvaluateConfig)
+
+
+def test_a_resumed_runs_settings_that_cannot_be_read_are_named_by_their_file(tmp_path):
+    assert earlier_settings(tmp_path, TrainStageConfig) is None   # no run yet: a first start
+    written = tmp_path / "config.yaml"
+    written.write_text("train: {epochs: 2}\n")
+    assert earlier_settings(tmp_path, TrainStageConfig) == {"train": {"epochs": 2}}
+    for text, problem in (("train: [epochs\n", ""), ("- a list\n", "not a mapping"),
+                          ("train: {epohcs: 2}\n", "unknown key ['epohcs'] in train")):
+        written.write_text(text)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(written))}: cannot read the settings it was started "
+                                              rf"with \(.*{re.escape(problem)}"):
+            earlier_settings(tmp_path, TrainStageConfig)
