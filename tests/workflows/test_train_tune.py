@@ -156,6 +156,14 @@ def test_more_workers_than_the_embedded_ray_holds_is_an_error_not_a_hang(prepare
     assert not (tmp_path / "crowd").exists()
 
 
+def test_evaluation_on_gpus_the_embedded_ray_lacks_is_an_error_not_a_hang(prepared, runs, tmp_path):
+    config = EvaluateConfig(checkpoints=(str(Path(runs["gcm"]["run_dir"]) / "model.pt"),), data=(str(prepared),),
+                            out=str(tmp_path / "eval"), use_gpu=True)
+    with pytest.raises(RuntimeError, match=r"evaluation on GPUs needs 0.25 GPU \(the cluster has 0\).*use_gpu"):
+        run_evaluate(config, quiet=True)   # its tasks would wait for a GPU forever
+    assert not (tmp_path / "eval").exists()
+
+
 def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(prepared, runs, tmp_path):
     gcm, mlp = (Path(runs[k]["run_dir"]) / "model.pt" for k in ("gcm", "mlp"))
     namesake = tmp_path / "elsewhere" / "gcm" / "model.pt"  # same run folder name as gcm's
