@@ -57,9 +57,11 @@ def _run_eval_detections(args: argparse.Namespace) -> int:
     card = load_card(args.card or "thumos14") if (args.card or thumos_inputs) else None
     videos = read_annotations(args.ground_truth, card)
     subset = args.subset
-    if subset is None and len({v.subset for v in videos.values()}) > 1:
+    subsets = sorted({v.subset for v in videos.values()})
+    if subset is None and len(subsets) > 1:
         if card is None:
-            raise ValueError(f"{args.ground_truth} holds several subsets: choose one with --subset")
+            raise ValueError(f"{args.ground_truth} holds the subsets {subsets}: choose one with --subset, or give "
+                             "the dataset's --card, whose test subset is taken (e.g. ActivityNet's is 'validation')")
         subset = card.subsets["test"]
     videos = select_subset(videos, subset)
     detections = read_detections(args.detections, card, args.label_convention)

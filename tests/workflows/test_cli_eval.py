@@ -1,6 +1,7 @@
 """`gcm eval-detections` as a user runs it: real files in, a table or JSON out, clear errors."""
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -56,6 +57,21 @@ def test_eval_detections_picks_the_test_subset_of_a_json_holding_two(shared_data
     assert rc == 0
     out = capsys.readouterr().out
     assert "212 videos (test)" in out  # thumos14.json omits the Ambiguous-only video and "31.35" in out
+
+
+def test_eval_detections_on_a_json_of_several_subsets_and_no_card_names_them(shared_data, capsys):
+    anet = shared_data / "activitynet"
+    rc = main(["eval-detections", "--protocol", "activitynet", "--ground-truth", str(anet / "anet_anno_action.json"),
+               "--detections", str(anet / "sample_detection_prediction.json")])
+    assert rc == 2
+    with open(anet / "video_info_new.csv", newline="") as f:   # BSN's annotations take their subsets from it
+        subsets = sorted({row["subset"] for row in csv.DictReader(f)})
+    assert f"holds the subsets {subsets}: choose one with --subset, or give the dataset's --card" \
+        in capsys.readouterr().err
+    assert main(["eval-detections", "--protocol", "activitynet", "--ground-truth", str(anet / "anet_anno_action.json"),
+                 "--detections", str(anet / "sample_detection_prediction.json"), "--card", "activitynet13",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mAP"][0] == pytest.approx(97.66, abs=0.01)
 
 
 def test_missing_file_is_one_clear_error(tmp_path, capsys):
