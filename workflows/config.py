@@ -132,7 +132,7 @@ class TrainStageConfig:
         weights = dict(self.inference.fusion)   # a stream it does not name weighs 1 (fuse_streams)
         if sum(weights.get(s, 1.0) for s in self.streams) <= 0:
             raise ValueError(f"inference.fusion weighs the streams {list(self.streams)} 0 in all: nothing to fuse")
-        key, recipe = ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
+        key, recipe = self.recipe
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
         if recipe.batch_videos % self.num_workers:   # else the batch would shrink to a multiple unsaid
@@ -147,6 +147,11 @@ class TrainStageConfig:
                                  f"one_stage.model.graph); {' and '.join(changed)} "
                                  f"{'hold' if len(changed) > 1 else 'holds'} two-stage settings, changed here for "
                                  "nothing: e.g. one_stage.train.epochs, not train.epochs")
+
+    @property
+    def recipe(self) -> tuple[str, TrainConfig]:
+        """The training recipe this kind of run reads, with the key its settings go under."""
+        return ("one_stage.train", self.one_stage.train) if self.kind == "one-stage" else ("train", self.train)
 
 
 @dataclass

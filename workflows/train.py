@@ -26,7 +26,7 @@ import torch
 
 from gcm_core.checkpoint import Checkpoint, save_checkpoint
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
-from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card, read_yaml
+from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats
@@ -34,7 +34,8 @@ from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, ground_truth, make_optimizer, predict, seed_everything, train_one_epoch,
 )
 from workflows.config import (
-    ConfigError, TrainStageConfig, changed_settings, check_output_folder, describe_changes, dump, from_dict, to_dict,
+    ConfigError, TrainStageConfig, changed_settings, check_output_folder, describe_changes, dump, earlier_settings,
+    from_dict, to_dict,
 )
 from workflows.progress import Progress, read_epoch_log
 from workflows.shards import (
@@ -211,7 +212,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
             failure_config=ray.train.FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=callbacks or []),
     )
-    epochs = stage.one_stage.train.epochs if one_stage else stage.train.epochs
+    epochs = stage.recipe[1].epochs
     summed = f" (losses summed over {' + '.join(stage.streams)})" if len(stage.streams) > 1 else ""
     result = follow(trainer.fit, folder / "progress.jsonl", epochs, f"train {stage.name}: ", quiet, summed)
     if result.checkpoint is None:
@@ -234,13 +235,10 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
     """Refuse to resume a run with other settings than it trained with (its ``config.yaml``): the
     model, graph, data or recipe changed half-way would give a run that no configuration describes,
     and another number of workers finds no random state saved for its new ranks."""
-    written = folder / "config.yaml"
-    if not written.exists():
+    settings = earlier_settings(folder, TrainStageConfig)
+    if settings is None:
         return
-    try:
-        earlier = from_dict(TrainStageConfig, read_yaml(written) or {})
-    except ValueError as err:
-        raise ConfigError(f"{written}: cannot read the settings the run was trained with ({err})") from None
+    earlier = from_dict(TrainStageConfig, settings)
     unread = UNREAD_BY[stage.kind]
     changed = {key: values for key, values in changed_settings(earlier, stage).items()
                if key not in RESUMABLE_CHANGES and not key.startswith(unread)}
@@ -248,11 +246,10 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
         raise ConfigError(f"{folder} trained with other settings than these ({describe_changes(changed)}): --resume "
                           "continues a run for more epochs only; start another --name for new settings")
     trained = max((int(p.name.removeprefix("epoch-")) for p in folder.glob("epoch-[0-9]*") if p.is_dir()), default=0)
-    epochs = stage.one_stage.train.epochs if stage.kind == "one-stage" else stage.train.epochs
-    if epochs < trained:  # its record would say fewer epochs than its weights had
-        key = "one_stage.train.epochs" if stage.kind == "one-stage" else "train.epochs"
+    key, recipe = stage.recipe
+    if recipe.epochs < trained:  # its record would say fewer epochs than its weights had
         raise ConfigError(f"{folder} has trained {trained} epochs already: --resume continues it to "
-                          f"{key} >= {trained}; start another --name to train for fewer")
+                          f"{key}.epochs >= {trained}; start another --name to train for fewer")
 
 
 def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:
