@@ -18,6 +18,7 @@ from gcm_core.data.synthetic import generate_dataset
 from workflows.config import EvaluateConfig, PreprocessConfig, TrainStageConfig, from_dict
 from workflows.evaluate import run_evaluate
 from workflows.preprocess import run_preprocess
+from workflows.ray_env import refuse_ray_client
 from workflows.tables import markdown_table
 from workflows.train import run_train
 
@@ -45,6 +46,7 @@ def claim_folder(out: Path) -> None:
 
 
 def run_demo(out: str | Path = "runs/demo", seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    refuse_ray_client("demo")   # before its folder is emptied: its preprocessing could not run
     out = Path(out)
     claim_folder(out)
     timings: dict[str, float] = {}

@@ -137,8 +137,9 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     """Run the stage on the connected Ray; returns the manifest it wrote."""
     import ray.data
 
-    from workflows.ray_env import require_resources, use_gpus
+    from workflows.ray_env import refuse_ray_client, require_resources, use_gpus
 
+    refuse_ray_client("preprocess")
     # the data root as an absolute path: workers, and the stages that read the manifest later, run
     # in other directories
     config = replace(config, data_root=str(data_root_path(config.data_root).resolve()))

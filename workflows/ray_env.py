@@ -90,6 +90,20 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
                               "--address auto finds it") from None
 
 
+def refuse_ray_client(command: str) -> None:
+    """Stop a stage that runs Ray Data's executor in its own process when that process is a Ray
+    Client driver (``ray://``): Ray 2.60's executor needs the driver's core worker, which a client
+    has none of, and stopped with an AttributeError from deep inside Ray Data. Training, tuning and
+    evaluation only start work that runs on the cluster, and run over Ray Client."""
+    import ray.util.client
+
+    if ray.util.client.ray.is_connected():
+        raise RuntimeError(f"gcm {command} cannot run over Ray Client (ray://): Ray Data runs its executor in "
+                           "this process, which a Ray Client session cannot host. Run it on the cluster instead: "
+                           f"ray job submit --address http://HEAD:8265 -- gcm --address auto {command} ... "
+                           "(or, on a machine of the cluster's network, --address HEAD:6379)")
+
+
 def _warn_unless_loopback() -> None:
     """Say so when the embedded Ray listens beyond this machine: Ray reads the switch that keeps
     it on loopback (``LOCAL_ENV``) when ``ray`` is first imported, which code run before this

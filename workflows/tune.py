@@ -23,7 +23,7 @@ import itertools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import read_yaml, shipped_yaml
@@ -120,12 +120,25 @@ def trial_name(grid: Grid, trial: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() or c in "=_-.+@" else "-" for c in text)[:120]
 
 
-def run_trial(params: dict[str, Any]) -> None:
-    """Tune function trainable: one training stage, its metrics reported to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+def trial_trainable(resources: dict[str, float]) -> Callable[[dict[str, Any]], None]:
+    """The Tune function trainable of a trial (one training stage, its metrics reported to Tune),
+    asking for ``resources``.
 
-    stage = from_dict(TrainStageConfig, params["stage"])
-    run_train(stage, quiet=True, callbacks=[TuneReportCallback()])
+    Tune reads a function's resources from an attribute of the function object. A module-level
+    function travels to another process by reference, without it: under Ray Client, where Tune
+    runs on the cluster, every trial asked for Tune's default of one CPU instead, and on a small
+    cluster trials held every CPU while their workers waited for theirs. A function made here
+    travels by value, attribute included.
+    """
+    from ray import tune
+
+    def run_trial(params: dict[str, Any]) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        stage = from_dict(TrainStageConfig, params["stage"])
+        run_train(stage, quiet=True, callbacks=[TuneReportCallback()])
+
+    return tune.with_resources(run_trial, resources)
 
 
 class TrialProgress:
@@ -172,7 +185,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     require_resources(f"one trial of {grid.name} ({base.num_workers} workers)",
                       {**trial, "CPU": trial["CPU"] + resources["cpu"]}, "use fewer workers (--set base.num_workers=N)")
     check_output_folder(folder, TuneStageConfig)
-    trainable = tune.with_resources(run_trial, resources)
+    trainable = trial_trainable(resources)
     if config.resume and tune.Tuner.can_restore(str(folder)):
         _check_same_trials(folder, stages)
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)

@@ -65,3 +65,38 @@ def test_a_stage_prints_its_own_lines_not_rays_notices(small_dataset, tmp_path):
     notices = [line for line in proc.stderr.splitlines()
                if re.search(r"\b(WARNING|INFO)\b", line) and re.search("authentication|progress bars", line, re.I)]
     assert not notices
+
+
+def test_stages_that_run_ray_data_here_refuse_ray_client_before_writing_anything(monkeypatch, small_dataset,
+                                                                                  tmp_path):
+    """Ray Data's executor failed inside a Ray Client driver (seen against `ray start --head`: an
+    AttributeError about the worker's core_worker); the stage says what to run instead."""
+    import ray.util.client
+
+    from workflows.demo import run_demo
+
+    monkeypatch.setattr(ray.util.client.ray, "is_connected", lambda: True)   # as after ray.init("ray://...")
+    config = PreprocessConfig(card=str(small_dataset / "card.yaml"), data_root=str(small_dataset),
+                              out=str(tmp_path / "prep"))
+    with pytest.raises(RuntimeError, match=r"^gcm preprocess cannot run over Ray Client \(ray://\).*ray job submit "
+                                           r"--address http://HEAD:8265 -- gcm --address auto preprocess"):
+        run_preprocess(config, quiet=True)
+    with pytest.raises(RuntimeError, match=r"^gcm demo cannot run over Ray Client"):
+        run_demo(tmp_path / "demo", quiet=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_trial_asks_for_its_resources_from_any_process_tune_runs_in():
+    """Under Ray Client, Tune runs on the cluster and receives the trainable pickled: trials of a
+    trainable pickled without its resources asked for Tune's default of 1 CPU each, which on a
+    2-CPU cluster left their training workers waiting forever."""
+    from ray import cloudpickle
+
+    from workflows.tune import trial_trainable
+
+    read_back = ("import pickle, sys; trainable = pickle.loads(sys.stdin.buffer.read()); "
+                 "print(trainable._resources.required_resources)")
+    proc = subprocess.run([sys.executable, "-c", read_back], input=cloudpickle.dumps(trial_trainable(
+        {"cpu": 0.1, "gpu": 0.25})), capture_output=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() == "{'CPU': 0.1, 'GPU': 0.25}"
