@@ -7,7 +7,8 @@ and the residual sum Y = X^(K) + X^(0) (Eq. 2):
 
 - ``gcm``: layer k computes ``x_i <- (mean_{j in S(i)} A_ij x_j + x_i) W^(k)``. In training S(i)
   is a uniform sample of N_s neighbours drawn anew per layer, top-down from the units that are
-  asked for (Eq. 18, SAGE); in evaluation S(i) is the whole neighbourhood. Eq. 18 divides by
+  asked for (Eq. 18, SAGE), once per iteration for modules over the same graph (SSN's two GCMs
+  share a :class:`UnitPlan`); in evaluation S(i) is the whole neighbourhood. Eq. 18 divides by
   N_s; a unit with fewer than N_s neighbours takes all of them and is divided by their number,
   so the sampled layer is an unbiased estimate of the full one and equals it once N_s covers
   every degree (this is also the authors' code's degree normalisation at test time).
@@ -26,6 +27,7 @@ Messages are sparse matrix products over the edge index; no dense N x N adjacenc
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -79,23 +81,53 @@ class MLP(UnitModule):
         return h + x0
 
 
-def _mean_operator(src: Tensor, dst: Tensor, weight: Tensor, n_out: int, n_in: int) -> Tensor:
-    """The sparse [n_out, n_in] matrix M with ``(M h)[i] = sum_{e: src_e = i} weight_e h[dst_e] / #edges of i``.
+@dataclass(frozen=True)
+class NeighbourhoodMean:
+    """One layer's aggregation pattern as a CSR matrix: ``(M h)[r] = sum_e w[edge_e] h[col_e] / n_r``
+    over the entries e of output row r (n_r of them; a row with none gives 0).
 
-    CSR (rows in order, columns sorted within a row): one compressed product per layer, no
-    coalescing of a COO matrix on every call. Autograd reaches ``h`` and ``weight``.
+    The pattern depends on the graph and the sampled edges only; the weights ``w`` (one per edge of
+    the graph) are given per module, as they may be learned (``embed-cos``), so that several
+    modules share the sorting and bookkeeping. CSR (rows in order, columns sorted within a row):
+    one compressed product per layer, no coalescing of a COO matrix on every call.
     """
-    order = torch.argsort(src * n_in + dst)
-    src, dst, weight = src[order], dst[order], weight[order]
-    row_start = torch.searchsorted(src, torch.arange(n_out + 1, device=src.device))
-    count = (row_start[1:] - row_start[:-1]).clamp_(min=1)
-    values = weight / count.to(weight.dtype)[src]
-    return torch.sparse_csr_tensor(row_start, dst, values, (n_out, n_in), check_invariants=False)
+
+    crow: Tensor
+    col: Tensor
+    edge: Tensor       # the graph edge of each entry, in CSR order
+    row_size: Tensor   # n_r of each entry's row, float
+    shape: tuple[int, int]
+
+    @staticmethod
+    def of(rows: Tensor, cols: Tensor, edges: Tensor, n_out: int, n_in: int) -> "NeighbourhoodMean":
+        order = torch.argsort(rows * n_in + cols)
+        rows, cols, edges = rows[order], cols[order], edges[order]
+        crow = torch.searchsorted(rows, torch.arange(n_out + 1, device=rows.device))
+        size = (crow[1:] - crow[:-1]).clamp_(min=1)
+        return NeighbourhoodMean(crow, cols, edges, size[rows].to(torch.float32), (n_out, n_in))
+
+    def operator(self, weight: Tensor) -> Tensor:
+        """The sparse matrix M for the graph's edge weights ``weight``; autograd reaches them."""
+        values = weight[self.edge] / self.row_size.to(weight.dtype)
+        return torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """What a GCM computes for one batch: the units it reads (``inputs``, None: all), one
+    aggregation per layer with the input row of each unit it computes (``self_rows``, None: the
+    same rows), and the rows of the asked-for units in the last layer (``outputs``, None: all)."""
+
+    inputs: Tensor | None
+    layers: list[NeighbourhoodMean]
+    self_rows: list[Tensor | None]
+    outputs: Tensor | None
 
 
 def _sparse_mean(src: Tensor, dst: Tensor, weight: Tensor, n_out: int, h: Tensor) -> Tensor:
     """``out[i] = sum_{e: src_e = i} weight_e h[dst_e] / #edges of i`` (0 for a unit with none)."""
-    return _mean_operator(src, dst, weight.to(h.dtype), n_out, h.shape[0]) @ h
+    edges = torch.arange(src.numel(), device=src.device)
+    return NeighbourhoodMean.of(src, dst, edges, n_out, h.shape[0]).operator(weight.to(h.dtype)) @ h
 
 
 def _sample_per_node(src: Tensor, num_samples: int) -> Tensor:
@@ -141,67 +173,93 @@ class GCM(UnitModule):
     def _sampling(self) -> bool:
         return self.training and self.num_samples is not None
 
-    def _full_forward(self, x: Tensor, graph: Graph | DenseGraph, weight: Tensor) -> Tensor:
-        """Every unit over its whole neighbourhood: one aggregation operator for all layers."""
-        add_self = self.self_add
-        if isinstance(graph, DenseGraph):
-            operator = graph.mean_operator(weight.to(x.dtype))
-            if add_self:  # (M + I) h: the self term inside the product, no extra pass over [N, d]
-                operator.diagonal().add_(1)
-                add_self = False
-        else:
-            src, dst = graph.edge_index
-            operator = _mean_operator(src, dst, weight.to(x.dtype), graph.num_nodes, graph.num_nodes)
-        h = x
-        for k in range(len(self.layers)):
-            agg = operator @ h
-            h = self._transform(k, agg + h if add_self else agg)
-        return h + x
-
-    def _layer_plan(self, graph: Graph, nodes: Tensor | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """The units read at the input, and per layer k = 1..K (units computed, edges aggregated).
+    def plan(self, graph: Graph, nodes: Tensor | None = None) -> UnitPlan:
+        """The units and edges each layer computes for ``nodes`` (None: all), sampled in training.
 
         Top-down: the last layer computes ``nodes``; each layer below also computes the
-        neighbours sampled for the layer above.
+        neighbours sampled for the layer above. Without sampling and with every unit asked for,
+        each layer aggregates every edge. Modules of the same depth and sampling may share a plan:
+        SSN's two GCMs do (:func:`shared_plan`).
         """
         src, dst = graph.edge_index
-        need = torch.ones(graph.num_nodes, dtype=torch.bool, device=src.device)
+        n = graph.num_nodes
+        if nodes is None and not self._sampling:
+            every = NeighbourhoodMean.of(src, dst, torch.arange(graph.num_edges, device=src.device), n, n)
+            return UnitPlan(None, [every] * len(self.layers), [None] * len(self.layers), None)
+        need = torch.ones(n, dtype=torch.bool, device=src.device)
         if nodes is not None:
             need = torch.zeros_like(need)
             need[nodes] = True
-        plan: list[tuple[Tensor, Tensor]] = []
+        top_down: list[tuple[Tensor, Tensor]] = []
         for _ in self.layers:
             edges = need[src].nonzero().squeeze(1)
             if self._sampling:
                 edges = edges[_sample_per_node(src[edges], self.num_samples)]
-            plan.append((need.nonzero().squeeze(1), edges))
+            top_down.append((need.nonzero().squeeze(1), edges))
             need = need.clone()
             need[dst[edges]] = True
-        return need.nonzero().squeeze(1), plan[::-1]
+        inputs = read = need.nonzero().squeeze(1)
+        in_row = torch.full((n,), -1, dtype=torch.long, device=src.device)
+        layers, self_rows = [], []
+        for units, edges in reversed(top_down):
+            in_row[read] = torch.arange(read.numel(), device=src.device)
+            out_row = torch.full_like(in_row, -1)
+            out_row[units] = torch.arange(units.numel(), device=src.device)
+            layers.append(NeighbourhoodMean.of(out_row[src[edges]], in_row[dst[edges]], edges, units.numel(),
+                                               read.numel()))
+            self_rows.append(in_row[units])
+            read = units
+        return UnitPlan(inputs, layers, self_rows, None if nodes is None else out_row[nodes])
 
-    def forward(self, x: Tensor, graph: Graph | DenseGraph, nodes: Tensor | None = None) -> Tensor:
-        full = nodes is None and not self._sampling
-        if isinstance(graph, DenseGraph) and not full:
-            raise ValueError("a DenseGraph serves inference over every unit (eval mode, nodes=None) only")
+    def _dense_forward(self, x: Tensor, graph: DenseGraph, weight: Tensor) -> Tensor:
+        """Every unit over its whole neighbourhood of a fixed-shape graph (the CUDA-graph path)."""
+        operator = graph.mean_operator(weight.to(x.dtype))
+        if self.self_add:   # (M + I) h: the self term inside the product, no extra pass over [N, d]
+            operator.diagonal().add_(1)
+        h = x
+        for k in range(len(self.layers)):
+            h = self._transform(k, operator @ h)
+        return h + x
+
+    def forward(self, x: Tensor, graph: Graph | DenseGraph, nodes: Tensor | None = None,
+                plan: UnitPlan | None = None) -> Tensor:
+        """Relation-aware features of ``nodes`` (None: all); ``plan``: one made by :meth:`plan`
+        for this graph and these nodes (made here when not given)."""
         weight = self._edge_weights(x, graph)
-        if full:
-            return self._full_forward(x, graph, weight)
-        inputs, plan = self._layer_plan(graph, nodes)
-        position = torch.full((graph.num_nodes,), -1, dtype=torch.long, device=x.device)
-        h = x[inputs]
-        for k, (units, edges) in enumerate(plan):
-            position[inputs] = torch.arange(inputs.numel(), device=x.device)
-            out_position = torch.full_like(position, -1)
-            out_position[units] = torch.arange(units.numel(), device=x.device)
-            src, dst = graph.edge_index[:, edges]
-            agg = _sparse_mean(out_position[src], position[dst], weight[edges], units.numel(), h)
+        if isinstance(graph, DenseGraph):
+            if nodes is not None or self._sampling:
+                raise ValueError("a DenseGraph serves inference over every unit (eval mode, nodes=None) only")
+            return self._dense_forward(x, graph, weight)
+        if plan is None:
+            plan = self.plan(graph, nodes)
+        h = x if plan.inputs is None else x[plan.inputs]
+        built = None   # layers sharing an aggregation (every edge, every layer) share its operator
+        for k, (mean, self_rows) in enumerate(zip(plan.layers, plan.self_rows)):
+            if built is None or built[0] is not mean:
+                built = mean, mean.operator(weight.to(h.dtype))
+            mixed = built[1] @ h
             if self.self_add:
-                agg = agg + h[position[units]]
-            h = self._transform(k, agg)
-            inputs = units
+                mixed = mixed + (h if self_rows is None else h[self_rows])
+            h = self._transform(k, mixed)
         if nodes is None:
             return h + x
-        return h[out_position[nodes]] + x[nodes]
+        return h[plan.outputs] + x[nodes]
+
+
+def shared_plan(modules: tuple[nn.Module, ...], graph: Graph | DenseGraph, nodes: Tensor | None) -> UnitPlan | None:
+    """One plan for several GCMs over the same graph, or None where they cannot share one (a
+    module is not a GCM; their depth or sampling differ; a DenseGraph).
+
+    Algorithm 1 samples the neighbourhoods once per iteration, and the authors' code gives SSN's
+    two GCMs the same sampled tree; one plan also halves the work of making it.
+    """
+    if isinstance(graph, DenseGraph) or not all(isinstance(m, GCM) for m in modules):
+        return None
+    first = modules[0]
+    if any((len(m.layers), m._sampling, m.num_samples) != (len(first.layers), first._sampling, first.num_samples)
+           for m in modules):
+        return None
+    return first.plan(graph, nodes)
 
 
 class MeanPool(UnitModule):

@@ -1,11 +1,12 @@
 """SSN + GCM (Eq. 9-11): GCM1 on body features classifies, GCM2 on completeness features
-scores completeness and regresses boundaries, both over the same unit graph."""
+scores completeness and regresses boundaries, both over the same unit graph and, in training,
+the same sampled neighbourhoods (Algorithm 1 samples once per iteration)."""
 from __future__ import annotations
 
 from torch import nn
 
 from gcm_core.detectors.base import ModelConfig, UnitBatch, UnitOutputs
-from gcm_core.module import make_module
+from gcm_core.module import make_module, shared_plan
 
 
 def branch(kind: str, dim: int, config: ModelConfig) -> nn.Module:
@@ -27,8 +28,10 @@ class SSNHead(nn.Module):
         self.regressor = nn.Linear(comp_dim, 2 * num_classes)    # FC2, per-class (centre, length)
 
     def forward(self, batch: UnitBatch) -> UnitOutputs:
-        act = self.gcm1(batch.body, batch.graph, batch.nodes)
-        comp = self.gcm2(batch.comp, batch.graph, batch.nodes)
+        plan = shared_plan((self.gcm1, self.gcm2), batch.graph, batch.nodes)   # one sample per iteration
+        given = {} if plan is None else {"plan": plan}
+        act = self.gcm1(batch.body, batch.graph, batch.nodes, **given)
+        comp = self.gcm2(batch.comp, batch.graph, batch.nodes, **given)
         return UnitOutputs(
             logits=self.classifier(self.dropout(act)),
             completeness=self.completeness(comp),

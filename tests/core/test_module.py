@@ -115,3 +115,23 @@ def test_gradients_reach_every_parameter(kind, weighting):
     module(x, graph).pow(2).sum().backward()
     for name, p in module.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_ssn_branches_aggregate_the_same_sampled_neighbourhoods_in_one_iteration():
+    """Algorithm 1 samples once per iteration, and the authors' code gives SSN's GCM1 and GCM2 one
+    sampled tree: with the same weights and inputs the two branches agree exactly, where two
+    separate draws do not."""
+    from gcm_core.detectors import ModelConfig, UnitBatch, build_detector
+
+    torch.manual_seed(0)
+    x, graph = random_video(60, 8, 8)
+    nodes = torch.tensor([0, 5, 17, 33, 48])
+    assert int(torch.bincount(graph.edge_index[0]).max()) > 4   # N_s = 4 leaves neighbours out
+    head = build_detector(ModelConfig(comp_input="extended"), 8, 3).train()
+    head.gcm2.load_state_dict(head.gcm1.state_dict())
+    outputs = {}
+    for name in ("gcm1", "gcm2"):
+        getattr(head, name).register_forward_hook(lambda module, args, out, name=name: outputs.update({name: out}))
+    head(UnitBatch(x, x.clone(), graph, nodes))
+    torch.testing.assert_close(outputs["gcm1"], outputs["gcm2"], rtol=0, atol=0)
+    assert not torch.equal(head.gcm1(x, graph, nodes), head.gcm2(x, graph, nodes))
