@@ -233,11 +233,10 @@ class GCM(UnitModule):
         if plan is None:
             plan = self.plan(graph, nodes)
         h = x if plan.inputs is None else x[plan.inputs]
-        built = None   # layers sharing an aggregation (every edge, every layer) share its operator
         for k, (mean, self_rows) in enumerate(zip(plan.layers, plan.self_rows)):
-            if built is None or built[0] is not mean:
-                built = mean, mean.operator(weight.to(h.dtype))
-            mixed = built[1] @ h
+            if k == 0 or mean is not plan.layers[k - 1]:   # every layer over every edge: one operator
+                operator = mean.operator(weight.to(h.dtype))
+            mixed = operator @ h
             if self.self_add:
                 mixed = mixed + (h if self_rows is None else h[self_rows])
             h = self._transform(k, mixed)
