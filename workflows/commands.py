@@ -7,6 +7,7 @@ import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from workflows import GRID_DIR
 from workflows.tables import markdown_table
@@ -236,10 +237,15 @@ def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _stage(cls, args: argparse.Namespace, earlier: dict | None = None, **explicit):
-    from workflows.config import resolve
+def _stage(cls, args: argparse.Namespace, folder_of: Callable[[Any], Path] | None = None, **explicit):
+    """The stage's settings from the command line; with ``--resume``, based on those the run or
+    experiment in ``folder_of(settings)`` was started with, changed only where the command says so."""
+    from workflows.config import earlier_settings, resolve
 
-    return resolve(cls, args.config, args.overrides, earlier, **explicit)
+    config = resolve(cls, args.config, args.overrides, **explicit)
+    if folder_of is not None and config.resume:
+        config = resolve(cls, args.config, args.overrides, earlier_settings(folder_of(config), cls), **explicit)
+    return config
 
 
 def _session(args: argparse.Namespace):
@@ -290,14 +296,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from workflows.config import TrainStageConfig, earlier_settings
+    from workflows.config import TrainStageConfig
     from workflows.train import run_dir, run_train
 
-    given = {"data": args.data, "card": args.card, "data_root": args.data_root, "out": args.out, "name": args.name,
-             "num_workers": args.workers, "resume": args.resume}
-    config = _stage(TrainStageConfig, args, **given)
-    if config.resume:  # the run's own settings, changed only where this command says so
-        config = _stage(TrainStageConfig, args, earlier_settings(run_dir(config), TrainStageConfig), **given)
+    config = _stage(TrainStageConfig, args, run_dir, data=args.data, card=args.card, data_root=args.data_root,
+                    out=args.out, name=args.name, num_workers=args.workers, resume=args.resume)
     with _session(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}
@@ -352,14 +355,12 @@ def _add_tune(p: argparse.ArgumentParser) -> None:
 
 
 def _run_tune(args: argparse.Namespace) -> int:
-    from workflows.config import TuneStageConfig, earlier_settings
+    from workflows.config import TuneStageConfig
     from workflows.tune import experiment_dir, load_grid, run_tune, trial_name, unreported_metrics
 
     direct = {k: v for k, v in (("card", args.card), ("data_root", args.data_root)) if v is not None}
-    given = {"grid": args.grid, "data": args.data, "out": args.out, "resume": args.resume, "base": direct or None}
-    config = _stage(TuneStageConfig, args, **given)
-    if config.resume:  # the experiment's own settings, changed only where this command says so
-        config = _stage(TuneStageConfig, args, earlier_settings(experiment_dir(config), TuneStageConfig), **given)
+    config = _stage(TuneStageConfig, args, experiment_dir, grid=args.grid, data=args.data, out=args.out,
+                    resume=args.resume, base=direct or None)
     with _session(args):
         rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)
