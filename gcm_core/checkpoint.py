@@ -131,8 +131,9 @@ def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], interv
 
 
 def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray, video: Video,
-                    grid: SnippetGrid) -> Detections:
-    """:func:`detect_video` of a video already laid out (its :func:`video_layout`)."""
+                    grid: SnippetGrid, device: torch.device | str = "cpu") -> Detections:
+    """:func:`detect_video` of a video already laid out (its :func:`video_layout`), pooled and
+    scored on ``device``, where the checkpoint's heads must be."""
     missing = set(checkpoint.streams) - set(features)
     if missing:
         raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
@@ -143,7 +144,8 @@ def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], int
     spec = checkpoint.graph
     comp = checkpoint.model_config.completeness_features
     parts = ("body", comp) if comp else ("body",)   # pooled for the head, no more
-    prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts)
-    per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats)
+    prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts,
+                             device=device)
+    per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats, device)
                   for s, head in checkpoint.heads.items()}
     return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)

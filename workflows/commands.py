@@ -180,14 +180,22 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=at_least(int, 1),
                    help="with --features-dir: detect the folder's videos as this many parallel Ray tasks (default: "
                         "in this process; with --address, the cluster's CPUs)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (default: a GPU where torch sees one, else the CPU; Ray tasks: "
+                        "GPUs where the cluster has them, a quarter of one per task), cpu, cuda, or cuda:N in this "
+                        "process")
 
 
 def _run_detect(args: argparse.Namespace) -> int:
     from gcm_core.data.formats import holds_many_videos, result_json, write_result_json
-    from workflows.detect import Detector, detect_in_parallel, detect_videos, folder_videos, read_video_facts
+    from workflows.detect import (
+        Detector, detect_in_parallel, detect_videos, folder_videos, read_video_facts, resolve_device, task_gpus,
+    )
     from workflows.progress import Progress
 
-    detector = Detector.load(args.checkpoint)
+    parallel = args.features_dir and ((args.workers or 1) > 1 or args.address)
+    # in this process the model runs here; Ray tasks each load it on their own device
+    detector = Detector.load(args.checkpoint, "cpu" if parallel else resolve_device(args.device))
     if detector.one_stage and args.proposals:
         raise ValueError(f"{args.checkpoint} holds a one-stage D-SSAD run, which finds actions in the features "
                          "alone: leave out --proposals")
@@ -206,11 +214,16 @@ def _run_detect(args: argparse.Namespace) -> int:
               else [(args.video_id or args.features[0].stem, args.features)])
     facts = read_video_facts(args.video_info) if args.video_info else None
     progress = Progress(len(videos), "videos", "detect: ", stream=sys.stderr) if args.features_dir else None
-    if args.features_dir and ((args.workers or 1) > 1 or args.address):
+    if parallel:
         with _session(args):
+            gpus = task_gpus(args.device)
+            print(f"detect: {len(videos)} videos as Ray tasks on "
+                  + (f"GPUs ({gpus:g} of one each)" if gpus else "CPUs"), file=sys.stderr)
             detections, skipped = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts,
-                                                     args.skip_bad, args.workers, progress)
+                                                     args.skip_bad, args.workers, progress, gpus)
     else:
+        if progress:
+            print(f"detect: {len(videos)} videos in this process on {detector.device}", file=sys.stderr)
         detections, skipped = detect_videos(detector, videos, args.proposals, args.fps, args.duration, facts,
                                             args.skip_bad, progress)
     if progress:

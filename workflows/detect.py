@@ -4,7 +4,9 @@ two-stage head), as one Detections for an ActivityNet result JSON.
 One video or a folder of many laid out as a dataset's features. A folder runs in this process,
 or, with several workers or a cluster, as Ray tasks over chunks of its videos (each task loads
 the checkpoint and indexes the proposal file once); every video is detected alone, so the
-result is the same either way.
+result is the same either way. In this process the model runs on the ``--device`` asked for (a
+GPU where torch sees one, by default); Ray tasks run on GPUs where the cluster has them, each
+task on a share of one (inference is light, as in ``gcm evaluate``).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gcm_core.checkpoint import Checkpoint, check_feature_widths, detect_laid_out, load_checkpoint, video_layout
 from gcm_core.data.formats import (
@@ -27,6 +30,25 @@ from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoin
 
 VideoFiles = tuple[str, list[Path]]   # a video's id and its feature files (one per stream, or one for all)
 CHUNKS_PER_WORKER = 4                 # a folder's videos differ in length: smaller chunks balance the workers
+GPU_SHARE = 0.25                      # of one GPU, per Ray task on a GPU cluster
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device of ``--device``: ``auto`` is a GPU where torch sees one, else the CPU. A GPU
+    torch does not see is refused here rather than at the first tensor moved to it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ValueError(f"--device {name}: torch sees {seen} CUDA device(s) on this machine "
+                         f"(torch {torch.__version__}); give --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
 
 
 def folder_videos(folder: Path, streams: list[str], columns: dict[str, list[int]] | None) -> list[VideoFiles]:
@@ -49,14 +71,18 @@ class Detector:
     one_stage: bool
     streams: list[str]
     columns: dict[str, list[int]] | None   # where one feature file holds every stream
+    device: torch.device                   # where its weights are and its videos are computed
 
     @classmethod
-    def load(cls, path: Path) -> "Detector":
+    def load(cls, path: Path, device: torch.device | str = "cpu") -> "Detector":
+        device = torch.device(device)
         if is_one_stage_checkpoint(path):
             model = load_one_stage(path)
-            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"))
+            model.models.to(device)
+            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
         model = load_checkpoint(path)
-        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"))
+        model.heads.to(device)
+        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
 
 
 def video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,
@@ -124,17 +150,32 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
         raise FormatError(files, grid.uncovered(), video=video_id)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
-                                      dict(model.stage.inference.fusion), model.stage.inference)
-    return detect_laid_out(model, features, proposals_of(video).intervals, video, grid)
+                                      dict(model.stage.inference.fusion), model.stage.inference, detector.device)
+    return detect_laid_out(model, features, proposals_of(video).intervals, video, grid, detector.device)
+
+
+def task_gpus(device: str) -> float:
+    """The share of a GPU each Ray task of :func:`detect_in_parallel` asks for, by ``--device``:
+    ``auto`` :data:`GPU_SHARE` where the connected cluster has GPUs, ``cuda`` that share or an
+    error where Ray would never give it, ``cpu`` none."""
+    from workflows.ray_env import require_resources, use_gpus
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device!r} with Ray tasks: Ray gives each task its GPU; give auto, cuda or cpu")
+    if not use_gpus({"auto": None, "cpu": False, "cuda": True}[device]):
+        return 0.0
+    require_resources("detection on GPUs", {"GPU": GPU_SHARE}, "give --device cpu")
+    return GPU_SHARE
 
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
                        fps: float | None = None, facts: dict[str, Video] | None = None, skip_bad: bool = False,
-                       workers: int | None = None, progress: Progress | None = None
+                       workers: int | None = None, progress: Progress | None = None, gpus: float = 0.0
                        ) -> tuple[Detections, dict[str, str]]:
-    """:func:`detect_videos` as Ray tasks (one CPU and one thread each) over consecutive chunks of
-    ``videos``, joined in their order; ``workers`` defaults to the CPUs of the Ray session (which
-    must be running). The checkpoint, feature and proposal paths must be readable on every node."""
+    """:func:`detect_videos` as Ray tasks (one CPU and one thread each, and ``gpus`` of a GPU, on
+    which the task then runs) over consecutive chunks of ``videos``, joined in their order;
+    ``workers`` defaults to the CPUs of the Ray session (which must be running). The checkpoint,
+    feature and proposal paths must be readable on every node."""
     import ray
 
     # Ray's workers do not run where the command was typed: they get absolute paths
@@ -143,7 +184,7 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     count = min(len(videos), workers * CHUNKS_PER_WORKER)
     bounds = [len(videos) * k // count for k in range(count + 1)]
-    task = ray.remote(num_cpus=1)(_detect_chunk)
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(_detect_chunk)
     facts = ray.put(facts)  # once in the object store, not once per task
     chunks = {task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad): b - a
               for a, b in zip(bounds, bounds[1:])}
@@ -159,7 +200,8 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
 
 def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None, fps: float | None,
                   facts: dict[str, Video] | None, skip_bad: bool) -> tuple[Detections, dict[str, str]]:
-    import torch
+    from workflows.ray_env import task_device
 
     torch.set_num_threads(1)  # the tasks share the node's cores
-    return detect_videos(Detector.load(checkpoint), videos, proposals, fps, facts=facts, skip_bad=skip_bad)
+    return detect_videos(Detector.load(checkpoint, task_device()), videos, proposals, fps, facts=facts,
+                         skip_bad=skip_bad)

@@ -102,9 +102,11 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     dataset's test split into ``folder`` (runs as a Ray task, on the GPU Ray gave it if any)."""
     import ray
 
+    from workflows.ray_env import task_device
+
     torch.set_num_threads(1)
     gpus = [str(g) for g in ray.get_gpu_ids()]
-    device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
+    device = task_device()
     card, data_root, manifest = dataset.open()
     if is_one_stage_checkpoint(checkpoint):
         classes, truth, detections = _one_stage_detections(checkpoint, card, data_root, device)

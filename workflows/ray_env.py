@@ -12,8 +12,12 @@ import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from workflows.config import RayConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Measured on these machines (see RAY_NOTES.md): these keep a local Ray on loopback and quiet.
 LOCAL_ENV = {
@@ -140,6 +144,15 @@ def quiet_data() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": we did
     ctx.execution_options.preserve_order = True
+
+
+def task_device() -> torch.device:
+    """Where a Ray task or actor computes: the GPU Ray gave it (Ray sets CUDA_VISIBLE_DEVICES to
+    it, so it is ``cuda``), else the CPU, also where the GPU is a logical one torch cannot see."""
+    import ray
+    import torch
+
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
 def use_gpus(setting: bool | None) -> bool:

@@ -177,9 +177,10 @@ def test_long_videos_spread_over_the_shards_costliest_first():
     assert ordered[0]["video_id"] == "v1" and ordered[8]["video_id"] == "t1"  # each role's longest first
 
 
-def test_evaluation_takes_a_share_of_a_gpu_where_the_cluster_has_one(small_dataset, tmp_path):
+def test_evaluation_and_detection_take_a_share_of_a_gpu_where_the_cluster_has_one(small_dataset, tmp_path, capsys):
     """The same logical-GPU Ray: each evaluation asks for gpus_per_pair of a GPU and runs on the
-    one it is given (the CPU here, CUDA being absent), with the CPU evaluation's results."""
+    one it is given (the CPU here, CUDA being absent), with the CPU evaluation's results; so do
+    gcm detect's tasks, with a quarter of one each."""
     from gcm_core.checkpoint import Checkpoint, save_checkpoint
     from gcm_core.data.sampling import RegressionStats
     from gcm_core.detectors import ModelConfig
@@ -205,5 +206,25 @@ def test_evaluation_takes_a_share_of_a_gpu_where_the_cluster_has_one(small_datas
     assert runs[None]["gpus"] and runs[None]["device"] == "cpu", "the GPU path was not taken"
     assert runs[False]["gpus"] == []
     assert runs[None]["mAP"] == runs[False]["mAP"]
+
+    # gcm detect's Ray tasks each ask for a quarter of the GPU and give what one process gives
+    from workflows.cli import main
+
+    folder = tmp_path / "features"
+    for s in ("rgb", "flow"):
+        (folder / s).mkdir(parents=True)
+        for f in sorted((small_dataset / "features" / s).glob("*.npy"))[:4]:
+            (folder / s / f.name).symlink_to(f)
+    detect = ["detect", "--checkpoint", str(tmp_path / "model.pt"), "--features-dir", str(folder), "--proposals",
+              str(small_dataset / "proposals/test_proposal_list.txt")]
+    capsys.readouterr()
+    assert main([*detect, "--workers", "2", "--out", str(tmp_path / "tasks.json")]) == 0
+    assert "detect: 4 videos as Ray tasks on GPUs (0.25 of one each)" in capsys.readouterr().err
+    assert main([*detect, "--device", "cpu", "--out", str(tmp_path / "here.json")]) == 0
+    assert "detect: 4 videos in this process on cpu" in capsys.readouterr().err
+    assert (tmp_path / "tasks.json").read_text() == (tmp_path / "here.json").read_text()
+    # Ray, not the command, picks a task's GPU
+    assert main([*detect, "--workers", "2", "--device", "cuda:1", "--out", str(tmp_path / "one.json")]) == 2
+    assert "--device 'cuda:1' with Ray tasks: Ray gives each task its GPU" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"gpus_per_pair must be in \(0, 1\], got 2"):
         EvaluateConfig(gpus_per_pair=2)

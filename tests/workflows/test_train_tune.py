@@ -242,6 +242,13 @@ def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, 
     err = capsys.readouterr().err   # progress lines, then the error
     assert err.strip().splitlines()[-1] == ("gcm detect: error: " f"{(small_dataset / 'proposals/test_proposal_list.txt').resolve()}, "
                                             "video unlisted: no proposals for this video")
+    # tasks on GPUs this Ray does not have would wait forever: refused, nothing written
+    assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                     str(small_dataset / "proposals/test_proposal_list.txt"), "--workers", "2", "--device", "cuda",
+                     "--out", "gpu.json"]) == 2
+    assert ("gcm detect: error: detection on GPUs needs 0.25 GPU (the cluster has 0): Ray would wait for them "
+            "forever; give --device cpu") in capsys.readouterr().err
+    assert not Path("gpu.json").exists()
 
 
 def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_dataset, tmp_path, monkeypatch):
