@@ -1,10 +1,8 @@
 """From unit outputs to a video's detections: scores, regression, stream fusion, external video
 labels, and duplicate removal by per-class 1-D NMS or Soft-NMS.
 
-Both treat each class independently in one greedy pass over all classes: NMS compares a kept
-detection with its own class's candidates only; Soft-NMS shifts each class's segments along the
-time axis by a multiple of the video's span, so that segments of different classes never
-overlap. Scores are visited in descending order, ties in input order.
+Both treat each class independently in one greedy pass over all classes, comparing a pick with
+its own class's candidates only. Scores are visited in descending order, ties in input order.
 """
 from __future__ import annotations
 
@@ -17,47 +15,55 @@ from torch import Tensor
 
 from gcm_core.checks import check_ranges
 from gcm_core.data.sampling import apply_regression
-from gcm_core.units import tiou
 
 
-def _class_shifted(segments: Tensor, labels: Tensor | None) -> Tensor:
-    iv = torch.stack([segments.min(dim=1).values, segments.max(dim=1).values], dim=1).to(torch.float64)
-    if labels is None or iv.numel() == 0:
-        return iv
-    span = float(iv[:, 1].max() - iv[:, 0].min()) + 1.0
-    return iv + (labels.to(torch.float64) * span)[:, None]
+class _Candidates:
+    """A video's candidate segments in NumPy with, for each, the positions of its class, so that
+    a greedy pass compares a pick with its own class only: a video's ~2,000 candidates over 20
+    classes make that ~100 pairs per pick, where per-call overheads, not arithmetic, cost the time."""
+
+    def __init__(self, segments: Tensor, labels: Tensor | None) -> None:
+        iv = segments.detach().to(device="cpu", dtype=torch.float64).numpy()
+        self.start, self.end = iv.min(axis=1), iv.max(axis=1)
+        label = np.zeros(len(iv), np.int64) if labels is None else labels.cpu().numpy()
+        self._by_class = np.argsort(label, kind="stable")   # each class's positions, ascending
+        sorted_labels = label[self._by_class]
+        self._first = np.searchsorted(sorted_labels, label, side="left")
+        self._last = np.searchsorted(sorted_labels, label, side="right")
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    def of_class(self, i: int) -> np.ndarray:
+        """The positions of candidate ``i``'s class, itself included, ascending."""
+        return self._by_class[self._first[i]:self._last[i]]
+
+    def tiou(self, i: int, others: np.ndarray) -> np.ndarray:
+        """tIoU (Eq. 4) of candidate ``i`` with each of ``others``."""
+        start, end = self.start[others], self.end[others]
+        inter = np.minimum(end, self.end[i]) - np.maximum(start, self.start[i])
+        return inter.clip(min=0) / (np.maximum(end, self.end[i]) - np.minimum(start, self.start[i]))
 
 
 def nms(segments: Tensor, scores: Tensor, labels: Tensor | None = None, iou_threshold: float = 0.4,
         top_k: int | None = None) -> Tensor:
     """Indices of the kept detections, by descending score: each suppresses the later ones of its
-    class whose tIoU with it exceeds ``iou_threshold``; at most ``top_k`` are kept.
-
-    A kept detection is compared with the later detections of its own class only, in NumPy: a
-    video's ~2,000 candidates over 20 classes make each comparison ~100 pairs, where per-call
-    overheads, not arithmetic, cost the time.
-    """
+    class whose tIoU with it exceeds ``iou_threshold``; at most ``top_k`` are kept."""
     order = torch.argsort(-scores, stable=True).cpu()
-    iv = segments.detach().to(device="cpu", dtype=torch.float64)[order].numpy()
-    start, end = iv.min(axis=1), iv.max(axis=1)
-    label = np.zeros(len(iv), np.int64) if labels is None else labels.cpu()[order].numpy()
-    by_class = np.argsort(label, kind="stable")        # each class's positions, in visiting order
-    bounds = np.searchsorted(label[by_class], label, side="left"), np.searchsorted(label[by_class], label,
-                                                                                  side="right")
-    alive = np.ones(len(iv), dtype=bool)
+    candidates = _Candidates(segments.cpu()[order], None if labels is None else labels.cpu()[order])
+    alive = np.ones(len(candidates), dtype=bool)
     keep: list[int] = []
-    limit = len(iv) if top_k is None else top_k
+    limit = len(candidates) if top_k is None else top_k
     position = 0
-    while len(keep) < limit and position < len(iv):
+    while len(keep) < limit and position < len(candidates):
         position += int(alive[position:].argmax())
         if not alive[position]:
             break
         keep.append(position)
-        group = by_class[bounds[0][position]:bounds[1][position]]
+        group = candidates.of_class(position)
         later = group[np.searchsorted(group, position, side="right"):]
-        inter = np.minimum(end[later], end[position]) - np.maximum(start[later], start[position])
-        overlap = inter.clip(min=0) / (np.maximum(end[later], end[position]) - np.minimum(start[later], start[position]))
-        alive[later[~(overlap <= iou_threshold)]] = False   # as tiou(...) <= threshold keeps: NaN suppresses
+        # NaN (a zero-length segment against itself) suppresses, as "keep where tIoU <= threshold" says
+        alive[later[~(candidates.tiou(position, later) <= iou_threshold)]] = False
         position += 1
     return order[torch.tensor(keep, dtype=torch.long)]
 
@@ -73,25 +79,27 @@ def soft_nms(segments: Tensor, scores: Tensor, labels: Tensor | None = None,
     """
     if method not in ("linear", "gaussian"):
         raise ValueError(f"unknown Soft-NMS method {method!r}")
-    iv = _class_shifted(segments, labels)
-    current = scores.to(torch.float64).clone()
-    remaining = torch.ones(current.numel(), dtype=torch.bool)
+    candidates = _Candidates(segments, labels)
+    current = scores.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
+    open_scores = current.copy()   # the current scores of the candidates not yet picked, -inf once picked
     picked, picked_scores = [], []
-    limit = current.numel() if top_k is None else min(top_k, current.numel())
+    limit = len(candidates) if top_k is None else min(top_k, len(candidates))
     while len(picked) < limit:
-        masked = torch.where(remaining, current, -torch.inf)
-        best = int(masked.argmax()) if masked.numel() else 0
-        if not bool(remaining.any()) or float(masked[best]) < min_score:
+        best = int(open_scores.argmax())
+        if open_scores[best] < min_score:
             break
         picked.append(best)
         picked_scores.append(float(current[best]))
-        remaining[best] = False
-        overlap = tiou(iv[best], iv)
+        open_scores[best] = -np.inf
+        group = candidates.of_class(best)
+        group = group[open_scores[group] != -np.inf]
+        overlap = candidates.tiou(best, group)
         if method == "linear":
-            decay = torch.where(overlap > iou_threshold, 1.0 - overlap, 1.0)
+            decay = np.where(overlap > iou_threshold, 1.0 - overlap, 1.0)
         else:
-            decay = torch.exp(-overlap.square() / sigma)
-        current = torch.where(remaining, current * decay, current)
+            decay = np.exp(-np.square(overlap) / sigma)
+        current[group] *= decay
+        open_scores[group] = current[group]
     return torch.tensor(picked, dtype=torch.long), torch.tensor(picked_scores, dtype=scores.dtype)
 
 
