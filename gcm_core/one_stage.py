@@ -21,7 +21,7 @@ from gcm_core.data.sampling import apply_regression
 from gcm_core.detectors.dssad import DSSAD, pad_clip
 from gcm_core.engine import TrainConfig, epoch_batches, make_optimizer
 from gcm_core.losses import AnchorMatching, anchor_loss, match_anchors
-from gcm_core.postprocess import InferenceConfig, nms
+from gcm_core.postprocess import InferenceConfig, suppress
 
 
 def default_recipe() -> TrainConfig:
@@ -160,7 +160,7 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
                     config: InferenceConfig = InferenceConfig()) -> Detections:
     """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
     fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
-    are the same windows), windows merged by per-class NMS."""
+    are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS."""
     w = {s: (weights or {}).get(s, 1.0) for s in scores}
     total = sum(w.values())
     per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
@@ -208,12 +208,12 @@ def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations:
         labels, scores = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
         valid = segments[:, 1] > segments[:, 0]
         segments, labels, scores = segments[valid], labels[valid], scores[valid]
-        kept = nms(segments, scores, labels, config.nms_threshold, config.top_k)
+        kept, kept_scores = suppress(segments, scores, labels, config)
         vid += [video_id] * len(kept)
         lab += [classes[c] for c in labels[kept].tolist()]
         start += segments[kept, 0].tolist()
         end += segments[kept, 1].tolist()
-        score += scores[kept].tolist()
+        score += kept_scores.tolist()
     return Detections(vid, lab, np.array(start), np.array(end), np.array(score))
 
 

@@ -155,11 +155,18 @@ def detect(units: UnitScores, duration: float, config: InferenceConfig = Inferen
     segments = units.segments[unit, label].clamp(0, duration)
     valid = segments[:, 1] > segments[:, 0]
     segments, label, scores = segments[valid], label[valid], flat[keep][valid]
+    chosen, kept_scores = suppress(segments, scores, label, config)
+    return segments[chosen], label[chosen], kept_scores
+
+
+def suppress(segments: Tensor, scores: Tensor, labels: Tensor, config: InferenceConfig) -> tuple[Tensor, Tensor]:
+    """A video's duplicates removed as ``config`` says (per-class NMS or Gaussian Soft-NMS, at most
+    ``top_k`` kept): the indices kept, best first, and their scores (decayed by Soft-NMS)."""
     if config.nms == "nms":
-        chosen = nms(segments, scores, label, config.nms_threshold, config.top_k)
-        return segments[chosen], label[chosen], scores[chosen]
-    chosen, decayed = soft_nms(segments, scores, label, "gaussian", config.soft_nms_sigma, top_k=config.top_k)
-    return segments[chosen], label[chosen], decayed.to(scores.dtype)
+        chosen = nms(segments, scores, labels, config.nms_threshold, config.top_k)
+        return chosen, scores[chosen]
+    chosen, decayed = soft_nms(segments, scores, labels, "gaussian", config.soft_nms_sigma, top_k=config.top_k)
+    return chosen, decayed.to(scores.dtype)
 
 
 def apply_video_labels(labels: Tensor, scores: Tensor, video_scores: Tensor, top: int = 2) -> tuple[Tensor, Tensor]:

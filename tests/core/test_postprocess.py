@@ -78,3 +78,31 @@ def test_nms_keeps_overlaps_of_different_classes():
     seg = torch.tensor([[0.0, 10.0], [0.0, 10.0], [1.0, 10.0]])
     kept = nms(seg, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 0]), iou_threshold=0.5)
     assert kept.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["nms", "soft-nms"])
+def test_one_stage_windows_merge_by_the_configured_suppression(method):
+    """D-SSAD's windows of a video are merged by the inference config's NMS or Soft-NMS (its
+    merge ran hard NMS whatever the config said): the brute-force loops above on the fused
+    anchors give its detections."""
+    from gcm_core.one_stage import Clip, fuse_detections
+    from gcm_core.postprocess import InferenceConfig
+
+    anchors = torch.tensor([[0.0, 4.0], [1.0, 5.0], [0.5, 4.5], [6.0, 9.0], [6.5, 9.5], [2.0, 8.0]],
+                           dtype=torch.float64)
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.2, 0.7], [0.6, 0.3], [0.1, 0.5], [0.55, 0.4]], dtype=torch.float64)
+    clips = [Clip("v", torch.zeros(4, 1), 4, start, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+             for start in (0.0, 3.0)]   # two windows: the second's anchors shifted by 3 s
+    per_clip = [(probs, torch.zeros(6, 2, dtype=torch.float64))] * 2
+    config = InferenceConfig(nms=method, nms_threshold=0.3, soft_nms_sigma=0.5, top_k=7)
+    found = fuse_detections({"flow": per_clip}, clips, anchors, {"v": 20.0}, ["a", "b"], config=config)
+    score, label = probs.max(dim=1)
+    dets = [(float(s + c.start), float(e + c.start), float(p), int(k))
+            for c in clips for (s, e), p, k in zip(anchors.tolist(), score, label)]
+    if method == "nms":
+        expected = [(k, dets[k][2]) for k in brute_nms(dets, 0.3, 7)]
+    else:
+        expected = brute_soft_nms(dets, "gaussian", 0.5, 0.0, 1e-3, 7)
+    assert found.label == [["a", "b"][dets[k][3]] for k, _ in expected]
+    np.testing.assert_allclose(np.stack([found.start, found.end], 1), [dets[k][:2] for k, _ in expected])
+    np.testing.assert_allclose(found.score, [s for _, s in expected], rtol=1e-9)
