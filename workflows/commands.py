@@ -334,7 +334,7 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")
     p.add_argument("--tiou", type=float, nargs="+", help="override the datasets' tIoU thresholds")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a previous evaluation in --out")
-    _add_stage_options(p, "tiou=[0.3,0.5]")
+    _add_stage_options(p, "inference.nms=soft-nms: post-processing other than the checkpoints' own")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:

@@ -168,6 +168,9 @@ class EvaluateConfig:
     gpus_per_pair: float = 0.25          # with GPUs: each evaluation's share of one (inference is light)
     # no number of workers: every (checkpoint, dataset) pair is a Ray task of one CPU (and, with
     # GPUs, gpus_per_pair), as many at once as the cluster holds
+    # settings of InferenceConfig that replace each checkpoint's own (e.g. {nms: soft-nms, top_k: 100}):
+    # post-processing tried on trained weights without training again
+    inference: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_ranges(self, tiou="in (0, 1]", gpus_per_pair="in (0, 1]")
@@ -175,6 +178,7 @@ class EvaluateConfig:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         if self.tiou is not None and not self.tiou:
             raise ValueError("tiou must give one or more thresholds (or none at all: each dataset's own)")
+        overridden(InferenceConfig(), self.inference)   # an unknown key or a value out of range, named now
 
 
 @dataclass
@@ -317,6 +321,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         return dataclasses.replace(defaults, **values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> InferenceConfig:
+    """A checkpoint's inference ``settings`` with ``overrides`` (an evaluation's ``inference``) in
+    their place, checked as a config file's would be."""
+    return from_dict(InferenceConfig, {**to_dict(settings), **overrides}, "inference")
 
 
 def to_dict(obj: Any) -> Any:

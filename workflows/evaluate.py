@@ -4,8 +4,9 @@ A dataset is a preprocessed one, or (for D-SSAD checkpoints, which read snippet 
 proposals) a card and a data root read directly. Each (checkpoint, dataset) pair is one task (with
 ``gpus_per_pair`` of a GPU, on which it runs, where the cluster has GPUs): inference on every test
 video without sampling (a two-stage head on the prepared units, or D-SSAD on the snippet
-features), detections written as ActivityNet result JSON, mAP under the dataset's protocol (or the
-one asked for); the driver gathers one summary table (``summary.md`` and ``summary.csv``).
+features), post-processed by the checkpoint's inference settings (or, where ``inference`` gives
+some, by those), detections written as ActivityNet result JSON, mAP under the dataset's protocol
+(or the one asked for); the driver gathers one summary table (``summary.md`` and ``summary.csv``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
-from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump
+from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump, overridden
 from workflows.progress import Progress
 from workflows.shards import check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
@@ -97,9 +98,10 @@ def pair_folders(pairs: list[tuple[str, EvalDataset]]) -> list[str]:
 
 
 def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: str | None,
-                  tiou: list[float] | None) -> dict[str, Any]:
+                  tiou: list[float] | None, inference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate one checkpoint (a two-stage ``model.pt`` or a D-SSAD ``dssad.pt``) on one
-    dataset's test split into ``folder`` (runs as a Ray task, on the GPU Ray gave it if any)."""
+    dataset's test split into ``folder`` (runs as a Ray task, on the GPU Ray gave it if any),
+    post-processed by its own inference settings with ``inference`` in their place."""
     import ray
 
     from workflows.ray_env import task_device
@@ -109,9 +111,10 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     device = task_device()
     card, data_root, manifest = dataset.open()
     if is_one_stage_checkpoint(checkpoint):
-        classes, truth, detections = _one_stage_detections(checkpoint, card, data_root, device)
+        classes, truth, detections = _one_stage_detections(checkpoint, card, data_root, device, inference or {})
     else:
-        classes, truth, detections = _two_stage_detections(checkpoint, dataset.folder, manifest, device)
+        classes, truth, detections = _two_stage_detections(checkpoint, dataset.folder, manifest, device,
+                                                           inference or {})
     if list(card.classes) != classes:
         raise ValueError(f"{checkpoint} was trained on other classes than dataset {dataset.name} "
                          f"({len(classes)} vs {card.num_classes})")
@@ -126,8 +129,8 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
             "detections": str(Path(folder) / "detections.json"), "device": str(device), "gpus": gpus}
 
 
-def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any], device: torch.device
-                          ) -> tuple[list[str], dict[str, Video], Detections]:
+def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any], device: torch.device,
+                          inference: dict[str, Any]) -> tuple[list[str], dict[str, Video], Detections]:
     """Classes, test ground truth and fused detections of a two-stage head on the prepared units."""
     ckpt = load_checkpoint(checkpoint)
     widths = {key.split(":")[0]: width for key, width in manifest["dims"].items() if key.endswith(":body")}
@@ -139,14 +142,16 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any], 
     videos = read_videos(data, "test", manifest)
     per_stream = {s: predict(head.to(device), UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
                   for s, head in ckpt.heads.items()}
-    return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
+    return (classes, ground_truth(videos, classes),
+            detections_of(videos, per_stream, classes, overridden(ckpt.inference, inference)))
 
 
-def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | None, device: torch.device
-                          ) -> tuple[list[str], dict[str, Video], Detections]:
+def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | None, device: torch.device,
+                          inference: dict[str, Any]) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features."""
     run = load_one_stage(checkpoint)
-    truth, detections = detect_test_split(run.models.to(device), run.stage, card, data_root, device)
+    stage = replace(run.stage, inference=overridden(run.stage.inference, inference))
+    truth, detections = detect_test_split(run.models.to(device), stage, card, data_root, device)
     return run.classes, truth, detections["fused"]
 
 
@@ -173,7 +178,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     tiou = list(config.tiou) if config.tiou else None
     # tasks get absolute paths (workers need not share our directory); the table keeps the ones given
     pending = {task.remote(str(Path(c).resolve()), d.absolute(), str((Path(config.out) / folder).resolve()),
-                           config.protocol, tiou): (c, d.name)
+                           config.protocol, tiou, config.inference): (c, d.name)
                for (c, d), folder in zip(pairs, pair_folders(pairs))}
     total = len(pending)
     progress = Progress(total, "evaluations", "evaluate: ", quiet)

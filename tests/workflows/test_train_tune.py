@@ -214,6 +214,36 @@ def test_parallel_evaluation_scores_every_checkpoint_as_its_training_run_did(pre
             assert json.loads((out / folder / "detections.json").read_text())["results"]
 
 
+def test_evaluation_post_processes_as_asked_instead_of_as_the_checkpoint_says(prepared, runs, tmp_path):
+    """--set inference.KEY=VALUE replaces the checkpoint's own post-processing (here Soft-NMS and
+    20 detections a video, where it holds NMS and 200): the trained heads' unit scores on the test
+    videos, post-processed so here, give the detections written."""
+    from gcm_core.data.detections import result_json
+    from gcm_core.engine import UnitDataset, detections_of, predict
+
+    gcm = Path(runs["gcm"]["run_dir"]) / "model.pt"
+    asked = {"nms": "soft-nms", "top_k": 20}
+    rows = run_evaluate(EvaluateConfig(checkpoints=(str(gcm),), data=(str(prepared),), out=str(tmp_path / "eval"),
+                                       inference=asked), quiet=True)
+    checkpoint = load_checkpoint(gcm)
+    assert checkpoint.inference.nms == "nms" and checkpoint.inference.top_k == 200
+    videos = read_videos(prepared, "test")
+    comp = checkpoint.model_config.completeness_features
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as the evaluation task ran: the same sums, the same scores
+    try:
+        per_stream = {s: predict(head, UnitDataset(videos, s, checkpoint.graph, comp), checkpoint.stats)
+                      for s, head in checkpoint.heads.items()}
+    finally:
+        torch.set_num_threads(threads)
+    expected = detections_of(videos, per_stream, checkpoint.classes, dataclasses.replace(checkpoint.inference, **asked))
+    written = json.loads(Path(rows[0]["detections"]).read_text())["results"]
+    assert written == json.loads(json.dumps(result_json(expected)))["results"]
+    assert max(len(found) for found in written.values()) == 20
+    with pytest.raises(ConfigError, match=r"unknown key \['topk'\] in inference"):
+        EvaluateConfig(inference={"topk": 20})
+
+
 def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, tmp_path, monkeypatch, capsys):
     """gcm detect --features-dir --workers 2 (Ray tasks over chunks of the folder) writes what the
     same command writes in one process: every video, in the folder's order, the same detections."""
@@ -279,6 +309,11 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
     rows = run_evaluate(EvaluateConfig(checkpoints=(str(run / "dssad.pt"),), data=("prep",), out="eval"), quiet=True)
     assert rows[0]["mAP"] == pytest.approx(metrics["fused"]["mAP"], abs=1e-6)
     assert json.loads(Path("eval/dssad-gcm__prep/detections.json").read_text())["results"] == detections
+    # with top_k 3 in place of its 200, each video keeps its first three (NMS is greedy, best first)
+    run_evaluate(EvaluateConfig(checkpoints=(str(run / "dssad.pt"),), data=("prep",), out="eval3",
+                                inference={"top_k": 3}), quiet=True)
+    three = json.loads(Path("eval3/dssad-gcm__prep/detections.json").read_text())["results"]
+    assert three == {video: found[:3] for video, found in detections.items()}
     # gcm detect finds the same actions in one test video from its features alone
     video = next(v for v in read_videos(prepared, "test") if v.video_id in detections)
     features = [str(small_dataset / f"features/{s}/{video.video_id}.npy") for s in ("rgb", "flow")]
