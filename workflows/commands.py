@@ -184,6 +184,9 @@ def _add_detect(p: argparse.ArgumentParser) -> None:
                    help="where the model runs: auto (default: a GPU where torch sees one, else the CPU; Ray tasks: "
                         "GPUs where the cluster has them, a quarter of one per task), cpu, cuda, or cuda:N in this "
                         "process")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
+                   help="post-process with this setting in place of the checkpoint's own (nms=soft-nms, top_k, "
+                        "nms_threshold, soft_nms_sigma, candidates_per_video, fusion); repeatable")
 
 
 def _run_detect(args: argparse.Namespace) -> int:
@@ -193,9 +196,10 @@ def _run_detect(args: argparse.Namespace) -> int:
     )
     from workflows.progress import Progress
 
+    inference = _inference_overrides(args.overrides)
     parallel = args.features_dir and ((args.workers or 1) > 1 or args.address)
     # in this process the model runs here; Ray tasks each load it on their own device
-    detector = Detector.load(args.checkpoint, "cpu" if parallel else resolve_device(args.device))
+    detector = Detector.load(args.checkpoint, "cpu" if parallel else resolve_device(args.device), inference)
     if detector.one_stage and args.proposals:
         raise ValueError(f"{args.checkpoint} holds a one-stage D-SSAD run, which finds actions in the features "
                          "alone: leave out --proposals")
@@ -220,7 +224,7 @@ def _run_detect(args: argparse.Namespace) -> int:
             print(f"detect: {len(videos)} videos as Ray tasks on "
                   + (f"GPUs ({gpus:g} of one each)" if gpus else "CPUs"), file=sys.stderr)
             detections, skipped = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts,
-                                                     args.skip_bad, args.workers, progress, gpus)
+                                                     args.skip_bad, args.workers, progress, gpus, inference)
     else:
         if progress:
             print(f"detect: {len(videos)} videos in this process on {detector.device}", file=sys.stderr)
@@ -241,6 +245,18 @@ def _run_detect(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result_json(detections)))
     return 0
+
+
+def _inference_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``gcm detect``'s ``--set inference.KEY=VALUE`` pairs as settings of InferenceConfig."""
+    from workflows.config import ConfigError, parse_overrides
+
+    settings = parse_overrides(pairs)
+    other = sorted(set(settings) - {"inference"})
+    if other or not isinstance(settings.get("inference", {}), dict):
+        raise ConfigError(f"gcm detect --set takes inference.KEY=VALUE (its post-processing), got "
+                          f"{', '.join(other) or 'inference'}")
+    return settings.get("inference", {})
 
 
 def _add_stage_options(p: argparse.ArgumentParser, example: str) -> None:

@@ -11,9 +11,10 @@ task on a share of one (inference is light, as in ``gcm evaluate``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from gcm_core.data.formats import (
 )
 from gcm_core.data.model import video_key
 from gcm_core.one_stage import detect_video as detect_video_one_stage
+from workflows.config import overridden
 from workflows.progress import Progress
 from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoint, load_one_stage
 
@@ -74,14 +76,19 @@ class Detector:
     device: torch.device                   # where its weights are and its videos are computed
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu") -> "Detector":
+    def load(cls, path: Path, device: torch.device | str = "cpu", inference: dict[str, Any] | None = None
+             ) -> "Detector":
+        """The checkpoint at ``path`` on ``device``, post-processing with ``inference`` (settings
+        of :class:`InferenceConfig`) in place of its own."""
         device = torch.device(device)
         if is_one_stage_checkpoint(path):
             model = load_one_stage(path)
             model.models.to(device)
+            model.stage = replace(model.stage, inference=overridden(model.stage.inference, inference or {}))
             return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
         model = load_checkpoint(path)
         model.heads.to(device)
+        model.inference = overridden(model.inference, inference or {})
         return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
 
 
@@ -170,12 +177,13 @@ def task_gpus(device: str) -> float:
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
                        fps: float | None = None, facts: dict[str, Video] | None = None, skip_bad: bool = False,
-                       workers: int | None = None, progress: Progress | None = None, gpus: float = 0.0
-                       ) -> tuple[Detections, dict[str, str]]:
+                       workers: int | None = None, progress: Progress | None = None, gpus: float = 0.0,
+                       inference: dict[str, Any] | None = None) -> tuple[Detections, dict[str, str]]:
     """:func:`detect_videos` as Ray tasks (one CPU and one thread each, and ``gpus`` of a GPU, on
     which the task then runs) over consecutive chunks of ``videos``, joined in their order;
     ``workers`` defaults to the CPUs of the Ray session (which must be running). The checkpoint,
-    feature and proposal paths must be readable on every node."""
+    feature and proposal paths must be readable on every node; each task loads the checkpoint
+    as :meth:`Detector.load` with ``inference``."""
     import ray
 
     # Ray's workers do not run where the command was typed: they get absolute paths
@@ -186,7 +194,7 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
     bounds = [len(videos) * k // count for k in range(count + 1)]
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_detect_chunk)
     facts = ray.put(facts)  # once in the object store, not once per task
-    chunks = {task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad): b - a
+    chunks = {task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad, inference): b - a
               for a, b in zip(bounds, bounds[1:])}
     pending = list(chunks)
     while pending:  # count each chunk's videos as it finishes
@@ -199,9 +207,10 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
 
 
 def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None, fps: float | None,
-                  facts: dict[str, Video] | None, skip_bad: bool) -> tuple[Detections, dict[str, str]]:
+                  facts: dict[str, Video] | None, skip_bad: bool, inference: dict[str, Any] | None
+                  ) -> tuple[Detections, dict[str, str]]:
     from workflows.ray_env import task_device
 
     torch.set_num_threads(1)  # the tasks share the node's cores
-    return detect_videos(Detector.load(checkpoint, task_device()), videos, proposals, fps, facts=facts,
+    return detect_videos(Detector.load(checkpoint, task_device(), inference), videos, proposals, fps, facts=facts,
                          skip_bad=skip_bad)

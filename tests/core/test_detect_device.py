@@ -1,5 +1,6 @@
-"""gcm detect's --device: a GPU torch does not see is refused by name, and on a GPU both kinds
-of checkpoint give the CPU's detections (that half runs where CUDA is present)."""
+"""gcm detect's --device and --set inference.*: a GPU torch does not see is refused by name,
+post-processing follows what is asked, and on a GPU both kinds of checkpoint give the CPU's
+detections (that test runs where CUDA is present)."""
 from __future__ import annotations
 
 import json
@@ -48,12 +49,12 @@ def checkpoints(small_prepared, small_dataset, tmp_path_factory):
     return folder
 
 
-def detect(checkpoints, small_dataset, weights: str, device: str, out: str) -> int:
+def detect(checkpoints, small_dataset, weights: str, device: str, out: str, more: tuple[str, ...] = ()) -> int:
     """gcm detect over the folder of three videos (a two-stage head reads the SSN test list)."""
     two_stage = weights == "model.pt"
     proposals = ["--proposals", str(small_dataset / "proposals/test_proposal_list.txt")] if two_stage else []
     return main(["detect", "--checkpoint", str(checkpoints / weights), "--features-dir", str(checkpoints / "features"),
-                 *proposals, "--device", device, "--out", str(checkpoints / out), "--overwrite"])
+                 *proposals, "--device", device, "--out", str(checkpoints / out), "--overwrite", *more])
 
 
 def test_a_gpu_torch_does_not_see_is_refused_by_name(checkpoints, small_dataset, monkeypatch, capsys):
@@ -69,6 +70,22 @@ def test_a_gpu_torch_does_not_see_is_refused_by_name(checkpoints, small_dataset,
     for device in ("auto", "cpu"):
         assert detect(checkpoints, small_dataset, "model.pt", device, f"{device}.json") == 0
     assert (checkpoints / "auto.json").read_text() == (checkpoints / "cpu.json").read_text()
+
+
+@pytest.mark.parametrize("weights", ["model.pt", "dssad.pt"])
+def test_detect_post_processes_as_asked(checkpoints, small_dataset, weights, capsys):
+    """--set inference.top_k=3 in place of the checkpoint's 50 / 200: each video keeps its first
+    three detections (NMS is greedy, best first); other keys than inference's are refused."""
+    assert detect(checkpoints, small_dataset, weights, "cpu", "all.json") == 0
+    with_top_3 = ["--set", "inference.top_k=3"]
+    assert detect(checkpoints, small_dataset, weights, "cpu", "three.json", with_top_3) == 0
+    every, three = (json.loads((checkpoints / name).read_text())["results"] for name in ("all.json", "three.json"))
+    assert three == {video: found[:3] for video, found in every.items()}
+    assert all(len(found) > 3 for found in every.values())
+    capsys.readouterr()
+    assert detect(checkpoints, small_dataset, weights, "cpu", "refused.json", ["--set", "graph.k_sur=3"]) == 2
+    assert "gcm detect --set takes inference.KEY=VALUE (its post-processing), got graph" in capsys.readouterr().err
+    assert not (checkpoints / "refused.json").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="detecting on a GPU needs a CUDA device")

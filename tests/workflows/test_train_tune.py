@@ -265,6 +265,12 @@ def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, 
         written[workers] = json.loads(Path(f"{workers}.json").read_text())
     assert list(written["2"]["results"]) == listed
     assert written["2"] == written["1"]
+    # the tasks post-process as asked too
+    assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                     str(small_dataset / "proposals/test_proposal_list.txt"), "--workers", "2", "--skip-bad",
+                     "--set", "inference.top_k=2", "--out", "top2.json"]) == 0
+    assert json.loads(Path("top2.json").read_text())["results"] == {
+        video: found[:2] for video, found in written["1"]["results"].items()}
     # without --skip-bad the video stops the run, named in one paragraph as in one process
     capsys.readouterr()
     assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
