@@ -14,13 +14,13 @@ import csv
 import io
 import json
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gcm_core.checkpoint import check_feature_widths, load_checkpoint
+from gcm_core.checkpoint import Checkpoint, check_feature_widths
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
 from gcm_core.data.dataset import DatasetSource
@@ -28,11 +28,12 @@ from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
-from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump, overridden
+from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump
+from workflows.detect import Detector
 from workflows.progress import Progress
 from workflows.shards import check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
-from workflows.train_one_stage import WEIGHTS, detect_test_split, is_one_stage_checkpoint, load_one_stage
+from workflows.train_one_stage import WEIGHTS, OneStageCheckpoint, detect_test_split, is_one_stage_checkpoint
 
 
 class EvaluationError(RuntimeError):
@@ -110,11 +111,11 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     gpus = [str(g) for g in ray.get_gpu_ids()]
     device = task_device()
     card, data_root, manifest = dataset.open()
-    if is_one_stage_checkpoint(checkpoint):
-        classes, truth, detections = _one_stage_detections(checkpoint, card, data_root, device, inference or {})
+    detector = Detector.load(Path(checkpoint), device, inference)
+    if detector.one_stage:
+        classes, truth, detections = _one_stage_detections(detector.model, card, data_root, device)
     else:
-        classes, truth, detections = _two_stage_detections(checkpoint, dataset.folder, manifest, device,
-                                                           inference or {})
+        classes, truth, detections = _two_stage_detections(detector.model, dataset.folder, manifest, device)
     if list(card.classes) != classes:
         raise ValueError(f"{checkpoint} was trained on other classes than dataset {dataset.name} "
                          f"({len(classes)} vs {card.num_classes})")
@@ -129,10 +130,9 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
             "detections": str(Path(folder) / "detections.json"), "device": str(device), "gpus": gpus}
 
 
-def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any], device: torch.device,
-                          inference: dict[str, Any]) -> tuple[list[str], dict[str, Video], Detections]:
+def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any], device: torch.device
+                          ) -> tuple[list[str], dict[str, Video], Detections]:
     """Classes, test ground truth and fused detections of a two-stage head on the prepared units."""
-    ckpt = load_checkpoint(checkpoint)
     widths = {key.split(":")[0]: width for key, width in manifest["dims"].items() if key.endswith(":body")}
     check_feature_widths(ckpt.dims, widths, Path(data) / "manifest.json")
     comp = ckpt.model_config.completeness_features
@@ -140,18 +140,15 @@ def _two_stage_detections(checkpoint: str, data: str, manifest: dict[str, Any], 
     check_caps(data, manifest, ckpt.graph)
     classes = list(ckpt.classes)
     videos = read_videos(data, "test", manifest)
-    per_stream = {s: predict(head.to(device), UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
+    per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
                   for s, head in ckpt.heads.items()}
-    return (classes, ground_truth(videos, classes),
-            detections_of(videos, per_stream, classes, overridden(ckpt.inference, inference)))
+    return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
 
 
-def _one_stage_detections(checkpoint: str, card: DatasetCard, data_root: str | None, device: torch.device,
-                          inference: dict[str, Any]) -> tuple[list[str], dict[str, Video], Detections]:
+def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None, device: torch.device
+                          ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features."""
-    run = load_one_stage(checkpoint)
-    stage = replace(run.stage, inference=overridden(run.stage.inference, inference))
-    truth, detections = detect_test_split(run.models.to(device), stage, card, data_root, device)
+    truth, detections = detect_test_split(run.models, run.stage, card, data_root, device)
     return run.classes, truth, detections["fused"]
 
 
