@@ -21,7 +21,7 @@ from gcm_core.data.sampling import apply_regression
 from gcm_core.detectors.dssad import DSSAD, pad_clip
 from gcm_core.engine import TrainConfig, epoch_batches, make_optimizer
 from gcm_core.losses import AnchorMatching, anchor_loss, match_anchors
-from gcm_core.postprocess import InferenceConfig, suppress
+from gcm_core.postprocess import InferenceConfig, stream_weights, suppress
 
 
 def default_recipe() -> TrainConfig:
@@ -161,7 +161,7 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
     """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
     fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
     are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS."""
-    w = {s: (weights or {}).get(s, 1.0) for s in scores}
+    w = stream_weights(scores, weights)
     total = sum(w.values())
     per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
     for k, clip in enumerate(clips):

@@ -7,6 +7,7 @@ its own class's candidates only. Scores are visited in descending order, ties in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Literal
 
 import numpy as np
@@ -138,11 +139,21 @@ def unit_scores(intervals: Tensor, logits: Tensor, completeness: Tensor | None, 
     return UnitScores(score, apply_regression(intervals.to(torch.float64)[:, None, :], offsets.to(torch.float64)))
 
 
+def stream_weights(streams: Iterable[str], weights: dict[str, float] | None) -> dict[str, float]:
+    """Each stream's late-fusion weight (a stream ``weights`` does not name weighs 1); weights
+    summing to 0 over the streams fused are an error rather than NaN scores."""
+    named = {s: (weights or {}).get(s, 1.0) for s in streams}
+    if sum(named.values()) <= 0:
+        raise ValueError(f"inference.fusion weighs the streams {list(named)} 0 in all ({weights}): nothing to fuse")
+    return named
+
+
 def fuse_streams(per_stream: dict[str, UnitScores], weights: dict[str, float]) -> UnitScores:
     """Late fusion of streams over the same units: weighted mean of scores and of extents."""
-    total = sum(weights.get(s, 1.0) for s in per_stream)
-    scores = sum(weights.get(s, 1.0) * u.scores for s, u in per_stream.items()) / total
-    segments = sum(weights.get(s, 1.0) * u.segments for s, u in per_stream.items()) / total
+    w = stream_weights(per_stream, weights)
+    total = sum(w.values())
+    scores = sum(w[s] * u.scores for s, u in per_stream.items()) / total
+    segments = sum(w[s] * u.segments for s, u in per_stream.items()) / total
     return UnitScores(scores, segments)
 
 

@@ -28,7 +28,7 @@ from gcm_core.evaluation import PROTOCOLS
 from gcm_core.candidates import CandidateCaps
 from gcm_core.graph import GraphSpec
 from gcm_core.one_stage import default_recipe
-from gcm_core.postprocess import InferenceConfig
+from gcm_core.postprocess import InferenceConfig, stream_weights
 
 T = TypeVar("T")
 
@@ -129,9 +129,7 @@ class TrainStageConfig:
                      max_failures=">= 0")
         check_folder_name("name", self.name)
         _check_names("streams", self.streams)   # which exist, the dataset says (workflows.train.check_inputs)
-        weights = dict(self.inference.fusion)   # a stream it does not name weighs 1 (fuse_streams)
-        if sum(weights.get(s, 1.0) for s in self.streams) <= 0:
-            raise ValueError(f"inference.fusion weighs the streams {list(self.streams)} 0 in all: nothing to fuse")
+        stream_weights(self.streams, dict(self.inference.fusion))   # refuses weights of 0 in all
         key, recipe = self.recipe
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")

@@ -75,7 +75,8 @@ def test_a_gpu_torch_does_not_see_is_refused_by_name(checkpoints, small_dataset,
 @pytest.mark.parametrize("weights", ["model.pt", "dssad.pt"])
 def test_detect_post_processes_as_asked(checkpoints, small_dataset, weights, capsys):
     """--set inference.top_k=3 in place of the checkpoint's 50 / 200: each video keeps its first
-    three detections (NMS is greedy, best first); other keys than inference's are refused."""
+    three detections (NMS is greedy, best first); other keys than inference's, and fusion weights
+    of 0 in all, are refused."""
     assert detect(checkpoints, small_dataset, weights, "cpu", "all.json") == 0
     with_top_3 = ["--set", "inference.top_k=3"]
     assert detect(checkpoints, small_dataset, weights, "cpu", "three.json", with_top_3) == 0
@@ -85,6 +86,10 @@ def test_detect_post_processes_as_asked(checkpoints, small_dataset, weights, cap
     capsys.readouterr()
     assert detect(checkpoints, small_dataset, weights, "cpu", "refused.json", ["--set", "graph.k_sur=3"]) == 2
     assert "gcm detect --set takes inference.KEY=VALUE (its post-processing), got graph" in capsys.readouterr().err
+    # streams weighed 0 in all would fuse into NaN scores
+    assert detect(checkpoints, small_dataset, weights, "cpu", "refused.json",
+                  ["--set", "inference.fusion={rgb: 0, flow: 0}"]) == 2
+    assert "inference.fusion weighs the streams ['rgb', 'flow'] 0 in all" in capsys.readouterr().err
     assert not (checkpoints / "refused.json").exists()
 
 
