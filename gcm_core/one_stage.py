@@ -160,7 +160,9 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
                     config: InferenceConfig = InferenceConfig()) -> Detections:
     """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
     fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
-    are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS."""
+    are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS. Each window
+    keeps its ``candidates_per_video`` best anchors before the merge, so a video of several windows
+    enters NMS with up to that many per window (the two-stage heads: per video)."""
     w = stream_weights(scores, weights)
     total = sum(w.values())
     per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
