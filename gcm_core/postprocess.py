@@ -6,8 +6,8 @@ its own class's candidates only. Scores are visited in descending order, ties in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np

@@ -322,8 +322,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 
 def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> InferenceConfig:
-    """A checkpoint's inference ``settings`` with ``overrides`` (an evaluation's ``inference``) in
-    their place, checked as a config file's would be."""
+    """A checkpoint's inference ``settings`` with ``overrides`` (what ``gcm evaluate`` or ``gcm
+    detect`` was given as ``inference``) in their place, checked as a config file's would be."""
     return from_dict(InferenceConfig, {**to_dict(settings), **overrides}, "inference")
 
 
