@@ -168,14 +168,12 @@ def task_gpus(device: str) -> float:
     """The share of a GPU each Ray task of :func:`detect_in_parallel` asks for, by ``--device``:
     ``auto`` :data:`GPU_SHARE` where the connected cluster has GPUs, ``cuda`` that share or an
     error where Ray would never give it, ``cpu`` none."""
-    from workflows.ray_env import require_resources, use_gpus
+    from workflows.ray_env import gpu_share
 
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device {device!r} with Ray tasks: Ray gives each task its GPU; give auto, cuda or cpu")
-    if not use_gpus({"auto": None, "cpu": False, "cuda": True}[device]):
-        return 0.0
-    require_resources("detection on GPUs", {"GPU": GPU_SHARE}, "give --device cpu")
-    return GPU_SHARE
+    setting = {"auto": None, "cpu": False, "cuda": True}[device]
+    return gpu_share(setting, GPU_SHARE, "detection on GPUs", "give --device cpu")
 
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,

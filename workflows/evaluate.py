@@ -156,7 +156,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     """Every checkpoint on every dataset, in parallel on the connected Ray; writes the summary."""
     import ray
 
-    from workflows.ray_env import require_resources, use_gpus
+    from workflows.ray_env import gpu_share
 
     datasets = datasets_of(config)
     if not config.checkpoints or not datasets:
@@ -167,10 +167,8 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     check_output_folder(out, EvaluateConfig)
     if (out / "summary.md").exists() and not config.overwrite:
         raise FileExistsError(f"{out} holds a previous evaluation: pass --overwrite to replace it, or another --out")
-    use_gpu = use_gpus(config.use_gpu)
-    if use_gpu:
-        require_resources("evaluation on GPUs", {"GPU": config.gpus_per_pair}, "leave use_gpu unset or false")
-    task = ray.remote(num_cpus=1, num_gpus=config.gpus_per_pair if use_gpu else 0)(evaluate_pair)
+    gpus = gpu_share(config.use_gpu, config.gpus_per_pair, "evaluation on GPUs", "leave use_gpu unset or false")
+    task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_pair)
     pairs = [(c, d) for c in config.checkpoints for d in datasets]
     tiou = list(config.tiou) if config.tiou else None
     # tasks get absolute paths (workers need not share our directory); the table keeps the ones given

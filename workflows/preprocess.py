@@ -137,7 +137,7 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     """Run the stage on the connected Ray; returns the manifest it wrote."""
     import ray.data
 
-    from workflows.ray_env import refuse_ray_client, require_resources, use_gpus
+    from workflows.ray_env import gpu_share, refuse_ray_client
 
     refuse_ray_client("preprocess")
     # the data root as an absolute path: workers, and the stages that read the manifest later, run
@@ -164,10 +164,8 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
     progress.skip(len(plan) - len(todo))
     failures = []
     if todo:
-        use_gpu = use_gpus(config.use_gpu)
+        use_gpu = gpu_share(config.use_gpu, 1.0, "preprocessing on GPU workers", "leave use_gpu unset or false") > 0
         workers = max(1, config.num_workers)
-        if use_gpu:
-            require_resources("preprocessing on GPU workers", {"GPU": 1.0}, "leave use_gpu unset or false")
         shards = shard_count(len(todo), config.videos_per_shard, workers)
         ds = ray.data.from_items(balanced_order(todo, shards), override_num_blocks=shards)
         # a block is a batch is a shard; Ray asks for a batch size with GPUs (it may then pair

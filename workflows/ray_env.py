@@ -162,6 +162,16 @@ def use_gpus(setting: bool | None) -> bool:
     return setting if setting is not None else ray.cluster_resources().get("GPU", 0) > 0
 
 
+def gpu_share(setting: bool | None, share: float, what: str, remedy: str) -> float:
+    """The GPUs each task or actor of a stage asks for: ``share`` where ``setting`` (a stage's
+    ``use_gpu``; None: whether the cluster has GPUs) says so, checked by :func:`require_resources`;
+    else 0."""
+    if not use_gpus(setting):
+        return 0.0
+    require_resources(what, {"GPU": share}, remedy)
+    return share
+
+
 def require_resources(what: str, needed: dict[str, float], remedy: str) -> None:
     """Stop with a clear error where Ray would wait forever: ``needed`` (totals such as
     ``{"CPU": 2.25}``) beyond what the embedded Ray has; ``remedy`` ends the message. A cluster may
