@@ -2,7 +2,8 @@
 
 Values are resolved in three layers: the dataclass defaults, then a YAML file (``--config``),
 then ``--set key=value`` overrides with dotted keys (``--set train.lr=0.01``, ``--set
-graph.edge_types=[contextual,semantic]``; values are parsed as YAML). The resolved configuration
+graph.edge_types=[contextual,semantic]``; values are parsed as YAML, ``1e-3`` being a number:
+:mod:`gcm_core.data.yamlio`). The resolved configuration
 is written beside every output (``config.yaml``), so a run can be repeated from its folder alone.
 """
 from __future__ import annotations
@@ -17,10 +18,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from gcm_core.checks import check_ranges
-from gcm_core.data.cards import read_yaml
 from gcm_core.data.dataset import ROLES
 from gcm_core.data.pooling import PARTS, Reduce
 from gcm_core.data.sampling import SamplingConfig
+from gcm_core.data.yamlio import loads, read_yaml
 from gcm_core.detectors import ModelConfig
 from gcm_core.detectors.dssad import DSSADConfig
 from gcm_core.engine import TrainConfig
@@ -235,6 +236,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         options = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if len(options) == 1:   # X | None: X's own message (``graph.k_sur: expected int, got 2.5``)
+            return _coerce(options[0], value, key)
         for option in options:
             try:
                 return _coerce(option, value, key)
@@ -266,7 +269,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {typing.get_args(tp)}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp in (int, float) and isinstance(value, bool):   # YAML's true is an int to Python, not a count
+        raise ConfigError(f"{key}: expected {'a number' if tp is float else 'int'}, got {value!r}")
+    if tp is float:
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp in (int, str, bool) and not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
@@ -362,9 +369,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         node = out
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):   # --set train=3 --set train.epochs=1
+                raise ConfigError(f"--set {pair}: {'.'.join(parts[:depth + 1])} is given a value ({node!r}) "
+                                  "and settings inside it")
+        node[parts[-1]] = loads(raw)
     return out
 
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from gcm_core.data.atomic import atomic_copy, atomic_write_text
 from gcm_core.data.cards import DatasetCard, data_root_path, load_card
@@ -39,6 +38,7 @@ from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import FOREGROUND, RegressionStats
+from gcm_core.data.yamlio import read_yaml
 from workflows.config import (
     PreprocessConfig, changed_settings, check_output_folder, describe_changes, dump, from_dict, to_dict,
 )
@@ -217,7 +217,7 @@ def _check_same_preparation(out: Path, card: DatasetCard, config: PreprocessConf
             and card.source.read_text() != (out / "card.yaml").read_text():
         changed.append(f"the card ({config.card} is not {out / 'card.yaml'})")
     if (out / "config.yaml").is_file():
-        earlier, now = yaml.safe_load((out / "config.yaml").read_text()), to_dict(config)
+        earlier, now = read_yaml(out / "config.yaml"), to_dict(config)
         changes = changed_settings({k: earlier.get(k) for k in SHARD_CONTENT}, {k: now[k] for k in SHARD_CONTENT})
         if changes:
             changed.append(describe_changes(changes))

@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from gcm_core.data.atomic import atomic_write, atomic_write_text  # noqa: E402
 from gcm_core.data.formats import read_detections  # noqa: E402
@@ -35,6 +34,7 @@ from gcm_core.data.cards import load_card  # noqa: E402
 from gcm_core.data.dataset import DatasetSource  # noqa: E402
 from gcm_core.data.model import Video, video_key  # noqa: E402
 from gcm_core.data.prepared import PreparedVideo  # noqa: E402
+from gcm_core.data.yamlio import read_yaml  # noqa: E402
 from gcm_core.graph import EDGE_TYPES, GraphSpec  # noqa: E402
 from gcm_core.metrics import Segments, average_recall  # noqa: E402
 from workflows.progress import epoch_history, read_epoch_log  # noqa: E402
@@ -75,7 +75,7 @@ def discover(folders: list[Path]) -> dict[str, list]:
         candidates += [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
     for folder in dict.fromkeys(candidates):
         if (folder / "metrics.json").is_file() and (folder / "config.yaml").is_file():
-            found["runs"].append(Run(folder, yaml.safe_load((folder / "config.yaml").read_text()),
+            found["runs"].append(Run(folder, read_yaml(folder / "config.yaml"),
                                      json.loads((folder / "metrics.json").read_text()),
                                      epoch_history(read_epoch_log(folder / "progress.jsonl"))))
         if (folder / "summary.csv").is_file():
@@ -305,7 +305,7 @@ def _grid_dataset(table: Path) -> str:
     config = table.parent / "config.yaml"
     if not config.is_file():
         return "the experiment's dataset"
-    tune = yaml.safe_load(config.read_text())
+    tune = read_yaml(config)
     return _dataset({**tune.get("base", {}), "data": tune.get("data", "?")})[0]
 
 

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import read_yaml, shipped_yaml
+from gcm_core.data.cards import shipped_yaml
+from gcm_core.data.yamlio import read_yaml
 from workflows import GRID_DIR
 from workflows.config import (
     ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, check_output_folder,

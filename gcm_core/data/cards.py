@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import yaml
+from gcm_core.data.yamlio import read_yaml
 
 CARD_DIR = Path(__file__).resolve().parents[2] / "datasets"
 LABEL_CONVENTIONS = ("name", "zero_based", "one_based", "official")
@@ -120,17 +120,6 @@ def shipped_yaml(name_or_path: str | Path, folder: Path, what: str) -> Path:
         shipped = sorted(p.stem for p in folder.glob("*.yaml"))
         raise FileNotFoundError(f"no {what} {str(name_or_path)!r} (shipped {what}s: {shipped})")
     return path
-
-
-def read_yaml(path: Path) -> Any:
-    """The YAML document in ``path``; where it is not YAML, a one-line ValueError naming the file,
-    the line and the problem (PyYAML's own message spans several lines)."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
 
 
 def load_card(name_or_path: str | Path) -> DatasetCard:

@@ -41,6 +41,11 @@ def test_yaml_then_set_then_explicit_arguments(tmp_path):
     (["lr"], "key=value"),
     (["lr=0.1"], r"did you mean train\.lr or one_stage\.train\.lr\?"),  # a key at the wrong level
     (["train.bogus=1"], r"known: \[.*'weight_decay'\]\)$"),           # no guess when there is none
+    (["train.lr=1e-3x"], r"^train\.lr: expected a number, got '1e-3x'$"),
+    (["graph.theta_ctx=[0.7]"], r"^graph\.theta_ctx: expected a number, got \[0\.7\]$"),
+    (["train.epochs=true"], r"^train\.epochs: expected int, got True$"),   # a bool is an int to Python
+    (["graph.k_sur=2.5"], r"^graph\.k_sur: expected int, got 2\.5$"),     # int | None: int's message
+    (["train=3", "train.epochs=1"], r"^--set train\.epochs=1: train is given a value \(3\) and settings inside it$"),
 ])
 def test_bad_settings_are_named(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -126,6 +131,22 @@ def test_a_learning_rate_given_alone_trains_every_stream():
         [{"rgb": 0.1, "flow": 0.1}, {"rgb": 0.02, "flow": 0.02}]
     written = resolve(TrainStageConfig, None, ["train.lr=0.05", "stream_lr={rgb: 0.003, flow: 0.03}"])
     assert stream_rates(from_dict(TrainStageConfig, yaml.safe_load(dump(written)))) == {"rgb": 0.003, "flow": 0.03}
+
+
+def test_exponent_floats_are_numbers_in_every_yaml_read(tmp_path):
+    """``1e-3`` is a string to PyYAML (YAML 1.1 wants a dot and a signed exponent) but a number to
+    the people who write it: a learning rate given so trained at '1e-3' (an error deep in a check)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {lr: 2E-3, weight_decay: 5e-4}\ngraph: {theta_ctx: 7e-1}\n")
+    c = resolve(TrainStageConfig, config, ["stream_lr={rgb: 1e-3, flow: 1.5e-2}", "inference.nms_threshold=3.5e-1"])
+    assert (c.train.lr, c.train.weight_decay, c.graph.theta_ctx) == (0.002, 0.0005, 0.7)
+    assert c.stream_lr == {"rgb": 0.001, "flow": 0.015} and c.inference.nms_threshold == 0.35
+    assert resolve(TrainStageConfig, None, ["train.lr=1e-3"]).train.lr == 0.001
+    grid = tmp_path / "lr.yaml"
+    grid.write_text("name: lr\ngrid:\n  train.lr: [1e-3, 1e-2]\nmetrics: [fused/mAP@0.5]\n")
+    g = load_grid(grid)
+    assert [trial_config(TrainStageConfig(), g, t).train.lr for t in g.trials()] == [0.001, 0.01]
+    assert resolve(TrainStageConfig, None, ["name=1e3run"]).name == "1e3run"   # not a number: stays a name
 
 
 @pytest.mark.parametrize("text, problem", [
