@@ -99,6 +99,12 @@ class OneStageConfig:
     train: TrainConfig = field(default_factory=default_recipe)
 
 
+# The sections of TrainStageConfig that a run of each kind does not read: given, they are refused
+# (they would change nothing); stored (a run's config.yaml, a checkpoint), they are dropped when read
+# back (:func:`stage_settings`), so that a change of their defaults leaves older runs readable.
+UNREAD_BY = {"two-stage": ("one_stage",), "one-stage": ("train", "model", "graph", "stream_lr")}
+
+
 @dataclass
 class TrainStageConfig:
     data: str = "runs/preprocessed"
@@ -138,14 +144,19 @@ class TrainStageConfig:
             multiple = -(-recipe.batch_videos // self.num_workers) * self.num_workers
             raise ValueError(f"the {self.num_workers} workers split each batch evenly: {key}.batch_videos "
                              f"({recipe.batch_videos}) must be a multiple of num_workers, e.g. {multiple}")
-        if self.kind == "one-stage":  # the two-stage settings would be changed for nothing
-            changed = [name for name, default in (("train", TrainConfig()), ("model", ModelConfig()),
-                                                  ("graph", GraphSpec())) if getattr(self, name) != default]
-            if changed:
-                raise ValueError(f"a one-stage run reads one_stage.train and one_stage.model (its graph: "
-                                 f"one_stage.model.graph); {' and '.join(changed)} "
-                                 f"{'hold' if len(changed) > 1 else 'holds'} two-stage settings, changed here for "
-                                 "nothing: e.g. one_stage.train.epochs, not train.epochs")
+        # (the other way round is checked where a run starts, workflows.train.absolute_inputs: a grid
+        # may make the trials of an experiment one-stage after its base gave their one_stage settings)
+        unread = self.unread_changes() if self.kind == "one-stage" else []
+        if unread:
+            raise ValueError(f"a one-stage run reads one_stage.train and one_stage.model (its graph: "
+                             f"one_stage.model.graph); {' and '.join(unread)} "
+                             f"{'hold' if len(unread) > 1 else 'holds'} two-stage settings, changed here for "
+                             "nothing: e.g. one_stage.train.epochs, not train.epochs")
+
+    def unread_changes(self) -> list[str]:
+        """The sections this kind of run does not read (:data:`UNREAD_BY`) that differ from their defaults."""
+        fields = TrainStageConfig.__dataclass_fields__
+        return [name for name in UNREAD_BY[self.kind] if getattr(self, name) != fields[name].default_factory()]
 
     @property
     def recipe(self) -> tuple[str, TrainConfig]:
@@ -334,6 +345,14 @@ def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> Inferenc
     return from_dict(InferenceConfig, {**to_dict(settings), **overrides}, "inference")
 
 
+def stage_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run's stored settings (its config.yaml, a checkpoint's) without the sections its kind does
+    not read (:data:`UNREAD_BY`): written with the defaults of their day, they would be refused
+    as given for nothing once those defaults change."""
+    unread = UNREAD_BY.get(stored.get("kind", TrainStageConfig.kind), ())
+    return {key: value for key, value in stored.items() if key not in unread}
+
+
 def to_dict(obj: Any) -> Any:
     """A dataclass as plain YAML-ready data (tuples become lists)."""
     if dataclasses.is_dataclass(obj):
@@ -423,9 +442,9 @@ def resolve(cls: type[T], yaml_path: str | Path | None = None, overrides: list[s
 def earlier_settings(folder: Path, cls: type) -> dict[str, Any] | None:
     """The settings (of stage ``cls``) a run or experiment in ``folder`` was started with (its
     ``config.yaml``; None before a first start): what ``--resume`` continues with, changed only
-    where the command says so, so that resuming needs the folder alone. Resolved from the defaults
-    instead, a run started with ``train.epochs=2`` and resumed bare trained to the default 45
-    epochs unsaid."""
+    where the command says so, so that resuming needs the folder alone (less the sections its kind
+    does not read: :func:`stage_settings`). Resolved from the defaults instead, a run started with
+    ``train.epochs=2`` and resumed bare trained to the default 45 epochs unsaid."""
     written = folder / "config.yaml"
     if not written.is_file():
         return None
@@ -433,6 +452,10 @@ def earlier_settings(folder: Path, cls: type) -> dict[str, Any] | None:
         settings = read_yaml(written)
         if not isinstance(settings, dict):
             raise ValueError("not a mapping")
+        if cls is TrainStageConfig:
+            settings = stage_settings(settings)
+        elif cls is TuneStageConfig and isinstance(settings.get("base"), dict):
+            settings = {**settings, "base": stage_settings(settings["base"])}
         from_dict(cls, settings)   # named here, not as a fault of the command's own settings
     except ValueError as err:
         raise ConfigError(f"{written}: cannot read the settings it was started with ({err})") from None

@@ -227,8 +227,6 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 # What a resumed run may change: how long it trains, what it runs on, when it evaluates
 RESUMABLE_CHANGES = frozenset({"resume", "train.epochs", "one_stage.train.epochs", "evaluate", "evaluate_every",
                                "use_gpu", "cpus_per_worker", "max_failures"})
-# settings a run of each kind does not read, whatever they were when it started
-UNREAD_BY = {"two-stage": ("one_stage.",), "one-stage": ("train.", "model.", "graph.", "stream_lr.")}
 
 
 def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
@@ -239,9 +237,8 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
     if settings is None:
         return
     earlier = from_dict(TrainStageConfig, settings)
-    unread = UNREAD_BY[stage.kind]
     changed = {key: values for key, values in changed_settings(earlier, stage).items()
-               if key not in RESUMABLE_CHANGES and not key.startswith(unread)}
+               if key not in RESUMABLE_CHANGES}
     if changed:
         raise ConfigError(f"{folder} trained with other settings than these ({describe_changes(changed)}): --resume "
                           "continues a run for more epochs only; start another --name for new settings")
@@ -292,10 +289,14 @@ def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str,
 
 def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:
     """The stage with its dataset named by absolute paths (its workers, and Tune's trials, run in
-    other directories); a run that reads a dataset directly must be one-stage."""
+    other directories); a run that reads a dataset directly, or is given D-SSAD's settings, must be
+    one-stage."""
     if stage.card and stage.kind != "one-stage":
         raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
                          "reads the units of a preprocessed dataset (--data)")
+    if stage.kind == "two-stage" and stage.unread_changes():   # one_stage.* given, kind=one-stage forgotten
+        raise ValueError("a two-stage run reads train, model and graph; one_stage holds D-SSAD's settings, "
+                         "changed here for nothing: add kind=one-stage to train D-SSAD")
     return absolute_paths(stage)
 
 

@@ -25,7 +25,7 @@ from gcm_core.data.model import Detections, Video
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
-from workflows.config import TrainStageConfig, from_dict
+from workflows.config import TrainStageConfig, from_dict, stage_settings
 from workflows.train_worker import (
     evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
     worker_setup, worker_steps,
@@ -75,7 +75,7 @@ def is_one_stage_checkpoint(path: str | Path) -> bool:
 def load_one_stage(path: str | Path) -> OneStageCheckpoint:
     """The D-SSAD run of ``dssad.pt``, models rebuilt."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    stage = from_dict(TrainStageConfig, payload["config"])
+    stage = from_dict(TrainStageConfig, stage_settings(payload["config"]))
     models = OneStageModels({s: DSSAD(stage.one_stage.model, payload["dim"], len(payload["classes"]))
                              for s in stage.streams})
     models.load_state_dict(payload["models"])

@@ -31,7 +31,7 @@ from gcm_core.data.yamlio import read_yaml
 from workflows import GRID_DIR
 from workflows.config import (
     ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, check_output_folder,
-    deep_merge, describe_changes, dump, from_dict, sets_lr_alone, to_dict,
+    deep_merge, describe_changes, dump, from_dict, sets_lr_alone, stage_settings, to_dict,
 )
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
@@ -136,7 +136,7 @@ def trial_trainable(resources: dict[str, float]) -> Callable[[dict[str, Any]], N
     def run_trial(params: dict[str, Any]) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        stage = from_dict(TrainStageConfig, params["stage"])
+        stage = from_dict(TrainStageConfig, stage_settings(params["stage"]))   # as an experiment resumed holds it
         run_train(stage, quiet=True, callbacks=[TuneReportCallback()])
 
     return tune.with_resources(run_trial, resources)

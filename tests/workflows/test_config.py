@@ -12,6 +12,7 @@ from workflows.config import (
     OUTPUTS, ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder,
     dump, earlier_settings, from_dict, resolve,
 )
+from workflows.train import absolute_inputs
 from workflows.tune import Grid, load_grid, trial_config
 
 
@@ -99,12 +100,21 @@ def test_fusion_weights_are_given_as_a_mapping_or_as_pairs():
     assert resolve(TrainStageConfig, None, ["inference.fusion=[[rgb, 1], [flow, 4]]"]).inference.fusion == expected
 
 
-def test_two_stage_settings_given_to_a_one_stage_run_are_refused():
-    """D-SSAD trains with one_stage.train: a train.epochs meant for it would be ignored."""
+def test_settings_of_the_other_kind_of_run_are_refused():
+    """D-SSAD trains with one_stage.train: a train.epochs meant for it would be ignored; and a
+    one_stage setting without kind=one-stage would train SSN as if it were D-SSAD's setting."""
+    with pytest.raises(ValueError, match=r"a two-stage run reads train, model and graph.*add kind=one-stage"):
+        absolute_inputs(resolve(TrainStageConfig, None, ["one_stage.model.gcm_scales=[0, 1, 2]"]))
+    # where a run starts: an experiment's base may give one_stage settings that its grid makes one-stage
+    tune = resolve(TuneStageConfig, None, ["base.one_stage.train.epochs=5"])
+    grid = Grid("k", "one-stage", {"kind": "one-stage"}, {"one_stage.model.hidden": [32, 64]}, {}, ["fused/mAP@0.5"])
+    assert [trial_config(tune.base, grid, t).one_stage.train.epochs for t in grid.trials()] == [5, 5]
     with pytest.raises(ConfigError, match=r"train holds two-stage settings.*one_stage\.train\.epochs, not train"):
         resolve(TrainStageConfig, None, ["kind=one-stage", "train.epochs=5"])
     with pytest.raises(ConfigError, match=r"model and graph hold two-stage settings"):
         resolve(TrainStageConfig, None, ["kind=one-stage", "model.dropout=0.5", "graph.l_sem=4"])
+    with pytest.raises(ConfigError, match=r"stream_lr holds two-stage settings"):   # D-SSAD: one_stage.train.lr
+        resolve(TrainStageConfig, None, ["kind=one-stage", "stream_lr.rgb=0.5"])
     run = resolve(TrainStageConfig, None, ["kind=one-stage", "one_stage.train.epochs=5"])
     assert run.one_stage.train.epochs == 5
     assert from_dict(TrainStageConfig, yaml.safe_load(dump(run))) == run   # its written config reads back
