@@ -9,6 +9,7 @@ is written beside every output (``config.yaml``), so a run can be repeated from 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ class PreprocessConfig:
     parts: tuple[str, ...] = ("body", "three_part")   # body always; the completeness input of the heads to train
     reduce: Reduce = "max"
     caps: CandidateCaps = field(default_factory=CandidateCaps)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)   # its role thresholds label the units
     videos_per_shard: int = 16          # about; shards are balanced over the workers
     num_workers: int = 2
     use_gpu: bool | None = None          # None: use GPUs when the cluster has them
@@ -75,6 +76,12 @@ class PreprocessConfig:
         _check_names("parts", self.parts, PARTS)
         if "body" not in self.parts:
             raise ValueError(f"parts must hold body (every head classifies units by it), got {list(self.parts)}")
+        defaults = SamplingConfig()
+        unread = [name for name in ("per_video", "ratio") if getattr(self.sampling, name) != getattr(defaults, name)]
+        if unread:   # preprocessing gives every unit its role; training samples them
+            raise ValueError(f"{' and '.join(f'sampling.{name}' for name in unread)}: how many units of each role "
+                             "a training iteration takes is a training setting (gcm train --set "
+                             f"train.sampling.{unread[0]}=...); preprocessing reads the role thresholds")
 
 
 def _check_names(name: str, given: tuple[str, ...], known: tuple[str, ...] | None = None) -> None:
@@ -99,10 +106,14 @@ class OneStageConfig:
     train: TrainConfig = field(default_factory=default_recipe)
 
 
-# The sections of TrainStageConfig that a run of each kind does not read: given, they are refused
-# (they would change nothing); stored (a run's config.yaml, a checkpoint), they are dropped when read
-# back (:func:`stage_settings`), so that a change of their defaults leaves older runs readable.
-UNREAD_BY = {"two-stage": ("one_stage",), "one-stage": ("train", "model", "graph", "stream_lr")}
+# The settings of TrainStageConfig (dotted keys) that a run of each kind does not read: given, they
+# are refused (they would change nothing); stored (a run's config.yaml, a checkpoint), they are
+# dropped when read back (:func:`stage_settings`), so that a change of their defaults leaves older
+# runs readable. Training samples units by the roles preprocessing gave them (PreprocessConfig's
+# sampling thresholds); D-SSAD matches anchors, with neither unit sampling nor SSN's loss weights.
+ROLE_THRESHOLDS = ("fg_iou", "incomplete_iou", "incomplete_overlap", "bg_iou", "bg_coverage")
+UNREAD_BY = {"two-stage": ("one_stage", *(f"train.sampling.{name}" for name in ROLE_THRESHOLDS)),
+             "one-stage": ("train", "model", "graph", "stream_lr", "one_stage.train.sampling", "one_stage.train.loss")}
 
 
 @dataclass
@@ -144,19 +155,28 @@ class TrainStageConfig:
             multiple = -(-recipe.batch_videos // self.num_workers) * self.num_workers
             raise ValueError(f"the {self.num_workers} workers split each batch evenly: {key}.batch_videos "
                              f"({recipe.batch_videos}) must be a multiple of num_workers, e.g. {multiple}")
-        # (the other way round is checked where a run starts, workflows.train.absolute_inputs: a grid
-        # may make the trials of an experiment one-stage after its base gave their one_stage settings)
-        unread = self.unread_changes() if self.kind == "one-stage" else []
-        if unread:
-            raise ValueError(f"a one-stage run reads one_stage.train and one_stage.model (its graph: "
-                             f"one_stage.model.graph); {' and '.join(unread)} "
-                             f"{'hold' if len(unread) > 1 else 'holds'} two-stage settings, changed here for "
-                             "nothing: e.g. one_stage.train.epochs, not train.epochs")
+        if self.kind == "one-stage":   # a two-stage run is checked where it starts (refuse_unread)
+            self.refuse_unread()
 
-    def unread_changes(self) -> list[str]:
-        """The sections this kind of run does not read (:data:`UNREAD_BY`) that differ from their defaults."""
+    def refuse_unread(self) -> None:
+        """Refuse the settings given that this kind of run does not read (:data:`UNREAD_BY`), naming
+        where they belong. A two-stage run is checked where it starts (workflows.train.absolute_inputs),
+        not when its config is made: a grid's base may make an experiment's trials one-stage after
+        the experiment's base gave their one_stage settings."""
         fields = TrainStageConfig.__dataclass_fields__
-        return [name for name in UNREAD_BY[self.kind] if getattr(self, name) != fields[name].default_factory()]
+        unread = [key for key in UNREAD_BY[self.kind]
+                  if _at(self, key) != _at(fields[key.split(".")[0]].default_factory(), key.partition(".")[2])]
+        if not unread:
+            return
+        listed = f"{' and '.join(unread)} {'are' if len(unread) > 1 else 'is'} not read by a {self.kind} run"
+        if self.kind == "one-stage":
+            raise ValueError(f"{listed}, changed here for nothing: it reads one_stage.train (less its sampling "
+                             "and loss: D-SSAD matches anchors) and one_stage.model (its graph: "
+                             "one_stage.model.graph), e.g. one_stage.train.epochs, not train.epochs")
+        where = (["one_stage holds D-SSAD's settings: add kind=one-stage to train D-SSAD"] * ("one_stage" in unread)
+                 + ["a unit's role is given when preprocessing labels the units: gcm preprocess --set "
+                    "sampling.fg_iou=..."] * any(key.startswith("train.sampling.") for key in unread))
+        raise ValueError(f"{listed}, changed here for nothing: {'; '.join(where)}")
 
     @property
     def recipe(self) -> tuple[str, TrainConfig]:
@@ -345,12 +365,26 @@ def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> Inferenc
     return from_dict(InferenceConfig, {**to_dict(settings), **overrides}, "inference")
 
 
+def _at(config: Any, key: str) -> Any:
+    """The setting at dotted ``key`` of ``config`` (``config`` itself for an empty key)."""
+    return functools.reduce(getattr, key.split("."), config) if key else config
+
+
+def _without(settings: dict[str, Any], key: str) -> dict[str, Any]:
+    """``settings`` (a nested mapping) less the setting at dotted ``key``, where it has one."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return {name: value for name, value in settings.items() if name != head}
+    if isinstance(settings.get(head), dict):
+        return {**settings, head: _without(settings[head], rest)}
+    return settings
+
+
 def stage_settings(stored: dict[str, Any]) -> dict[str, Any]:
-    """A run's stored settings (its config.yaml, a checkpoint's) without the sections its kind does
-    not read (:data:`UNREAD_BY`): written with the defaults of their day, they would be refused
-    as given for nothing once those defaults change."""
-    unread = UNREAD_BY.get(stored.get("kind", TrainStageConfig.kind), ())
-    return {key: value for key, value in stored.items() if key not in unread}
+    """A run's stored settings (its config.yaml, a checkpoint's) without those its kind does not
+    read (:data:`UNREAD_BY`): written with the defaults of their day, they would be refused as
+    given for nothing once those defaults change."""
+    return functools.reduce(_without, UNREAD_BY.get(stored.get("kind", TrainStageConfig.kind), ()), stored)
 
 
 def to_dict(obj: Any) -> Any:

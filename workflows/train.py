@@ -294,9 +294,7 @@ def absolute_inputs(stage: TrainStageConfig) -> TrainStageConfig:
     if stage.card and stage.kind != "one-stage":
         raise ValueError("a dataset read directly (card, data_root) serves one-stage runs only: a two-stage run "
                          "reads the units of a preprocessed dataset (--data)")
-    if stage.kind == "two-stage" and stage.unread_changes():   # one_stage.* given, kind=one-stage forgotten
-        raise ValueError("a two-stage run reads train, model and graph; one_stage holds D-SSAD's settings, "
-                         "changed here for nothing: add kind=one-stage to train D-SSAD")
+    stage.refuse_unread()
     return absolute_paths(stage)
 
 

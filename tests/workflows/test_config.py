@@ -10,7 +10,7 @@ from gcm_core.engine import build_heads, make_optimizer
 from workflows import GRID_DIR
 from workflows.config import (
     OUTPUTS, ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder,
-    dump, earlier_settings, from_dict, resolve,
+    dump, earlier_settings, from_dict, resolve, stage_settings,
 )
 from workflows.train import absolute_inputs
 from workflows.tune import Grid, load_grid, trial_config
@@ -100,24 +100,34 @@ def test_fusion_weights_are_given_as_a_mapping_or_as_pairs():
     assert resolve(TrainStageConfig, None, ["inference.fusion=[[rgb, 1], [flow, 4]]"]).inference.fusion == expected
 
 
-def test_settings_of_the_other_kind_of_run_are_refused():
-    """D-SSAD trains with one_stage.train: a train.epochs meant for it would be ignored; and a
-    one_stage setting without kind=one-stage would train SSN as if it were D-SSAD's setting."""
-    with pytest.raises(ValueError, match=r"a two-stage run reads train, model and graph.*add kind=one-stage"):
+def test_settings_a_run_does_not_read_are_refused():
+    """D-SSAD trains with one_stage.train (less its unit sampling and SSN's loss weights): a
+    train.epochs meant for it would be ignored; a one_stage setting without kind=one-stage would
+    train SSN as if it were D-SSAD's; a role threshold given to training, not to preprocessing,
+    would leave the units' roles as they were; a unit count given to preprocessing, likewise."""
+    with pytest.raises(ValueError, match=r"^one_stage is not read by a two-stage run.*add kind=one-stage"):
         absolute_inputs(resolve(TrainStageConfig, None, ["one_stage.model.gcm_scales=[0, 1, 2]"]))
+    with pytest.raises(ValueError, match=r"^train\.sampling\.fg_iou is not read by a two-stage run.*"
+                                         r"gcm preprocess --set sampling\.fg_iou"):
+        absolute_inputs(resolve(TrainStageConfig, None, ["train.sampling.fg_iou=0.5", "train.sampling.per_video=4"]))
     # where a run starts: an experiment's base may give one_stage settings that its grid makes one-stage
     tune = resolve(TuneStageConfig, None, ["base.one_stage.train.epochs=5"])
     grid = Grid("k", "one-stage", {"kind": "one-stage"}, {"one_stage.model.hidden": [32, 64]}, {}, ["fused/mAP@0.5"])
     assert [trial_config(tune.base, grid, t).one_stage.train.epochs for t in grid.trials()] == [5, 5]
-    with pytest.raises(ConfigError, match=r"train holds two-stage settings.*one_stage\.train\.epochs, not train"):
-        resolve(TrainStageConfig, None, ["kind=one-stage", "train.epochs=5"])
-    with pytest.raises(ConfigError, match=r"model and graph hold two-stage settings"):
-        resolve(TrainStageConfig, None, ["kind=one-stage", "model.dropout=0.5", "graph.l_sem=4"])
-    with pytest.raises(ConfigError, match=r"stream_lr holds two-stage settings"):   # D-SSAD: one_stage.train.lr
-        resolve(TrainStageConfig, None, ["kind=one-stage", "stream_lr.rgb=0.5"])
+    for given, named in ((["train.epochs=5"], "train is"), (["model.dropout=0.5", "graph.l_sem=4"], "model and graph are"),
+                         (["stream_lr.rgb=0.5"], "stream_lr is"),   # D-SSAD trains at one_stage.train.lr
+                         (["one_stage.train.loss.regression=2"], r"one_stage\.train\.loss is"),
+                         (["one_stage.train.sampling.per_video=4"], r"one_stage\.train\.sampling is")):
+        with pytest.raises(ConfigError, match=f"{named} not read by a one-stage run.*one_stage\\.train\\.epochs, not"):
+            resolve(TrainStageConfig, None, ["kind=one-stage", *given])
+    with pytest.raises(ConfigError, match=r"sampling\.per_video: how many units .* train\.sampling\.per_video=\.\.\."):
+        resolve(PreprocessConfig, None, ["sampling.per_video=4"])
     run = resolve(TrainStageConfig, None, ["kind=one-stage", "one_stage.train.epochs=5"])
     assert run.one_stage.train.epochs == 5
     assert from_dict(TrainStageConfig, yaml.safe_load(dump(run))) == run   # its written config reads back
+    # stored with other values (an older version's defaults), what a run does not read is dropped
+    stored = from_dict(TrainStageConfig, stage_settings({"train": {"sampling": {"fg_iou": 0.5, "per_video": 4}}}))
+    assert (stored.train.sampling.fg_iou, stored.train.sampling.per_video) == (0.7, 4)
 
 
 def stream_rates(config: TrainStageConfig) -> dict[str, float]:
