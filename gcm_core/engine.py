@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from gcm_core.checks import check_ranges
 from gcm_core.data.model import Detections, Video

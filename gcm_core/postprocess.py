@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from gcm_core.checks import check_ranges
+from gcm_core.data.model import Detections
 from gcm_core.data.sampling import apply_regression
 
 
@@ -191,13 +192,9 @@ def apply_video_labels(labels: Tensor, scores: Tensor, video_scores: Tensor, top
     return kept, scores[kept] * video_scores.to(scores.dtype)[labels[kept]]
 
 
-def rescore_with_video_labels(detections: "Detections", video_scores: dict[str, "np.ndarray"],
-                              classes: list[str] | tuple[str, ...], top: int = 2) -> "Detections":
+def rescore_with_video_labels(detections: Detections, video_scores: dict[str, np.ndarray],
+                              classes: list[str] | tuple[str, ...], top: int = 2) -> Detections:
     """:func:`apply_video_labels` on every video of ``detections`` (videos without scores are dropped)."""
-    import numpy as np
-
-    from gcm_core.data.model import Detections
-
     index = {c: k for k, c in enumerate(classes)}
     by_video: dict[str, list[int]] = {}
     for k, v in enumerate(detections.video):

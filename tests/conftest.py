@@ -1,6 +1,8 @@
 """Shared test fixtures: where the real public data lives, and hypothesis profiles."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, settings
 

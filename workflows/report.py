@@ -333,7 +333,7 @@ def _data_section(runs: list[Run], out: Path, count: int) -> list[str]:
     stream = manifest["streams"][-1]
     fig, info = plot_unit_graph(chosen[0], stream, spec)
     _save(fig, out / "graph_unit.png")
-    lines += [f"### The graph around one unit (as the paper's Fig. 3)", "",
+    lines += ["### The graph around one unit (as the paper's Fig. 3)", "",
               f"Unit {info['unit']} of {chosen[0].video_id} and its {info['neighbours']} neighbours under "
               f"theta_ctx={spec.theta_ctx}, theta_sur={spec.theta_sur}, k_sur={spec.k_sur}, l_sem={spec.l_sem}.", "",
               "![graph around one unit](graph_unit.png)", ""]

@@ -14,7 +14,6 @@ besides its loop, shared with the one-stage loop, is in :mod:`workflows.train_wo
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import threading
 import time
