@@ -108,10 +108,28 @@ def video_features(paths: list[Path], streams: list[str], columns: dict[str, lis
     return align_streams({s: load_features(path, video_id) for s, path in zip(streams, paths)}, paths[0], video_id)
 
 
-def read_video_facts(path: Path) -> dict[str, Video]:
-    """Each video's duration and frame rate from a video-info file (:func:`read_video_info`: BSN's
-    ``video_info_new.csv``, mmtad's ``TH14_video_info.json``, ...) or an annotation file, keyed by
-    :func:`video_key` (ActivityNet ids with or without ``v_``)."""
+@dataclass(frozen=True)
+class VideoFacts:
+    """Each video's duration and frame rate as a video-info or annotation file gives them
+    (``--video-info``), keyed by :func:`video_key` (ActivityNet ids with or without ``v_``)."""
+
+    path: Path
+    videos: dict[str, Video]
+
+    def of(self, video_id: str) -> Video:
+        """The facts of ``video_id``. A video the file does not list is an error naming both: laid
+        out by the checkpoint's frame rate instead, its detections could be in the seconds of
+        another frame rate, unsaid."""
+        known = self.videos.get(video_key(video_id))
+        if known is None:
+            raise FormatError(self.path, "not listed there: give a --video-info file that lists every video, or "
+                                         "none to lay the videos out by the checkpoint's frame rate", video=video_id)
+        return known
+
+
+def read_video_facts(path: Path) -> VideoFacts:
+    """The facts of a video-info file (:func:`read_video_info`: BSN's ``video_info_new.csv``,
+    mmtad's ``TH14_video_info.json``, ...) or of an annotation file."""
     try:
         videos = read_video_info(path)
     except FormatError as as_info:  # not a video-info file: annotation files give durations too
@@ -120,26 +138,27 @@ def read_video_facts(path: Path) -> dict[str, Video]:
         except FormatError as as_annotations:
             raise FormatError(path, f"neither a video-info file ({as_info}) nor an annotation file "
                                     f"({as_annotations})") from None
-    return {video_key(vid): video for vid, video in videos.items()}
+    return VideoFacts(path, {video_key(vid): video for vid, video in videos.items()})
 
 
 def detect_videos(detector: Detector, videos: list[VideoFiles], proposals: Path | None = None,
-                  fps: float | None = None, duration: float | None = None, facts: dict[str, Video] | None = None,
+                  fps: float | None = None, duration: float | None = None, facts: VideoFacts | None = None,
                   skip_bad: bool = False, progress: Progress | None = None) -> tuple[Detections, dict[str, str]]:
     """Detections of ``videos``, in their order, and the videos left out with the reason.
 
     A two-stage head scores the ``proposals`` (a file of one video's, or of many, indexed once).
     Each video's frame rate and duration come from its ``facts`` (:func:`read_video_facts`), else
     from ``fps`` / ``duration``, else from the checkpoint's layout and the span of the features.
-    A video whose files fail their checks stops the run, or with ``skip_bad`` is left out.
+    A video whose files fail their checks, or that the ``facts`` do not list, stops the run, or
+    with ``skip_bad`` is left out.
     """
     many = ProposalSource(proposals, {}) if proposals and holds_many_videos(proposals) else None
     proposals_of = many.of if many else partial(read_video_proposals, proposals)
     found, skipped = [], {}
     for video_id, paths in videos:
-        known = (facts or {}).get(video_key(video_id))
-        rate, length = (known.fps or fps, known.duration) if known else (fps, duration)
         try:
+            known = facts.of(video_id) if facts else None
+            rate, length = (known.fps or fps, known.duration) if known else (fps, duration)
             found.append(_detect_one(detector, video_id, paths, rate, length, proposals_of))
         except FormatError as err:
             if not skip_bad:
@@ -177,7 +196,7 @@ def task_gpus(device: str) -> float:
 
 
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
-                       fps: float | None = None, facts: dict[str, Video] | None = None, skip_bad: bool = False,
+                       fps: float | None = None, facts: VideoFacts | None = None, skip_bad: bool = False,
                        workers: int | None = None, progress: Progress | None = None, gpus: float = 0.0,
                        inference: dict[str, Any] | None = None) -> tuple[Detections, dict[str, str]]:
     """:func:`detect_videos` as Ray tasks (one CPU and one thread each, and ``gpus`` of a GPU, on
@@ -208,7 +227,7 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
 
 
 def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None, fps: float | None,
-                  facts: dict[str, Video] | None, skip_bad: bool, inference: dict[str, Any] | None
+                  facts: VideoFacts | None, skip_bad: bool, inference: dict[str, Any] | None
                   ) -> tuple[Detections, dict[str, str]]:
     from workflows.ray_env import task_device
 

@@ -216,10 +216,19 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
         ends = [d["segment"][1] for d in found[vid[2:]]]
         assert max(ends) <= duration + 1e-6 and max(ends) > 0.5 * duration
 
-    # a broken video in the folder stops the run, naming it; with --skip-bad it is left out, named
-    np.save(tmp_path / "rgb" / "v_ccccccccccc.npy", np.full((100, 16), np.nan, dtype=np.float32))
+    # a video the video-info file does not list stops the run, naming both (laid out by the
+    # checkpoint's frame rate, it was detected in other seconds); with --skip-bad it is left out
+    np.save(tmp_path / "rgb" / "v_ccccccccccc.npy", rng.normal(size=(100, 16)).astype(np.float32))
     folder = [*checkpoint, "--features-dir", str(tmp_path), "--video-info", str(info),
               "--out", str(tmp_path / "all.json"), "--overwrite"]
+    capsys.readouterr()
+    assert main(folder) == 2
+    assert f"{info}, video v_ccccccccccc: not listed there" in capsys.readouterr().err
+    assert main([*folder, "--skip-bad"]) == 0
+    assert json.loads((tmp_path / "all.json").read_text())["results"] == alone
+    # a broken video in the folder stops the run, naming it; with --skip-bad it is left out, named
+    info.write_text(info.read_text() + "v_ccccccccccc,2500,100.0,25.0,25.0,validation,2500\n")
+    np.save(tmp_path / "rgb" / "v_ccccccccccc.npy", np.full((100, 16), np.nan, dtype=np.float32))
     capsys.readouterr()
     assert main(folder) == 2
     assert "v_ccccccccccc.npy, video v_ccccccccccc: non-finite value" in capsys.readouterr().err
