@@ -49,6 +49,27 @@ def test_eval_detections_class_agnostic_on_real_cbr_results(shared_data, capsys)
     assert out["mAP"][0] == pytest.approx(31.0, abs=0.1)  # the class-aware result is still there
 
 
+def test_eval_detections_per_class_on_real_cbr_results(shared_data, capsys):
+    """--per-class: each class's AP, as the THUMOS'14 evaluator's loop scores CBR's real detections."""
+    th = shared_data / "thumos14"
+    folder, results = th / "annotations/temporal_annotations_test", th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt"
+    assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
+                 str(results), "--tiou", "0.5", "--per-class"]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and not line.startswith(("| tIoU", "| mAP", "| AP (%) of class"))]
+    card = load_card("thumos14")
+    gt, dets = read_annotations(folder, card), read_detections(results, card)
+    index, label = {vid: k for k, vid in enumerate(gt)}, {name: c for c, name in enumerate(card.classes)}
+    det_rows = [(index[dets.video[k]], label[dets.label[k]], dets.start[k], dets.end[k], dets.score[k], k)
+                for k in range(len(dets))]
+    gt_rows = [(index[v.id], label[i.label], i.start, i.end) for v in gt.values() for i in v.instances]
+    ambiguous = [(index[v.id], s, e) for v in gt.values() for s, e in v.ambiguous]
+    reference = 100 * loop_thumos_ap(gt_rows, det_rows, 0.5, len(card.classes), ambiguous)
+    assert [name.strip() for name, *_ in rows] == list(card.classes)
+    for (name, ap, average), expected in zip(rows, reference):
+        assert float(ap) == pytest.approx(expected, abs=0.006) and average.strip() == ap.strip(), name
+
+
 def test_eval_detections_picks_the_test_subset_of_a_json_holding_two(shared_data, capsys):
     th = shared_data / "thumos14"
     rc = main(["eval-detections", "--protocol", "activitynet",

@@ -30,6 +30,8 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-agnostic", action="store_true",
                    help="also the AP with every class merged into one: its gap to the mAP is what classification "
                         "costs the detector")
+    p.add_argument("--per-class", action="store_true",
+                   help="also each class's AP per tIoU (in --json output always, as per_class)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
@@ -73,6 +75,9 @@ def run_eval_detections(args: argparse.Namespace) -> int:
     if agnostic:
         rows.append(["class-agnostic AP (%)", *agnostic["mAP"], agnostic["average"]])
     print(markdown_table(headers, rows))
+    if args.per_class:   # a class without ground truth here (None) has no AP, nor an average
+        print("\n" + markdown_table(["AP (%) of class", *headers[1:]], [
+            [name, *aps, None if None in aps else sum(aps) / len(aps)] for name, aps in summary["per_class"].items()]))
     return 0
 
 
