@@ -163,9 +163,7 @@ class TrainStageConfig:
         where they belong. A two-stage run is checked where it starts (workflows.train.absolute_inputs),
         not when its config is made: a grid's base may make an experiment's trials one-stage after
         the experiment's base gave their one_stage settings."""
-        fields = TrainStageConfig.__dataclass_fields__
-        unread = [key for key in UNREAD_BY[self.kind]
-                  if _at(self, key) != _at(fields[key.split(".")[0]].default_factory(), key.partition(".")[2])]
+        unread = [key for key in UNREAD_BY[self.kind] if _at(self, key) != _default_at(key)]
         if not unread:
             return
         listed = f"{' and '.join(unread)} {'are' if len(unread) > 1 else 'is'} not read by a {self.kind} run"
@@ -173,9 +171,12 @@ class TrainStageConfig:
             raise ValueError(f"{listed}, changed here for nothing: it reads one_stage.train (less its sampling "
                              "and loss: D-SSAD matches anchors) and one_stage.model (its graph: "
                              "one_stage.model.graph), e.g. one_stage.train.epochs, not train.epochs")
-        where = (["one_stage holds D-SSAD's settings: add kind=one-stage to train D-SSAD"] * ("one_stage" in unread)
-                 + ["a unit's role is given when preprocessing labels the units: gcm preprocess --set "
-                    "sampling.fg_iou=..."] * any(key.startswith("train.sampling.") for key in unread))
+        where = []
+        if "one_stage" in unread:
+            where.append("one_stage holds D-SSAD's settings: add kind=one-stage to train D-SSAD")
+        if any(key.startswith("train.sampling.") for key in unread):
+            where.append("a unit's role is given when preprocessing labels the units: gcm preprocess --set "
+                         "sampling.fg_iou=...")
         raise ValueError(f"{listed}, changed here for nothing: {'; '.join(where)}")
 
     @property
@@ -368,6 +369,12 @@ def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> Inferenc
 def _at(config: Any, key: str) -> Any:
     """The setting at dotted ``key`` of ``config`` (``config`` itself for an empty key)."""
     return functools.reduce(getattr, key.split("."), config) if key else config
+
+
+def _default_at(key: str) -> Any:
+    """The default of the TrainStageConfig setting at dotted ``key``."""
+    head, _, rest = key.partition(".")
+    return _at(TrainStageConfig.__dataclass_fields__[head].default_factory(), rest)
 
 
 def _without(settings: dict[str, Any], key: str) -> dict[str, Any]:
