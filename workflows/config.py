@@ -225,6 +225,14 @@ class TuneStageConfig:
 
     def __post_init__(self) -> None:   # Ray Tune wants a non-zero CPU for a trial's own process
         check_ranges(self, cpus_per_trial="> 0", gpus_per_trial=">= 0", max_concurrent=">= 1")
+        # what the experiment sets for every trial itself (the data: as it records it, or unset)
+        owned = {"data": ("the trials train on the experiment's data (--data)", (self.data, TrainStageConfig.data)),
+                 "name": ("each trial is named by its grid values", (TrainStageConfig.name,)),
+                 "evaluate": ("every trial is evaluated, for the table", (True,)),
+                 "resume": ("an interrupted experiment resumes with --resume", (False,))}
+        given = [f"base.{key}: {why}" for key, (why, allowed) in owned.items() if getattr(self.base, key) not in allowed]
+        if given:
+            raise ValueError(f"{'; '.join(given)} (the experiment sets it for every trial: changed here for nothing)")
 
 
 # what each stage's output folder holds, by the stage config its config.yaml was written from

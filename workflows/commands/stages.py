@@ -27,7 +27,7 @@ def run_preprocess(args: argparse.Namespace) -> int:
     from workflows.preprocess import run_preprocess
 
     config = stage_config(PreprocessConfig, args, card=args.card, data_root=args.data_root, out=args.out,
-                    num_workers=args.workers, overwrite=args.overwrite, skip_bad=args.skip_bad)
+                          num_workers=args.workers, overwrite=args.overwrite, skip_bad=args.skip_bad)
     with ray_session_of(args):
         manifest = run_preprocess(config, args.quiet)
     counts = ", ".join(f"{role}: {c['videos']} videos, {c['units']} units, {c['edges']} candidate edges"
@@ -56,7 +56,7 @@ def run_train(args: argparse.Namespace) -> int:
     from workflows.train import run_dir, run_train
 
     config = stage_config(TrainStageConfig, args, run_dir, data=args.data, card=args.card, data_root=args.data_root,
-                    out=args.out, name=args.name, num_workers=args.workers, resume=args.resume)
+                          out=args.out, name=args.name, num_workers=args.workers, resume=args.resume)
     with ray_session_of(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}
@@ -85,8 +85,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from workflows.evaluate import run_evaluate
 
     config = stage_config(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, cards=args.card,
-                    data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou,
-                    overwrite=args.overwrite)
+                          data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou,
+                          overwrite=args.overwrite)
     with ray_session_of(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())
@@ -116,7 +116,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     direct = {k: v for k, v in (("card", args.card), ("data_root", args.data_root)) if v is not None}
     config = stage_config(TuneStageConfig, args, experiment_dir, grid=args.grid, data=args.data, out=args.out,
-                    resume=args.resume, base=direct or None)
+                          resume=args.resume, base=direct or None)
     with ray_session_of(args):
         rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)
