@@ -148,6 +148,7 @@ class TrainStageConfig:
         check_folder_name("name", self.name)
         _check_names("streams", self.streams)   # which exist, the dataset says (workflows.train.check_inputs)
         stream_weights(self.streams, dict(self.inference.fusion))   # refuses weights of 0 in all
+        check_fusion_streams(dict(self.inference.fusion), self.streams, "this run")
         key, recipe = self.recipe
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
@@ -366,6 +367,18 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         return dataclasses.replace(defaults, **values)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where or cls.__name__}: {err}") from None
+
+
+def check_fusion_streams(fusion: dict[str, float], streams: list[str] | tuple[str, ...], whose: str) -> None:
+    """Refuse fusion weights of streams that are neither ``whose``'s (a run's, a checkpoint's) nor
+    the paper's (rgb, flow: one fusion may serve a grid or an evaluation of one-stream and
+    two-stream models): a stream misspelt (``Flow``) would be left out unsaid, its stream
+    weighing 1."""
+    known = list(dict.fromkeys([*streams, *dict(InferenceConfig().fusion)]))
+    unknown = sorted(set(fusion) - set(known))
+    if unknown:
+        raise ValueError(f"inference.fusion weighs {unknown}, which are not streams of {whose} ({list(streams)}) "
+                         f"or the paper's")
 
 
 def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> InferenceConfig:

@@ -27,7 +27,7 @@ from gcm_core.data.formats import (
 from gcm_core.data.model import video_key
 from gcm_core.one_stage import detect_video as detect_video_one_stage
 from gcm_core.postprocess import stream_weights
-from workflows.config import overridden
+from workflows.config import check_fusion_streams, overridden
 from workflows.progress import Progress
 from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoint, load_one_stage
 
@@ -80,19 +80,25 @@ class Detector:
     def load(cls, path: Path, device: torch.device | str = "cpu", inference: dict[str, Any] | None = None
              ) -> "Detector":
         """The checkpoint at ``path`` on ``device``, post-processing with ``inference`` (settings
-        of :class:`InferenceConfig`) in place of its own."""
+        of :class:`InferenceConfig`) in place of its own (fusion weights: of its streams only)."""
         device = torch.device(device)
+        inference = inference or {}
         if is_one_stage_checkpoint(path):
             model = load_one_stage(path)
             model.models.to(device)
             # a run's config is checked when built: fusion weights of 0 in all are refused here
-            model.stage = replace(model.stage, inference=overridden(model.stage.inference, inference or {}))
-            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
-        model = load_checkpoint(path)
-        model.heads.to(device)
-        model.inference = overridden(model.inference, inference or {})
-        stream_weights(model.streams, dict(model.inference.fusion))   # 0 in all: refused before any video
-        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
+            model.stage = replace(model.stage, inference=overridden(model.stage.inference, inference))
+            detector = cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
+        else:
+            model = load_checkpoint(path)
+            model.heads.to(device)
+            model.inference = overridden(model.inference, inference)
+            stream_weights(model.streams, dict(model.inference.fusion))   # 0 in all: refused before any video
+            detector = cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
+        if "fusion" in inference:
+            settings = model.stage.inference if detector.one_stage else model.inference
+            check_fusion_streams(dict(settings.fusion), detector.streams, str(path))
+        return detector
 
 
 def video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,

@@ -75,8 +75,8 @@ def test_a_gpu_torch_does_not_see_is_refused_by_name(checkpoints, small_dataset,
 @pytest.mark.parametrize("weights", ["model.pt", "dssad.pt"])
 def test_detect_post_processes_as_asked(checkpoints, small_dataset, weights, capsys):
     """--set inference.top_k=3 in place of the checkpoint's 50 / 200: each video keeps its first
-    three detections (NMS is greedy, best first); other keys than inference's, and fusion weights
-    of 0 in all, are refused."""
+    three detections (NMS is greedy, best first); other keys than inference's, fusion weights of
+    0 in all, and of a stream the checkpoint does not have, are refused."""
     assert detect(checkpoints, small_dataset, weights, "cpu", "all.json") == 0
     with_top_3 = ["--set", "inference.top_k=3"]
     assert detect(checkpoints, small_dataset, weights, "cpu", "three.json", with_top_3) == 0
@@ -90,6 +90,10 @@ def test_detect_post_processes_as_asked(checkpoints, small_dataset, weights, cap
     assert detect(checkpoints, small_dataset, weights, "cpu", "refused.json",
                   ["--set", "inference.fusion={rgb: 0, flow: 0}"]) == 2
     assert "inference.fusion weighs the streams ['rgb', 'flow'] 0 in all" in capsys.readouterr().err
+    # a misspelt stream would be left out, the one named weighing 1
+    assert detect(checkpoints, small_dataset, weights, "cpu", "refused.json",
+                  ["--set", "inference.fusion={rgb: 2, Flow: 3}"]) == 2
+    assert "inference.fusion weighs ['Flow'], which are not streams of" in capsys.readouterr().err
     assert not (checkpoints / "refused.json").exists()
 
 

@@ -62,6 +62,8 @@ def test_bad_settings_are_named(override, message):
     (TrainStageConfig, "stream_lr={rgb: 0.001, flow: 0}", r"stream_lr must be > 0, got \{'rgb': 0\.001, 'flow': 0\.0\}"),
     (TrainStageConfig, "inference.nms_threshold=-0.1", r"^inference: nms_threshold must be in \[0, 1\]"),
     (TrainStageConfig, "inference.fusion={rgb: 0, flow: 0}", r"fusion weighs the streams \['rgb', 'flow'\] 0 in all"),
+    (TrainStageConfig, "inference.fusion={rgb: 2, Flow: 3}",   # misspelt: Flow left out, flow weighing 1
+     r"fusion weighs \['Flow'\], which are not streams of this run \(\['rgb', 'flow'\]\) or the paper's$"),
     (TrainStageConfig, "train.sampling.ratio=[0, 0, 0]", r"^train\.sampling: ratio must be three counts"),
     (TrainStageConfig, "num_workers=0", r"num_workers must be >= 1, got 0$"),
     (TrainStageConfig, "num_workers=3", r"the 3 workers split each batch evenly: train\.batch_videos \(32\) must be a "
@@ -98,6 +100,9 @@ def test_fusion_weights_are_given_as_a_mapping_or_as_pairs():
     expected = (("rgb", 1.0), ("flow", 4.0))
     assert resolve(TrainStageConfig, None, ["inference.fusion={rgb: 1, flow: 4}"]).inference.fusion == expected
     assert resolve(TrainStageConfig, None, ["inference.fusion=[[rgb, 1], [flow, 4]]"]).inference.fusion == expected
+    # the paper's two streams may be weighed in a one-stream run (a grid over the streams shares one fusion)
+    assert resolve(TrainStageConfig, None, ["streams=[flow]", "inference.fusion={rgb: 1, flow: 4}"]
+                   ).inference.fusion == expected
 
 
 def test_settings_a_run_does_not_read_are_refused():
