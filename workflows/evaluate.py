@@ -28,7 +28,8 @@ from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
-from workflows.config import ConfigError, EvaluateConfig, check_output_folder, dump
+from workflows.config import EvaluateConfig, check_output_folder
+from workflows.settings import ConfigError, dump
 from workflows.detect import Detector
 from workflows.progress import Progress
 from workflows.shards import check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_videos

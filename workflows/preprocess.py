@@ -39,9 +39,8 @@ from gcm_core.data.model import FormatError
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import FOREGROUND, RegressionStats
 from gcm_core.data.yamlio import read_yaml
-from workflows.config import (
-    PreprocessConfig, changed_settings, check_output_folder, describe_changes, dump, from_dict, to_dict,
-)
+from workflows.config import PreprocessConfig, check_output_folder
+from workflows.settings import changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.progress import Progress
 from workflows.provenance import code_version
 from workflows.shards import video_to_row, write_shard

@@ -25,7 +25,8 @@ from gcm_core.data.model import Detections, Video
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
-from workflows.config import TrainStageConfig, from_dict, stage_settings
+from workflows.config import TrainStageConfig, stage_settings
+from workflows.settings import from_dict
 from workflows.train_worker import (
     evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
     worker_setup, worker_steps,

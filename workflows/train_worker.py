@@ -21,7 +21,8 @@ from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
 from gcm_core.evaluation import evaluate_detections
-from workflows.config import TrainStageConfig, from_dict
+from workflows.config import TrainStageConfig
+from workflows.settings import from_dict
 
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter

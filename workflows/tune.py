@@ -30,9 +30,9 @@ from gcm_core.data.cards import shipped_yaml
 from gcm_core.data.yamlio import read_yaml
 from workflows import GRID_DIR
 from workflows.config import (
-    ConfigError, TrainStageConfig, TuneStageConfig, changed_settings, check_folder_name, check_output_folder,
-    deep_merge, describe_changes, dump, from_dict, sets_lr_alone, stage_settings, to_dict,
+    TrainStageConfig, TuneStageConfig, check_folder_name, check_output_folder, sets_lr_alone, stage_settings,
 )
+from workflows.settings import ConfigError, changed_settings, deep_merge, describe_changes, dump, from_dict, to_dict
 from workflows.shards import load_manifest
 from workflows.tables import markdown_table
 from workflows.train import (

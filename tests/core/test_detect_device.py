@@ -18,7 +18,8 @@ from gcm_core.engine import TrainConfig, fit
 from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 from workflows.cli import main
-from workflows.config import TrainStageConfig, from_dict, to_dict
+from workflows.config import TrainStageConfig
+from workflows.settings import from_dict, to_dict
 from workflows.train_one_stage import OneStageModels, save_one_stage
 
 STREAMS = ("rgb", "flow")

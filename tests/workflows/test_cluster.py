@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from workflows.config import PreprocessConfig, TrainStageConfig, from_dict
+from workflows.config import PreprocessConfig, TrainStageConfig
+from workflows.settings import from_dict
 from workflows.preprocess import run_preprocess
 from workflows.ray_env import quiet_data, quiet_ray_environment
 from workflows.train import run_train

@@ -9,9 +9,10 @@ import yaml
 from gcm_core.engine import build_heads, make_optimizer
 from workflows import GRID_DIR
 from workflows.config import (
-    OUTPUTS, ConfigError, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder,
-    dump, earlier_settings, from_dict, resolve, stage_settings,
+    OUTPUTS, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder, earlier_settings,
+    resolve, stage_settings,
 )
+from workflows.settings import ConfigError, dump, from_dict
 from workflows.train import absolute_inputs
 from workflows.tune import Grid, load_grid, trial_config
 

@@ -24,9 +24,8 @@ from gcm_core.engine import build_heads
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
-from workflows.config import (
-    ConfigError, EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig, from_dict, to_dict,
-)
+from workflows.config import EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig
+from workflows.settings import ConfigError, from_dict, to_dict
 from workflows.evaluate import EvalDataset, EvaluationError, datasets_of, pair_folders, run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.cli import main as cli_main

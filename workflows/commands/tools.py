@@ -239,7 +239,7 @@ def run_detect(args: argparse.Namespace) -> int:
 
 def inference_overrides(pairs: list[str]) -> dict[str, Any]:
     """``gcm detect``'s ``--set inference.KEY=VALUE`` pairs as settings of InferenceConfig."""
-    from workflows.config import ConfigError, parse_overrides
+    from workflows.settings import ConfigError, parse_overrides
 
     settings = parse_overrides(pairs)
     other = sorted(set(settings) - {"inference"})
