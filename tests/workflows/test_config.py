@@ -110,21 +110,12 @@ def test_settings_a_run_does_not_read_are_refused():
     """D-SSAD trains with one_stage.train (less its unit sampling and SSN's loss weights): a
     train.epochs meant for it would be ignored; a one_stage setting without kind=one-stage would
     train SSN as if it were D-SSAD's; a role threshold given to training, not to preprocessing,
-    would leave the units' roles as they were; a unit count given to preprocessing, likewise; an
-    experiment's base.data would be replaced by the experiment's own data unsaid."""
+    would leave the units' roles as they were; a unit count given to preprocessing, likewise."""
     with pytest.raises(ValueError, match=r"^one_stage is not read by a two-stage run.*add kind=one-stage"):
         absolute_inputs(resolve(TrainStageConfig, None, ["one_stage.model.gcm_scales=[0, 1, 2]"]))
     with pytest.raises(ValueError, match=r"^train\.sampling\.fg_iou is not read by a two-stage run.*"
                                          r"gcm preprocess --set sampling\.fg_iou"):
         absolute_inputs(resolve(TrainStageConfig, None, ["train.sampling.fg_iou=0.5", "train.sampling.per_video=4"]))
-    # what an experiment sets for every trial itself: its data (as it records it, or unset), names, evaluation
-    with pytest.raises(ConfigError, match=r"base\.data: the trials train on the experiment's data \(--data\) "
-                                          r"\(the experiment sets it for every trial: changed here for nothing\)$"):
-        resolve(TuneStageConfig, None, ["base.data=runs/other"])
-    with pytest.raises(ConfigError, match=r"base\.name: each trial is named by its grid values; base\.evaluate: every "
-                                          r"trial is evaluated, for the table; base\.resume: .* --resume"):
-        resolve(TuneStageConfig, None, ["base.name=mine", "base.evaluate=false", "base.resume=true"])
-    assert resolve(TuneStageConfig, None, ["data=runs/other", "base.data=runs/other"]).base.data == "runs/other"
     # where a run starts: an experiment's base may give one_stage settings that its grid makes one-stage
     tune = resolve(TuneStageConfig, None, ["base.one_stage.train.epochs=5"])
     grid = Grid("k", "one-stage", {"kind": "one-stage"}, {"one_stage.model.hidden": [32, 64]}, {}, ["fused/mAP@0.5"])
@@ -143,6 +134,19 @@ def test_settings_a_run_does_not_read_are_refused():
     # stored with other values (an older version's defaults), what a run does not read is dropped
     stored = from_dict(TrainStageConfig, stage_settings({"train": {"sampling": {"fg_iou": 0.5, "per_video": 4}}}))
     assert (stored.train.sampling.fg_iou, stored.train.sampling.per_video) == (0.7, 4)
+
+
+def test_an_experiments_own_settings_are_refused_in_its_base():
+    """What an experiment sets for every trial itself (its data, as it records it or unset, the
+    trials' names, their evaluation, resuming) would be replaced unsaid: base.data by the
+    experiment's own data, so that the trials could train on another dataset than the one named."""
+    with pytest.raises(ConfigError, match=r"base\.data: the trials train on the experiment's data \(--data\) "
+                                          r"\(the experiment sets it for every trial: changed here for nothing\)$"):
+        resolve(TuneStageConfig, None, ["base.data=runs/other"])
+    with pytest.raises(ConfigError, match=r"base\.name: each trial is named by its grid values; base\.evaluate: every "
+                                          r"trial is evaluated, for the table; base\.resume: .* --resume"):
+        resolve(TuneStageConfig, None, ["base.name=mine", "base.evaluate=false", "base.resume=true"])
+    assert resolve(TuneStageConfig, None, ["data=runs/other", "base.data=runs/other"]).base.data == "runs/other"
 
 
 def stream_rates(config: TrainStageConfig) -> dict[str, float]:
