@@ -1,12 +1,33 @@
 """External video-level labels (UntrimmedNet top-2, score product) with the real THUMOS'14 scores."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pytest
 
 from gcm_core.data.cards import load_card
 from gcm_core.data.detections import read_untrimmednet_scores
 from gcm_core.data.formats import read_annotations, read_detections
 from gcm_core.postprocess import rescore_with_video_labels
+from reference_metrics import loop_thumos_ap
+from workflows.cli import main
+
+
+def independently_rescored(det, raw: np.ndarray, card, top: int = 2) -> list[tuple]:
+    """(video, label, start, end, score) of each detection whose official class index is among its
+    video's ``top`` best columns of the raw [1574, 101] file, its score times that column's."""
+    official = np.array(card.official_index)
+    kept = []
+    for v, lab, s, e, sc in zip(det.video, det.label, det.start, det.end, det.score):
+        if lab not in card.classes:
+            continue
+        row = raw[int(v.split("_")[-1]) - 1]
+        best = set(official[np.argsort(-row[official - 1], kind="stable")[:top]])
+        idx = card.official_index[card.classes.index(lab)]
+        if idx in best:
+            kept.append((v, lab, s, e, sc * row[idx - 1]))
+    return kept
 
 
 def test_untrimmednet_scores_rescore_real_detections(shared_data):
@@ -21,18 +42,36 @@ def test_untrimmednet_scores_rescore_real_detections(shared_data):
     assert np.mean(hits) > 0.85
     det = read_detections(th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt", card)
     out = rescore_with_video_labels(det, scores, card.classes, top=2)
-    # independently: a detection is kept iff its official class index is among its video's two best columns
-    expected = []
-    for v, lab, s, e, sc in zip(det.video, det.label, det.start, det.end, det.score):
-        if lab not in card.classes:
-            continue
-        row = raw[int(v.split("_")[-1]) - 1]
-        official = np.array(card.official_index)
-        best_two = set(official[np.argsort(-row[official - 1], kind="stable")[:2]])
-        idx = card.official_index[card.classes.index(lab)]
-        if idx in best_two:
-            expected.append((v, lab, s, e, sc * row[idx - 1]))
+    expected = independently_rescored(det, raw, card)
     got = sorted(zip(out.video, out.label, out.start, out.end, out.score))
     assert len(got) == len(expected) and 0 < len(got) < len(det)
     for a, b in zip(got, sorted(expected)):
         assert a[:4] == b[:4] and np.isclose(a[4], b[4], rtol=1e-6)
+
+
+def test_eval_detections_with_video_labels(shared_data, capsys):
+    """gcm eval-detections --video-scores: CBR's real detections rescored by UntrimmedNet's top 2
+    classes per video score, as the THUMOS'14 evaluator's loop scores them, beside the plain mAP."""
+    card = load_card("thumos14")
+    th = shared_data / "thumos14"
+    folder, results = th / "annotations/temporal_annotations_test", th / "results/CBR/CBR_THUMOS-14_IoU0.5.txt"
+    assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
+                 str(results), "--tiou", "0.5", "--video-scores", str(th / "untrimmednet_test_scores.npy"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    gt = read_annotations(folder, card)
+    raw = np.load(th / "untrimmednet_test_scores.npy", allow_pickle=False)
+    index, label = {vid: k for k, vid in enumerate(gt)}, {name: c for c, name in enumerate(card.classes)}
+    det_rows = [(index[v], label[lab], s, e, sc, k)
+                for k, (v, lab, s, e, sc) in enumerate(independently_rescored(read_detections(results, card), raw, card))]
+    gt_rows = [(index[v.id], label[i.label], i.start, i.end) for v in gt.values() for i in v.instances]
+    ambiguous = [(index[v.id], s, e) for v in gt.values() for s, e in v.ambiguous]
+    reference = 100 * loop_thumos_ap(gt_rows, det_rows, 0.5, len(card.classes), ambiguous).mean()
+    assert out["video_labels"]["mAP"] == [pytest.approx(reference, abs=1e-3)]
+    assert out["mAP"] == [pytest.approx(31.0, abs=0.01)]   # the detections as given, beside it
+    # scores in THUMOS'14's layout need a card with its official class indices: without one, named
+    anet = shared_data / "activitynet"
+    assert main(["eval-detections", "--protocol", "activitynet", "--ground-truth", str(anet / "anet_anno_action.json"),
+                 "--subset", "validation", "--detections", str(anet / "sample_detection_prediction.json"),
+                 "--video-scores", str(th / "untrimmednet_test_scores.npy")]) == 2
+    assert "--video-scores reads THUMOS'14's UntrimmedNet layout" in capsys.readouterr().err

@@ -30,6 +30,13 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-agnostic", action="store_true",
                    help="also the AP with every class merged into one: its gap to the mAP is what classification "
                         "costs the detector")
+    p.add_argument("--video-scores", type=Path, metavar="NPY",
+                   help="also the mAP with external video-level labels (the paper's 'with video labels'): "
+                        "UntrimmedNet class scores per video in THUMOS'14's public layout ([videos, 101], row i "
+                        "video_test_{i+1:07d}); each video keeps the detections of its --video-top best classes, "
+                        "their scores multiplied by the class's video score")
+    p.add_argument("--video-top", type=at_least(int, 1), default=2,
+                   help="with --video-scores: the classes each video keeps (default: 2, as the paper)")
     p.add_argument("--per-class", action="store_true",
                    help="also each class's AP per tIoU (in --json output always, as per_class)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -37,9 +44,11 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
 
 def run_eval_detections(args: argparse.Namespace) -> int:
     from gcm_core.data.cards import load_card
+    from gcm_core.data.detections import read_untrimmednet_scores
     from gcm_core.data.formats import read_annotations, read_detections
     from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, select_subset, unmatched_detections
     from gcm_core.metrics import ACTIVITYNET_TIOU, THUMOS14_TIOU
+    from gcm_core.postprocess import rescore_with_video_labels
 
     thumos_inputs = args.protocol == "thumos14" or args.detections.suffix != ".json"
     card = load_card(args.card or "thumos14") if (args.card or thumos_inputs) else None
@@ -59,12 +68,20 @@ def run_eval_detections(args: argparse.Namespace) -> int:
     unmatched = unmatched_detections(videos, detections, classes)
     for note in unmatched.notes(len(classes)):
         print(f"note: {note}", file=sys.stderr)
-    agnostic = None
+    agnostic = labelled = None
     if args.class_agnostic:
         merged = class_agnostic(videos, detections)
         agnostic = evaluate_detections(*merged, [AGNOSTIC], args.protocol, tiou).as_dict([AGNOSTIC])
+    if args.video_scores:
+        if card is None:
+            raise ValueError("--video-scores reads THUMOS'14's UntrimmedNet layout: give a --card with official "
+                             "class indices (thumos14)")
+        scores = read_untrimmednet_scores(args.video_scores, card)
+        rescored = rescore_with_video_labels(detections, scores, classes, args.video_top)
+        labelled = evaluate_detections(videos, rescored, classes, args.protocol, tiou).as_dict(classes)
     if args.json:
-        extra = {"unmatched": unmatched.counts(), **({"class_agnostic": agnostic} if agnostic else {})}
+        extra = {"unmatched": unmatched.counts(), **({"class_agnostic": agnostic} if agnostic else {}),
+                 **({"video_labels": labelled} if labelled else {})}
         print(json.dumps({**summary, **extra}))
         return 0
     n_inst = sum(len(v.instances) for v in videos.values())
@@ -74,6 +91,8 @@ def run_eval_detections(args: argparse.Namespace) -> int:
     rows = [["mAP (%)", *summary["mAP"], summary["average"]]]
     if agnostic:
         rows.append(["class-agnostic AP (%)", *agnostic["mAP"], agnostic["average"]])
+    if labelled:
+        rows.append([f"mAP with video labels, top {args.video_top} (%)", *labelled["mAP"], labelled["average"]])
     print(markdown_table(headers, rows))
     if args.per_class:   # a class without ground truth here (None) has no AP, nor an average
         print("\n" + markdown_table(["AP (%) of class", *headers[1:]], [
