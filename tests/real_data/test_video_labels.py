@@ -49,7 +49,7 @@ def test_untrimmednet_scores_rescore_real_detections(shared_data):
         assert a[:4] == b[:4] and np.isclose(a[4], b[4], rtol=1e-6)
 
 
-def test_eval_detections_with_video_labels(shared_data, capsys):
+def test_eval_detections_with_video_labels(shared_data, capsys, tmp_path):
     """gcm eval-detections --video-scores: CBR's real detections rescored by UntrimmedNet's top 2
     classes per video score, as the THUMOS'14 evaluator's loop scores them, beside the plain mAP."""
     card = load_card("thumos14")
@@ -75,3 +75,8 @@ def test_eval_detections_with_video_labels(shared_data, capsys):
                  "--subset", "validation", "--detections", str(anet / "sample_detection_prediction.json"),
                  "--video-scores", str(th / "untrimmednet_test_scores.npy")]) == 2
     assert "--video-scores reads THUMOS'14's UntrimmedNet layout" in capsys.readouterr().err
+    # scores of none of the detections' videos (the first three rows: videos CBR has no detection on)
+    np.save(tmp_path / "three.npy", raw[:3])
+    assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
+                 str(results), "--video-scores", str(tmp_path / "three.npy")]) == 2
+    assert f"{tmp_path / 'three.npy'} scores none of the detections' videos" in capsys.readouterr().err

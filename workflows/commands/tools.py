@@ -77,6 +77,13 @@ def run_eval_detections(args: argparse.Namespace) -> int:
             raise ValueError("--video-scores reads THUMOS'14's UntrimmedNet layout: give a --card with official "
                              "class indices (thumos14)")
         scores = read_untrimmednet_scores(args.video_scores, card)
+        unscored = sorted(set(detections.video) - set(scores))
+        if unscored and len(unscored) == len(set(detections.video)):
+            raise ValueError(f"{args.video_scores} scores none of the detections' videos (e.g. {unscored[0]}; it "
+                             f"scores {min(scores)} to {max(scores)})")
+        if unscored:   # rescoring leaves their detections out
+            print(f"note: {args.video_scores} scores no class of {len(unscored)} video(s) of the detections "
+                  f"(e.g. {unscored[0]}): with video labels they have no detections", file=sys.stderr)
         rescored = rescore_with_video_labels(detections, scores, classes, args.video_top)
         labelled = evaluate_detections(videos, rescored, classes, args.protocol, tiou).as_dict(classes)
     if args.json:
