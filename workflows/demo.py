@@ -16,10 +16,10 @@ from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import load_card
 from gcm_core.data.synthetic import generate_dataset
 from workflows.config import EvaluateConfig, PreprocessConfig, TrainStageConfig
-from workflows.settings import from_dict
 from workflows.evaluate import run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.ray_env import refuse_ray_client
+from workflows.settings import from_dict
 from workflows.tables import markdown_table
 from workflows.train import run_train
 

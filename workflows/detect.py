@@ -86,19 +86,16 @@ class Detector:
         if is_one_stage_checkpoint(path):
             model = load_one_stage(path)
             model.models.to(device)
-            # a run's config is checked when built: fusion weights of 0 in all are refused here
+            # a run's config checks its fusion weights when built (0 in all, streams it does not have)
             model.stage = replace(model.stage, inference=overridden(model.stage.inference, inference))
-            detector = cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
-        else:
-            model = load_checkpoint(path)
-            model.heads.to(device)
-            model.inference = overridden(model.inference, inference)
-            stream_weights(model.streams, dict(model.inference.fusion))   # 0 in all: refused before any video
-            detector = cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
-        if "fusion" in inference:
-            settings = model.stage.inference if detector.one_stage else model.inference
-            check_fusion_streams(dict(settings.fusion), detector.streams, str(path))
-        return detector
+            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
+        model = load_checkpoint(path)
+        model.heads.to(device)
+        model.inference = overridden(model.inference, inference)
+        stream_weights(model.streams, dict(model.inference.fusion))   # 0 in all: refused before any video
+        if "fusion" in inference:   # the checkpoint's own weights were checked when its run was configured
+            check_fusion_streams(dict(model.inference.fusion), model.streams, str(path))
+        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
 
 
 def video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,

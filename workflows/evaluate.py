@@ -29,9 +29,9 @@ from gcm_core.data.model import Detections, Video
 from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import EvaluateConfig, check_output_folder
-from workflows.settings import ConfigError, dump
 from workflows.detect import Detector
 from workflows.progress import Progress
+from workflows.settings import ConfigError, dump
 from workflows.shards import check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_videos
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, OneStageCheckpoint, detect_test_split, is_one_stage_checkpoint

@@ -40,9 +40,9 @@ from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import FOREGROUND, RegressionStats
 from gcm_core.data.yamlio import read_yaml
 from workflows.config import PreprocessConfig, check_output_folder
-from workflows.settings import changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.progress import Progress
 from workflows.provenance import code_version
+from workflows.settings import changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.shards import video_to_row, write_shard
 
 FORMAT = "gcm-tal/preprocessed/1"

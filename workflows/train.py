@@ -33,8 +33,8 @@ from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, ground_truth, make_optimizer, predict, seed_everything, train_one_epoch,
 )
 from workflows.config import TrainStageConfig, check_output_folder, earlier_settings
-from workflows.settings import ConfigError, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.progress import Progress, read_epoch_log
+from workflows.settings import ConfigError, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.shards import (
     caps_from_manifest, check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_shard_rows,
     row_to_video,

@@ -7,9 +7,9 @@ import time
 import pytest
 
 from workflows.config import PreprocessConfig, TrainStageConfig
-from workflows.settings import from_dict
 from workflows.preprocess import run_preprocess
 from workflows.ray_env import quiet_data, quiet_ray_environment
+from workflows.settings import from_dict
 from workflows.train import run_train
 
 FAST_DETECTION = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,

@@ -25,11 +25,11 @@ from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
 from workflows.config import EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig
-from workflows.settings import ConfigError, from_dict, to_dict
 from workflows.evaluate import EvalDataset, EvaluationError, datasets_of, pair_folders, run_evaluate
 from workflows.preprocess import run_preprocess
 from workflows.cli import main as cli_main
 from workflows.ray_env import ray_session
+from workflows.settings import ConfigError, from_dict, to_dict
 from workflows.shards import read_videos
 from workflows.train import dataset_of, run_train
 from workflows.train_one_stage import OneStageModels, load_one_stage, save_one_stage

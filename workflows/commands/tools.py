@@ -77,8 +77,9 @@ def run_eval_detections(args: argparse.Namespace) -> int:
             raise ValueError("--video-scores reads THUMOS'14's UntrimmedNet layout: give a --card with official "
                              "class indices (thumos14)")
         scores = read_untrimmednet_scores(args.video_scores, card)
-        unscored = sorted(set(detections.video) - set(scores))
-        if unscored and len(unscored) == len(set(detections.video)):
+        detected = set(detections.video)
+        unscored = sorted(detected - set(scores))
+        if unscored and len(unscored) == len(detected):
             raise ValueError(f"{args.video_scores} scores none of the detections' videos (e.g. {unscored[0]}; it "
                              f"scores {min(scores)} to {max(scores)})")
         if unscored:   # rescoring leaves their detections out
