@@ -160,9 +160,10 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
                     config: InferenceConfig = InferenceConfig()) -> Detections:
     """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
     fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
-    are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS. Each window
-    keeps its ``candidates_per_video`` best anchors before the merge, so a video of several windows
-    enters NMS with up to that many per window (the two-stage heads: per video)."""
+    are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS over the
+    video's ``candidates_per_video`` best (anchor, class) pairs, as the two-stage heads' units. Each
+    window keeps that many of its own first, which bounds the memory a long video takes and
+    changes nothing: the video's best N pairs are among its windows' best N each."""
     w = stream_weights(scores, weights)
     total = sum(w.values())
     per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
@@ -206,8 +207,10 @@ def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations:
            classes: Sequence[str], config: InferenceConfig) -> Detections:
     vid, lab, start, end, score = [], [], [], [], []
     for video_id, parts in per_video.items():
-        segments = torch.cat([p[0] for p in parts]).clamp(0, durations[video_id])
-        labels, scores = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        scores = torch.cat([p[2] for p in parts])
+        best = torch.argsort(-scores, stable=True)[:config.candidates_per_video]
+        segments = torch.cat([p[0] for p in parts])[best].clamp(0, durations[video_id])
+        labels, scores = torch.cat([p[1] for p in parts])[best], scores[best]
         valid = segments[:, 1] > segments[:, 0]
         segments, labels, scores = segments[valid], labels[valid], scores[valid]
         kept, kept_scores = suppress(segments, scores, labels, config)

@@ -109,7 +109,7 @@ def soft_nms(segments: Tensor, scores: Tensor, labels: Tensor | None = None,
 class InferenceConfig:
     """From unit outputs to detections (the authors' test settings where the paper is silent)."""
 
-    candidates_per_video: int = 2000    # best (unit, class) pairs kept before NMS
+    candidates_per_video: int = 2000    # a video's best (unit or anchor, class) pairs kept before NMS
     nms: Literal["nms", "soft-nms"] = "nms"
     nms_threshold: float = 0.35
     soft_nms_sigma: float = 0.5

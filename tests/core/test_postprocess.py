@@ -106,3 +106,28 @@ def test_one_stage_windows_merge_by_the_configured_suppression(method):
     assert found.label == [["a", "b"][dets[k][3]] for k, _ in expected]
     np.testing.assert_allclose(np.stack([found.start, found.end], 1), [dets[k][:2] for k, _ in expected])
     np.testing.assert_allclose(found.score, [s for _, s in expected], rtol=1e-9)
+
+
+def test_one_stage_candidates_per_video_counts_the_videos_pairs_not_each_windows():
+    """``candidates_per_video`` N: NMS runs over the N best (anchor, class) pairs of the whole
+    video, as for the two-stage heads (each D-SSAD window kept N of its own, so a video of three
+    windows entered NMS with up to 3N): the brute-force loop over the video's N best pairs."""
+    from gcm_core.one_stage import Clip, fuse_detections
+    from gcm_core.postprocess import InferenceConfig
+
+    gen = torch.Generator().manual_seed(3)
+    anchors = torch.rand(6, 1, generator=gen, dtype=torch.float64) * 8 + torch.tensor([0.0, 3.0], dtype=torch.float64)
+    clips = [Clip("v", torch.zeros(4, 1), 4, start, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+             for start in (0.0, 4.0, 8.0)]
+    per_clip = [(torch.rand(6, 2, generator=gen, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64))
+                for _ in clips]
+    config = InferenceConfig(candidates_per_video=5, nms_threshold=0.3, top_k=100)
+    found = fuse_detections({"flow": per_clip}, clips, anchors, {"v": 30.0}, ["a", "b"], config=config)
+    dets = [(float(s + c.start), float(e + c.start), float(p.max()), int(p.argmax()))
+            for c, (probs, _) in zip(clips, per_clip) for (s, e), p in zip(anchors.tolist(), probs)]
+    best = sorted(dets, key=lambda d: -d[2])[:5]
+    expected = [best[k] for k in brute_nms(best, 0.3, 100)]
+    assert len(found.score) <= 5 < len(dets)
+    assert found.label == [["a", "b"][d[3]] for d in expected]
+    np.testing.assert_allclose(np.stack([found.start, found.end], 1), [d[:2] for d in expected])
+    np.testing.assert_allclose(found.score, [d[2] for d in expected], rtol=1e-12)
