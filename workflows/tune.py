@@ -3,8 +3,8 @@ one-stage grids, read directly: a card and a data root, no proposals needed).
 
 A grid file (``workflows/grids/*.yaml``) holds ``name`` (the experiment's folder under ``--out``),
 ``title``, ``base`` (training settings shared by every trial, as in a stage config file), ``grid``
-(dotted key -> list of values; the trials are every combination), ``labels`` (dotted key -> a
-name for each of its values, for the table), ``metrics`` (the table's columns: a test metric
+(dotted key -> list of distinct values; the trials are every combination), ``labels`` (dotted
+key -> a name for each of its values, for the table and the trials' folders), ``metrics`` (the table's columns: a test metric
 ``<stream or fused>/mAP@<tIoU>`` or ``.../mAP_avg``, or an epoch metric of a run's progress.jsonl
 such as ``seconds_per_step``) and ``note``. Each trial is a Tune function trainable that runs a
 TorchTrainer (the training stage, evaluated on the test split) and reports its metrics through
@@ -89,15 +89,39 @@ def load_grid(name_or_path: str | Path) -> Grid:
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise ConfigError(f"{path}: metrics must be a list of the names of metrics the trials report")
     axes, labels = raw["grid"], raw.get("labels") or {}
+    _check_axes(path, axes, labels)
+    grid = Grid(name, raw.get("title", name), raw.get("base") or {}, axes, labels, metrics, raw.get("note", ""))
+    _check_trials(path, grid)
+    return grid
+
+
+def _check_axes(path: Path, axes: Any, labels: dict[str, Any]) -> None:
+    """Each varied setting gives distinct values, each labelled setting is a varied one, with a
+    label for each of its values."""
     if not isinstance(axes, dict) or not axes or not all(isinstance(v, list) and v for v in axes.values()):
         raise ConfigError(f"{path}: grid must give each setting it varies (a dotted key) a non-empty list of values")
+    for key, values in axes.items():
+        repeated = next((v for k, v in enumerate(values) if v in values[:k]), None)
+        if repeated is not None:
+            raise ConfigError(f"{path}: {key} gives {repeated!r} twice: two trials would train the same thing")
     for key, names in labels.items():
-        if key not in axes or not isinstance(names, list) or len(names) != len(axes[key]):
+        if key not in axes:
+            raise ConfigError(f"{path}: labels name {key}, which the grid does not vary (it varies {', '.join(axes)})")
+        if not isinstance(names, list) or len(names) != len(axes[key]):
             raise ConfigError(f"{path}: labels of {key} must name each of the grid's values of {key}, in order")
-    grid = Grid(name, raw.get("title", name), raw.get("base") or {}, axes, labels, metrics, raw.get("note", ""))
-    for trial in grid.trials():  # fail before any trial starts
+
+
+def _check_trials(path: Path, grid: Grid) -> None:
+    """Before any trial starts: every trial's settings are valid, and no two trials share a folder."""
+    folders: dict[str, dict[str, Any]] = {}
+    for trial in grid.trials():
         trial_config(TrainStageConfig(), grid, trial)
-    return grid
+        folder = trial_name(grid, trial)
+        if folder in folders:
+            raise ConfigError(f"{path}: the trials {folders[folder]} and {trial} would share the folder trials/{folder}"
+                              " (their names are cut at 120 characters, made of the labels or values): give the "
+                              "grid's values labels that tell them apart")
+        folders[folder] = trial
 
 
 def trial_config(base: TrainStageConfig, grid: Grid, trial: dict[str, Any]) -> TrainStageConfig:
