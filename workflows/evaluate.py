@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,12 +85,15 @@ def datasets_of(config: EvaluateConfig) -> list[EvalDataset]:
 
 
 def pair_folders(pairs: list[tuple[str, EvalDataset]]) -> list[str]:
-    """A folder name per (checkpoint, dataset) pair: the run's and the dataset's folder names,
-    numbered where two pairs would share one (``runs/a/model.pt`` and ``old/a/model.pt``)."""
+    """A folder name per (checkpoint, dataset) pair: the run's and the dataset's folder names
+    (an epoch's checkpoint: the run's and the epoch's, ``a_epoch-0019``), numbered where two pairs
+    would share one (``runs/a/model.pt`` and ``old/a/model.pt``)."""
     names = []
     for checkpoint, dataset in pairs:
         ckpt = Path(checkpoint)
         run = ckpt.parent.name if ckpt.name in ("model.pt", WEIGHTS) else ckpt.stem  # a run's weights: its name
+        if re.fullmatch(r"epoch-\d+", run):
+            run = f"{ckpt.parent.parent.name}_{run}"
         names.append(f"{run}__{dataset.folder_name}")
     shared, seen = Counter(names), Counter()
     folders = []

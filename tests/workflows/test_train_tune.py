@@ -427,6 +427,15 @@ def test_evaluation_folders_name_a_dataset_read_directly_by_its_data_root(monkey
     assert pair_folders([("runs/d/dssad.pt", d) for d in datasets]) == ["d__a", "d__th14-1", "d__th14-2"]
 
 
+def test_evaluation_folders_name_an_epochs_checkpoint_by_its_run_and_epoch():
+    """Two runs' checkpoints of one epoch were both 'epoch-0019', told apart by a number only."""
+    data = EvalDataset(folder="prep/a")
+    checkpoints = ["runs/gcm/epoch-0019/model.pt", "runs/mlp/epoch-0019/model.pt", "runs/gcm/model.pt",
+                   "old/epoch-0003/dssad.pt"]
+    assert pair_folders([(c, data) for c in checkpoints]) == ["gcm_epoch-0019__a", "mlp_epoch-0019__a", "gcm__a",
+                                                              "old_epoch-0003__a"]
+
+
 def test_a_dataset_named_without_a_data_root_is_read_from_gcm_data_root(small_dataset, monkeypatch, tmp_path):
     """A card given without --data-root reads $GCM_DATA_ROOT, in gcm evaluate's checks and in a
     one-stage run alike (both read 'None' as a folder name before)."""
