@@ -7,10 +7,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workflows.commands.common import at_least, ray_session_of
 from workflows.tables import markdown_table
+
+if TYPE_CHECKING:   # the commands import the library where they run, so that `gcm --help` starts fast
+    from gcm_core.data.cards import DatasetCard
+    from gcm_core.data.model import Detections
 
 
 def add_eval_detections(p: argparse.ArgumentParser) -> None:
@@ -44,11 +48,9 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
 
 def run_eval_detections(args: argparse.Namespace) -> int:
     from gcm_core.data.cards import load_card
-    from gcm_core.data.detections import read_untrimmednet_scores
     from gcm_core.data.formats import read_annotations, read_detections
     from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, select_subset, unmatched_detections
     from gcm_core.metrics import ACTIVITYNET_TIOU, THUMOS14_TIOU
-    from gcm_core.postprocess import rescore_with_video_labels
 
     thumos_inputs = args.protocol == "thumos14" or args.detections.suffix != ".json"
     card = load_card(args.card or "thumos14") if (args.card or thumos_inputs) else None
@@ -73,19 +75,7 @@ def run_eval_detections(args: argparse.Namespace) -> int:
         merged = class_agnostic(videos, detections)
         agnostic = evaluate_detections(*merged, [AGNOSTIC], args.protocol, tiou).as_dict([AGNOSTIC])
     if args.video_scores:
-        if card is None:
-            raise ValueError("--video-scores reads THUMOS'14's UntrimmedNet layout: give a --card with official "
-                             "class indices (thumos14)")
-        scores = read_untrimmednet_scores(args.video_scores, card)
-        detected = set(detections.video)
-        unscored = sorted(detected - set(scores))
-        if unscored and len(unscored) == len(detected):
-            raise ValueError(f"{args.video_scores} scores none of the detections' videos (e.g. {unscored[0]}; it "
-                             f"scores {min(scores)} to {max(scores)})")
-        if unscored:   # rescoring leaves their detections out
-            print(f"note: {args.video_scores} scores no class of {len(unscored)} video(s) of the detections "
-                  f"(e.g. {unscored[0]}): with video labels they have no detections", file=sys.stderr)
-        rescored = rescore_with_video_labels(detections, scores, classes, args.video_top)
+        rescored = with_video_labels(detections, args.video_scores, args.video_top, card)
         labelled = evaluate_detections(videos, rescored, classes, args.protocol, tiou).as_dict(classes)
     if args.json:
         extra = {"unmatched": unmatched.counts(), **({"class_agnostic": agnostic} if agnostic else {}),
@@ -106,6 +96,29 @@ def run_eval_detections(args: argparse.Namespace) -> int:
         print("\n" + markdown_table(["AP (%) of class", *headers[1:]], [
             [name, *aps, None if None in aps else sum(aps) / len(aps)] for name, aps in summary["per_class"].items()]))
     return 0
+
+
+def with_video_labels(detections: Detections, path: Path, top: int, card: DatasetCard | None) -> Detections:
+    """``detections`` rescored with the external video-level scores in ``path`` (UntrimmedNet's
+    THUMOS'14 layout, read by the card's official class indices): each video keeps its ``top``
+    classes' detections, scores multiplied by the class's video score. A file that scores none of
+    the detections' videos is an error; videos it does not score are named in a note."""
+    from gcm_core.data.detections import read_untrimmednet_scores
+    from gcm_core.postprocess import rescore_with_video_labels
+
+    if card is None:
+        raise ValueError("--video-scores reads THUMOS'14's UntrimmedNet layout: give a --card with official "
+                         "class indices (thumos14)")
+    scores = read_untrimmednet_scores(path, card)
+    detected = set(detections.video)
+    unscored = sorted(detected - set(scores))
+    if unscored and len(unscored) == len(detected):
+        raise ValueError(f"{path} scores none of the detections' videos (e.g. {unscored[0]}; it "
+                         f"scores {min(scores)} to {max(scores)})")
+    if unscored:   # rescoring leaves their detections out
+        print(f"note: {path} scores no class of {len(unscored)} video(s) of the detections "
+              f"(e.g. {unscored[0]}): with video labels they have no detections", file=sys.stderr)
+    return rescore_with_video_labels(detections, scores, card.classes, top)
 
 
 def add_synth(p: argparse.ArgumentParser) -> None:
