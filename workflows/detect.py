@@ -178,8 +178,8 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
     features, files = video_features(paths, detector.streams, detector.columns, video_id), ", ".join(map(str, paths))
     check_feature_widths(model.dims, {s: f.shape[1] for s, f in features.items()}, files, video_id)
     video, grid = video_layout(model.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
-    if grid.uncovered():  # e.g. a duration (--duration, --video-info) that is not this video's
-        raise FormatError(files, grid.uncovered(), video=video_id)
+    if grid.misfit():  # e.g. a duration or frame rate (--duration, --fps, --video-info) that is not this video's
+        raise FormatError(files, grid.misfit(), video=video_id)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
                                       dict(model.stage.inference.fusion), model.stage.inference, detector.device)

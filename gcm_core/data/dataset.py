@@ -115,6 +115,6 @@ class DatasetSource:
                 raise FormatError(self.feature_path(video_id, s), f"features are {f.shape[1]}-d, the card says {dims}",
                                   video=video_id)
         grid = self.grid(video, next(iter(features.values())).shape[0])
-        if grid.uncovered():
-            raise FormatError(self.feature_path(video_id, self.card.streams[0]), grid.uncovered(), video=video_id)
+        if grid.misfit():
+            raise FormatError(self.feature_path(video_id, self.card.streams[0]), grid.misfit(), video=video_id)
         return video, features, grid

@@ -53,14 +53,20 @@ class SnippetGrid:
         if self.num_snippets < 1 or not self.duration > 0 or not self.fps > 0:
             raise ValueError(f"bad snippet grid {self}")
 
-    def uncovered(self) -> str | None:
-        """What is wrong where the snippets end well before the video does (a truncated feature
-        file, another video's, or a wrong duration), None where they cover it: to within a tenth
-        of the video and one clip (its last frames need not start a snippet of their own)."""
-        slack = self.clip_frames / self.fps if self.convention != "rescaled" else 0.0
-        if self.covered_until() < 0.9 * self.duration - slack:
-            return (f"T={self.num_snippets} snippets cover only {self.covered_until():.1f} s of the "
-                    f"{self.duration:.1f} s video")
+    def misfit(self) -> str | None:
+        """What is wrong where the snippets do not span the video: they end well before it does (a
+        truncated feature file, another video's, a wrong duration) or well after (a wrong duration
+        or frame rate, another video's features: every unit would be pooled from other seconds).
+        None where they span it to within a tenth of the video and one clip either way (its last
+        frames need not start a snippet of their own; an extractor may pad its last clip)."""
+        if self.convention == "rescaled":   # the positions are laid over the duration, whatever it is
+            return None
+        covered, slack = self.covered_until(), self.clip_frames / self.fps
+        if covered < 0.9 * self.duration - slack:
+            return f"T={self.num_snippets} snippets cover only {covered:.1f} s of the {self.duration:.1f} s video"
+        if covered > 1.1 * self.duration + slack:
+            return (f"T={self.num_snippets} snippets at {self.fps:g} fps span {covered:.1f} s, well past the end of "
+                    f"the {self.duration:.1f} s video: a wrong duration or frame rate, or another video's features")
         return None
 
     def centres(self) -> Tensor:

@@ -79,6 +79,17 @@ def test_too_few_snippets_for_the_duration(broken):
     expect(lambda: source.load(vid), "T=5 snippets cover only", vid, "rgb")
 
 
+def test_snippets_far_past_the_duration_are_another_videos_or_another_rate(broken):
+    """Features spanning twice the annotated duration (another video's, or extracted at another
+    frame rate than the card's) were pooled as if they fit: every unit from other seconds."""
+    source, vid = first_video(broken)
+    for stream in ("rgb", "flow"):
+        path = source.feature_path(vid, stream)
+        features = np.load(path)
+        np.save(path, np.concatenate([features, features]))
+    expect(lambda: source.load(vid), f"T={2 * len(features)} snippets at 30 fps span", vid, "rgb")
+
+
 def test_flow_one_snippet_short_is_aligned_and_more_is_an_error(broken):
     """Optical flow of n frames has n - 1 fields: a flow stream one snippet shorter than RGB is the
     same frames, so RGB's last snippet is dropped; streams further apart are refused."""

@@ -151,6 +151,8 @@ def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_datase
              "--proposals", str(props), "--video-id", video.video_id, "--out", str(tmp_path / "long.json")]
     assert main([*asked, "--duration", str(10 * video.duration)]) == 2
     assert "snippets cover only" in capsys.readouterr().err and not (tmp_path / "long.json").exists()
+    assert main([*asked, "--duration", str(video.duration / 2)]) == 2   # nor one they run well past
+    assert "well past the end of the" in capsys.readouterr().err and not (tmp_path / "long.json").exists()
     with pytest.raises(SystemExit):
         main([*asked, "--duration", "0"])
     assert "argument --duration: must be a number > 0, got '0'" in capsys.readouterr().err
