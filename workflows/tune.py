@@ -4,9 +4,9 @@ one-stage grids, read directly: a card and a data root, no proposals needed).
 A grid file (``workflows/grids/*.yaml``) holds ``name`` (the experiment's folder under ``--out``),
 ``title``, ``base`` (training settings shared by every trial, as in a stage config file), ``grid``
 (dotted key -> list of distinct values; the trials are every combination), ``labels`` (dotted
-key -> a name for each of its values, for the table and the trials' folders), ``metrics`` (the table's columns: a test metric
-``<stream or fused>/mAP@<tIoU>`` or ``.../mAP_avg``, or an epoch metric of a run's progress.jsonl
-such as ``seconds_per_step``) and ``note``. Each trial is a Tune function trainable that runs a
+key -> a name for each of its values, for the table and the trials' folders), ``metrics`` (the
+table's columns: a test metric ``<stream or fused>/mAP@<tIoU>`` or ``.../mAP_avg``, or an epoch
+metric of a run's progress.jsonl such as ``seconds_per_step``) and ``note``. Each trial is a Tune function trainable that runs a
 TorchTrainer (the training stage, evaluated on the test split) and reports its metrics through
 Ray Train's ``TuneReportCallback``. Thresholds are applied to the stored candidate edges, so no
 trial preprocesses anything. An interrupted experiment resumes with ``resume`` without re-running
