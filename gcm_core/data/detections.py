@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,9 @@ def read_detections(path: str | Path, card: DatasetCard | None = None, conventio
 
     THUMOS text needs ``card`` to map class indices (``convention``) to names; detections whose
     index is not a class of the card are kept with the label ``"#<index>"`` so protocols can
-    ignore them, as the official evaluator does.
+    ignore them, as the official evaluator does, unless another of the card's conventions makes
+    every index of the file a class: then the file is that convention's, and reading it under
+    this one would drop most detections and misname the rest (zero-based 7 is not the official 7).
     """
     path = Path(path)
     if not path.is_file():
@@ -67,6 +70,9 @@ def _read_result_json(path: Path) -> Detections:
     return Detections(video, label, np.array(start), np.array(end), np.array(score))
 
 
+INDEX_CONVENTIONS = ("official", "zero_based", "one_based")   # how THUMOS text may number the classes
+
+
 def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detections:
     video, label, start, end, score = [], [], [], [], []
     names = {}
@@ -94,7 +100,23 @@ def _read_thumos_text(path: Path, card: DatasetCard, convention: str) -> Detecti
         start.append(s)
         end.append(e)
         score.append(sc)
+    unknown = sorted(idx for idx, name in names.items() if name.startswith("#"))
+    fitting = [c for c in INDEX_CONVENTIONS if c != convention and _names_every_index(card, names, c)]
+    if unknown and fitting:
+        raise FormatError(path, f"class indices {', '.join(map(str, unknown[:5]))}{' ...' if len(unknown) > 5 else ''}"
+                                f" are not classes of card {card.name!r} under the {convention} convention, and every "
+                                f"class index of the file is one under {' or '.join(fitting)}: give the file's "
+                                f"(--label-convention {' or '.join(fitting)})")
     return Detections(video, label, np.array(start), np.array(end), np.array(score))
+
+
+def _names_every_index(card: DatasetCard, indices: Iterable[int], convention: str) -> bool:
+    try:
+        for idx in indices:
+            card.class_index(idx, convention)
+    except CardError:
+        return False
+    return True
 
 
 def result_json(detections: Detections, version: str = "VERSION 1.3") -> dict[str, Any]:
