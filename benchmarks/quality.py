@@ -110,15 +110,15 @@ def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]
     recipe = one_stage.default_recipe()
     step = round(recipe.lr_step_epochs * epochs / recipe.epochs)
     config = replace(recipe, seed=seed, epochs=epochs, lr_step_epochs=step)
-    train, _, seconds = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), streams)
-    tests, durations, _ = one_stage.dataset_clips(DatasetSource(card, data["root"], "test"), streams)
+    train, _ = one_stage.dataset_clips(DatasetSource(card, data["root"], "train"), streams)
+    tests, durations = one_stage.dataset_clips(DatasetSource(card, data["root"], "test"), streams)
     models = {}
     for stream in streams:
         seed_everything(seed)
         models[stream] = DSSAD(DSSADConfig(gcm_scales=scales, semantic_disjoint=semantic_disjoint),
                                train[stream][0].features.shape[1], card.num_classes)
-        one_stage.fit(models[stream], train[stream], config, seconds)
-    return one_stage.predict_fused(models, tests, durations, card.classes, seconds, dict(card.stream_fusion))
+        one_stage.fit(models[stream], train[stream], config)
+    return one_stage.predict_fused(models, tests, durations, card.classes, dict(card.stream_fusion))
 
 
 def score(data: dict, detections: Detections, agnostic: bool) -> list[float]:

@@ -3,11 +3,14 @@
 A video's snippets are cut into windows of ``clip_snippets`` every ``window_stride`` snippets (by
 default half a clip; one window for a short video, zero-padded); training uses the windows that
 hold an instance, inference all of them, and a video's detections from every window are merged by
-per-class NMS.
+per-class NMS. The detector works in snippets; each window is placed in seconds by its own video's
+snippet rate, which differs between videos (THUMOS'14's native frame rates run from 24 to 30 fps;
+features rescaled to a fixed number of positions give every video its own).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +50,7 @@ class Clip:
     features: Tensor        # [clip_snippets, C], zero-padded past the video's end
     snippets: int           # how many of them are the video's (the rest is padding)
     start: float            # seconds of the window's first snippet boundary in the video
+    seconds: float          # seconds per snippet of its video
     gt: Tensor              # [G, 2], clip-relative seconds
     gt_labels: Tensor       # [G]
 
@@ -71,19 +75,18 @@ def clips_of(video_id: str, snippets: np.ndarray, snippet_seconds: float, gt: Te
         if train and not bool(keep.any()):
             continue
         rel = (gt[keep] - t0).clamp(0, t1 - t0)
-        out.append(Clip(video_id, pad_clip(feats[s:s + length], length), min(length, t - s), t0, rel,
-                        gt_labels[keep]))
+        out.append(Clip(video_id, pad_clip(feats[s:s + length], length), min(length, t - s), t0, snippet_seconds,
+                        rel, gt_labels[keep]))
     return out
 
 
 def dataset_clips(source: DatasetSource, streams: Sequence[str], length: int = 512, stride: int = 256
-                  ) -> tuple[dict[str, list[Clip]], dict[str, float], float]:
+                  ) -> tuple[dict[str, list[Clip]], dict[str, float]]:
     """Every clip of one role of a dataset for each of ``streams`` (the same windows; each video
-    read once), the videos' durations and the seconds per snippet (the I3D grid's stride; all
-    videos of a card share it)."""
+    read once) and the videos' durations."""
     card, train = source.card, source.role == "train"
     clips: dict[str, list[Clip]] = {s: [] for s in streams}
-    durations, seconds = {}, 0.0
+    durations = {}
     for vid in source.video_ids:
         video, features, grid = source.snippet_features(vid)
         seconds, offset = snippet_timing(grid)
@@ -92,18 +95,18 @@ def dataset_clips(source: DatasetSource, streams: Sequence[str], length: int = 5
         for s in streams:
             clips[s] += clips_of(vid, features[s], seconds, gt, labels, length, stride, train, offset)
         durations[vid] = video.duration
-    return clips, durations, seconds
+    return clips, durations
 
 
 def snippet_timing(grid: SnippetGrid) -> tuple[float, float]:
-    """Seconds per snippet (the grid's stride) and the time at which snippet 0's share of the time
-    axis starts, as :func:`clips_of` takes them."""
-    seconds = grid.stride_frames / grid.fps
+    """Seconds per snippet and the time at which snippet 0's share of the time axis starts, as
+    :func:`clips_of` takes them."""
+    seconds = grid.seconds_per_snippet
     return seconds, float(grid.centres()[0]) - seconds / 2
 
 
 def train_one_epoch(model: nn.Module, clips: Sequence[Clip], optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    snippet_seconds: float, generator: torch.Generator, matching: AnchorMatching = AnchorMatching(),
+                    generator: torch.Generator, matching: AnchorMatching = AnchorMatching(),
                     device: torch.device | str = "cpu", steps: int | None = None,
                     batch_videos: int | None = None) -> dict[str, float]:
     """One epoch of a :class:`DSSAD` over ``clips``; returns the mean of each loss term.
@@ -115,8 +118,8 @@ def train_one_epoch(model: nn.Module, clips: Sequence[Clip], optimizer: torch.op
     """
     model.train()
     detector = model.module if hasattr(model, "module") else model
-    anchors = detector.anchors(snippet_seconds)
-    targets = [match_anchors(anchors, c.gt, c.gt_labels, matching) for c in clips]
+    anchors = functools.cache(detector.anchors)   # in seconds, once per snippet rate
+    targets = [match_anchors(anchors(c.seconds), c.gt, c.gt_labels, matching) for c in clips]
     batch = batch_videos or config.batch_videos
     if steps is None:
         order = torch.randperm(len(clips), generator=generator).tolist()
@@ -125,7 +128,7 @@ def train_one_epoch(model: nn.Module, clips: Sequence[Clip], optimizer: torch.op
         batches = epoch_batches(len(clips), batch, generator, steps)
     sums: dict[str, float] = {}
     for idx in batches:
-        logits, offsets = model(torch.stack([clips[i].features for i in idx]).to(device), snippet_seconds,
+        logits, offsets = model(torch.stack([clips[i].features for i in idx]).to(device),
                                 [clips[i].snippets for i in idx])
         cls_t = torch.cat([targets[i][0] for i in idx]).to(device)
         off_t = torch.cat([targets[i][1] for i in idx]).to(device)
@@ -141,7 +144,7 @@ def train_one_epoch(model: nn.Module, clips: Sequence[Clip], optimizer: torch.op
 
 
 @torch.no_grad()
-def anchor_scores(model: DSSAD, clips: Sequence[Clip], snippet_seconds: float, batch: int = 16,
+def anchor_scores(model: DSSAD, clips: Sequence[Clip], batch: int = 16,
                   device: torch.device | str = "cpu") -> list[tuple[Tensor, Tensor]]:
     """Per clip: its anchors' class probabilities [A, K] (background left out) and offsets [A, 2],
     float64 on the CPU, computed once whatever fusions they enter."""
@@ -149,30 +152,32 @@ def anchor_scores(model: DSSAD, clips: Sequence[Clip], snippet_seconds: float, b
     out: list[tuple[Tensor, Tensor]] = []
     for start in range(0, len(clips), batch):
         chunk = clips[start:start + batch]
-        logits, offsets = model(torch.stack([c.features for c in chunk]).to(device), snippet_seconds,
-                                [c.snippets for c in chunk])
+        logits, offsets = model(torch.stack([c.features for c in chunk]).to(device), [c.snippets for c in chunk])
         out += zip(torch.softmax(logits.double().cpu(), dim=-1)[..., 1:], offsets.double().cpu())
     return out
 
 
-def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Sequence[Clip], anchors: Tensor,
-                    durations: dict[str, float], classes: Sequence[str], weights: dict[str, float] | None = None,
-                    config: InferenceConfig = InferenceConfig()) -> Detections:
+def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Sequence[Clip],
+                    anchors: Callable[[float], Tensor], durations: dict[str, float], classes: Sequence[str],
+                    weights: dict[str, float] | None = None, config: InferenceConfig = InferenceConfig()) -> Detections:
     """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
     fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
-    are the same windows), windows merged by ``config``'s per-class NMS or Soft-NMS over the
-    video's ``candidates_per_video`` best (anchor, class) pairs, as the two-stage heads' units. Each
-    window keeps that many of its own first, which bounds the memory a long video takes and
-    changes nothing: the video's best N pairs are among its windows' best N each."""
+    are the same windows), each clip's anchors in seconds at its video's snippet rate
+    (``anchors(seconds per snippet)``: :meth:`DSSAD.anchors`), windows merged by ``config``'s
+    per-class NMS or Soft-NMS over the video's ``candidates_per_video`` best (anchor, class)
+    pairs, as the two-stage heads' units. Each window keeps that many of its own first, which
+    bounds the memory a long video takes and changes nothing: the video's best N pairs are among
+    its windows' best N each."""
     w = stream_weights(scores, weights)
     total = sum(w.values())
+    anchors = functools.cache(anchors)
     per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
     for k, clip in enumerate(clips):
         probs, offsets = 0.0, 0.0
         for s, per_clip in scores.items():
             probs = probs + w[s] * per_clip[k][0]
             offsets = offsets + w[s] * per_clip[k][1]
-        segments = apply_regression(anchors, offsets / total) + clip.start
+        segments = apply_regression(anchors(clip.seconds), offsets / total) + clip.start
         score, label = (probs / total).max(dim=1)
         keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]
         per_video.setdefault(clip.video_id, []).append((segments[keep], label[keep], score[keep]))
@@ -189,18 +194,18 @@ def detect_video(models: dict[str, DSSAD], features: dict[str, np.ndarray], grid
     no_gt = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     clips = {s: clips_of(video_id, features[s], seconds, *no_gt, layout.clip_snippets, layout.stride,
                          train=False, time_offset=offset) for s in models}
-    return predict_fused(models, clips, {video_id: grid.duration}, classes, seconds, weights, config, device=device)
+    return predict_fused(models, clips, {video_id: grid.duration}, classes, weights, config, device=device)
 
 
 def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], durations: dict[str, float],
-                  classes: Sequence[str], snippet_seconds: float, weights: dict[str, float] | None = None,
+                  classes: Sequence[str], weights: dict[str, float] | None = None,
                   config: InferenceConfig = InferenceConfig(), batch: int = 16,
                   device: torch.device | str = "cpu") -> Detections:
     """:func:`fuse_detections` of the given streams' models on their clips."""
     streams = list(models)
-    scores = {s: anchor_scores(models[s], clips[s], snippet_seconds, batch, device) for s in streams}
-    return fuse_detections(scores, clips[streams[0]], models[streams[0]].anchors(snippet_seconds), durations,
-                           classes, weights, config)
+    scores = {s: anchor_scores(models[s], clips[s], batch, device) for s in streams}
+    return fuse_detections(scores, clips[streams[0]], models[streams[0]].anchors, durations, classes, weights,
+                           config)
 
 
 def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations: dict[str, float],
@@ -222,13 +227,13 @@ def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations:
     return Detections(vid, lab, np.array(start), np.array(end), np.array(score))
 
 
-def fit(model: DSSAD, clips: Sequence[Clip], config: TrainConfig, snippet_seconds: float,
-        device: torch.device | str = "cpu") -> list[dict[str, float]]:
+def fit(model: DSSAD, clips: Sequence[Clip], config: TrainConfig, device: torch.device | str = "cpu"
+        ) -> list[dict[str, float]]:
     """Train for ``config.epochs`` epochs with the configured optimiser and schedule."""
     optimizer, schedule = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     for _ in range(config.epochs):
-        history.append(train_one_epoch(model, clips, optimizer, config, snippet_seconds, generator, device=device))
+        history.append(train_one_epoch(model, clips, optimizer, config, generator, device=device))
         schedule.step()
     return history

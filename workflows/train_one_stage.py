@@ -88,14 +88,14 @@ def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: Dat
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
     model runs once over the clips)."""
     source = DatasetSource(card, data_root, "test")
-    tests, durations, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
-                                              stage.one_stage.model.stride)
+    tests, durations = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
+                                     stage.one_stage.model.stride)
     first = tests[stage.streams[0]][0].video_id   # features of another width: named, not a shape error
     check_feature_widths({s: models[s].dim for s in stage.streams},
                          {s: tests[s][0].features.shape[1] for s in stage.streams},
                          ", ".join(str(source.feature_path(first, s)) for s in stage.streams), first)
-    scores = {s: anchor_scores(models[s], tests[s], seconds, device=device) for s in stage.streams}
-    anchors = models[stage.streams[0]].anchors(seconds)
+    scores = {s: anchor_scores(models[s], tests[s], device=device) for s in stage.streams}
+    anchors = models[stage.streams[0]].anchors
     groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
     detections = {name: fuse_detections({s: scores[s] for s in streams}, tests[stage.streams[0]], anchors, durations,
                                         card.classes, dict(stage.inference.fusion), stage.inference)
@@ -113,8 +113,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
     card, data_root = dataset_of(stage, w.manifest)
     source = DatasetSource(card, data_root, "train")
-    every, _, seconds = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
-                                      stage.one_stage.model.stride)
+    every, _ = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
+                             stage.one_stage.model.stride)
     clips = {s: every[s][rank::world] for s in stage.streams}
     if not clips[stage.streams[0]]:
         raise ValueError(f"the dataset has {len(every[stage.streams[0]])} training clips, fewer than the {world} "
@@ -145,7 +145,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
         began = time.perf_counter()
         losses: dict[str, float] = {}
         for stream in stage.streams:
-            for k, v in train_one_epoch(replicas[stream], clips[stream], optimizer, config, seconds, generator,
+            for k, v in train_one_epoch(replicas[stream], clips[stream], optimizer, config, generator,
                                         device=device, steps=steps, batch_videos=per_worker).items():
                 losses[k] = losses.get(k, 0.0) + v
         metrics: dict[str, Any] = mean_over_workers(losses, world, device)

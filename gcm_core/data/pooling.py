@@ -76,6 +76,14 @@ class SnippetGrid:
             return (t + 0.5) * self.duration / self.num_snippets
         return (t * self.stride_frames + self.clip_frames / 2) / self.fps
 
+    @property
+    def seconds_per_snippet(self) -> float:
+        """Seconds from one snippet to the next: the stride at the video's frame rate, or for
+        rescaled features the duration over the positions (each video its own)."""
+        if self.convention == "rescaled":
+            return self.duration / self.num_snippets
+        return self.stride_frames / self.fps
+
     def covered_until(self) -> float:
         """The time, in seconds, at which the last snippet ends."""
         if self.convention == "rescaled":

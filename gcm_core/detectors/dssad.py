@@ -100,9 +100,10 @@ class DSSAD(nn.Module):
         convolutions of width 3 (the second of stride 2) and one of stride 2 per scale."""
         return (8 << scale) + 1
 
-    def anchors(self, snippet_seconds: float) -> Tensor:
-        """[A, 2] anchors (seconds) of a clip starting at 0 s, scales then cells then ratios (model order);
-        a cell at ``scale`` spans 4 * 2**scale snippets."""
+    def anchors(self, snippet_seconds: float = 1.0) -> Tensor:
+        """[A, 2] anchors of a clip starting at 0, in seconds for snippets of ``snippet_seconds``
+        (default: in snippets), scales then cells then ratios (model order); a cell at ``scale``
+        spans 4 * 2**scale snippets."""
         out = []
         for s in range(self.config.num_scales):
             n, length = self.cells(s), snippet_seconds * (4 << s)
@@ -112,9 +113,11 @@ class DSSAD(nn.Module):
             out.append(torch.stack([centre[:, None] - half, centre[:, None] + half], -1).reshape(-1, 2))
         return torch.cat(out)
 
-    def cell_graph(self, scale: int, cells: Tensor, snippet_seconds: float, snippets: int) -> Graph:
+    def cell_graph(self, scale: int, cells: Tensor, snippets: int) -> Graph:
         """The graph over one clip's cells [n, H] at ``scale``, of which those holding any of the
-        clip's first ``snippets`` snippets are units; the others (padding) get no edges.
+        clip's first ``snippets`` snippets are units; the others (padding) get no edges. The
+        cells' extents are in snippets: the edge rules compare overlaps and distances relative to
+        the units' lengths, so a clip's graph is the same at any frame rate.
 
         Surrounding edges join cells by their extents. Eq. 6 takes a unit's semantic neighbours
         among the units disjoint from it; read on the cells' extents (``semantic_disjoint=
@@ -128,30 +131,29 @@ class DSSAD(nn.Module):
         """
         n, span = cells.shape[0], 4 << scale
         units = min(n, -(-snippets // span))
-        bounds = torch.arange(units + 1, dtype=torch.float64) * snippet_seconds * span
+        bounds = torch.arange(units + 1, dtype=torch.float64) * span
         extents = torch.stack([bounds[:-1], bounds[1:]], dim=1)
         spec = self.config.graph
         if self.config.semantic_disjoint == "extent" or "semantic" not in spec.edge_types:
             graph = build_graph(extents, cells[:units], spec)
         else:
-            reach = (self.receptive_field(scale) - span) / 2 * snippet_seconds
+            reach = (self.receptive_field(scale) - span) / 2
             fields = extents + torch.tensor([-reach, reach], dtype=torch.float64)
             local = tuple(t for t in spec.edge_types if t != "semantic")
             graph = build_graph(extents, cells[:units], replace(spec, edge_types=local)).union(
                 build_graph(fields, cells[:units], replace(spec, edge_types=("semantic",))))
         return Graph(n, graph.edge_index, graph.edge_type, graph.weight)
 
-    def _relate(self, scale: int, x: Tensor, snippet_seconds: float, snippets: list[int]) -> Tensor:
+    def _relate(self, scale: int, x: Tensor, snippets: list[int]) -> Tensor:
         """GCM over the cells of every clip of the batch: x [B, H, n] -> [B, H, n]."""
         b, h, n = x.shape
         units = x.transpose(1, 2).reshape(b * n, h)
         detached = units.detach().float().cpu()
-        graph = Graph.batch([self.cell_graph(scale, detached[k * n:(k + 1) * n], snippet_seconds, snippets[k])
+        graph = Graph.batch([self.cell_graph(scale, detached[k * n:(k + 1) * n], snippets[k])
                              for k in range(b)]).to(x.device)
         return self.gcms[str(scale)](units, graph).reshape(b, n, h).transpose(1, 2)
 
-    def forward(self, clips: Tensor, snippet_seconds: float, snippets: list[int] | None = None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(self, clips: Tensor, snippets: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """``clips`` [B, L, C] snippet features, of which the first ``snippets[b]`` of clip b are the
         video's (default: all) -> logits [B, A, K + 1] and offsets [B, A, 2]."""
         x = self.base(clips.transpose(1, 2))
@@ -159,7 +161,7 @@ class DSSAD(nn.Module):
         logits, offsets = [], []
         for s, down in enumerate(self.down):
             x = down(x)
-            y = self._relate(s, x, snippet_seconds, real) if str(s) in self.gcms else x
+            y = self._relate(s, x, real) if str(s) in self.gcms else x
             b, _, n = y.shape
             logits.append(self.cls_branch[s](y).view(b, -1, self.num_classes + 1, n).permute(0, 3, 1, 2)
                           .reshape(b, -1, self.num_classes + 1))

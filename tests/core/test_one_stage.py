@@ -1,6 +1,8 @@
 """One-stage D-SSAD + GCM: sliding windows, anchors, inserted GCMs, training and merged inference."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,10 +11,12 @@ from helpers import run_two_workers
 from gcm_core import one_stage
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.pooling import SnippetGrid
 from gcm_core.detectors.dssad import DSSAD, DSSADConfig
 from gcm_core.engine import TrainConfig
 from gcm_core.evaluation import evaluate_detections
 from gcm_core.graph import GraphSpec
+from gcm_core.losses import match_anchors
 from gcm_core.postprocess import InferenceConfig
 from gcm_core.units import tiou
 
@@ -54,13 +58,13 @@ def test_the_cells_of_a_clips_padding_are_no_units_of_its_graph():
     model = DSSAD(DSSADConfig(hidden=8, clip_snippets=64, gcm_scales=(0,)), dim=4, num_classes=2)
     cells = torch.ones(16, 8)               # padding cells look alike: each the most similar to all
     cells[:6] = torch.rand(6, 8, generator=torch.Generator().manual_seed(0))
-    graph = model.cell_graph(0, cells, SNIPPET_SECONDS, snippets=21)   # cells of 4 snippets: 6 hold video
+    graph = model.cell_graph(0, cells, snippets=21)   # cells of 4 snippets: 6 hold video
     assert graph.num_nodes == 16
     pairs = set(map(tuple, graph.edge_index.t().tolist()))
     # edges join real cells only, each of which has its neighbours (2 nearest, 2 most similar)
     assert {i for pair in pairs for i in pair} == set(range(6))
     assert all(sum(1 for i, _ in pairs if i == cell) >= 2 for cell in range(6))
-    full = model.cell_graph(0, cells, SNIPPET_SECONDS, snippets=64)
+    full = model.cell_graph(0, cells, snippets=64)
     assert {i for pair in map(tuple, full.edge_index.t().tolist()) for i in pair} == set(range(16))
 
 
@@ -86,7 +90,7 @@ def test_a_cells_semantic_neighbours_lie_beyond_its_receptive_field(scale):
                   dim=4, num_classes=2)
     n = model.cells(scale)
     cells = torch.randn(n, 8, generator=torch.Generator().manual_seed(scale))
-    graph = model.cell_graph(scale, cells, SNIPPET_SECONDS, snippets=128)
+    graph = model.cell_graph(scale, cells, snippets=128)
     reach = (model.receptive_field(scale) - 1) // (4 << scale)   # overlapping fields: |i - j| <= reach
     cos = torch.nn.functional.normalize(cells, dim=1) @ torch.nn.functional.normalize(cells, dim=1).T
     for i in range(n):
@@ -97,7 +101,7 @@ def test_a_cells_semantic_neighbours_lie_beyond_its_receptive_field(scale):
         nearest = sorted(sorted(set(range(n)) - {i}, key=lambda j: (abs(i - j), j))[:2])
         assert sorted(graph.edge_index[1, out & graph.has_type("surrounding")].tolist()) == nearest
     literal = DSSAD(DSSADConfig(hidden=8, clip_snippets=128, gcm_scales=(scale,)), dim=4,
-                    num_classes=2).cell_graph(scale, cells, SNIPPET_SECONDS, snippets=128)
+                    num_classes=2).cell_graph(scale, cells, snippets=128)
     most_similar = {i: sorted(sorted(set(range(n)) - {i}, key=lambda j: -cos[i, j])[:2]) for i in range(n)}
     semantic = literal.edge_index[:, literal.has_type("semantic")]
     assert {i: sorted(semantic[1, semantic[0] == i].tolist()) for i in range(n)} == most_similar
@@ -110,7 +114,7 @@ def test_anchors_and_outputs_follow_the_multiscale_maps():
                  (c + 0.5) * 4 * 2 ** s * SNIPPET_SECONDS + r * 2 * 2 ** s * SNIPPET_SECONDS)
                 for s, cells in enumerate((16, 8, 4)) for c in range(cells) for r in (1.0, 2.0)]
     torch.testing.assert_close(model.anchors(SNIPPET_SECONDS), torch.tensor(expected, dtype=torch.float64))
-    logits, offsets = model(torch.randn(2, 64, 8), SNIPPET_SECONDS)
+    logits, offsets = model(torch.randn(2, 64, 8))
     assert logits.shape == (2, len(expected), 4) and offsets.shape == (2, len(expected), 2)
 
 
@@ -122,9 +126,9 @@ def test_inserted_gcms_start_as_the_identity_and_learn():
     related = DSSAD(DSSADConfig(hidden=16, clip_snippets=64, gcm_scales=(0, 1, 2)), dim=8, num_classes=3).eval()
     assert sorted(related.gcms) == ["0", "1", "2"] and len(plain.gcms) == 0
     clips = torch.randn(2, 64, 8)
-    for a, b in zip(plain(clips, SNIPPET_SECONDS), related(clips, SNIPPET_SECONDS)):
+    for a, b in zip(plain(clips), related(clips)):
         torch.testing.assert_close(a, b)
-    logits, _ = related.train()(clips, SNIPPET_SECONDS)
+    logits, _ = related.train()(clips)
     logits.logsumexp(-1).sum().backward()
     assert all(float(g.layers[-1].weight.grad.abs().sum()) > 0 for g in related.gcms.values())
 
@@ -151,8 +155,8 @@ def test_one_stage_clips_need_no_proposal_files(small_dataset, tmp_path):
     card = load_card(small_dataset / "card.yaml")
     for name in ("annotations.json", "features"):
         (tmp_path / name).symlink_to(small_dataset / name)
-    with_lists, durations, _ = one_stage.dataset_clips(DatasetSource(card, small_dataset, "test"), ["rgb"], 128, 64)
-    without, durations_again, _ = one_stage.dataset_clips(DatasetSource(card, tmp_path, "test"), ["rgb"], 128, 64)
+    with_lists, durations = one_stage.dataset_clips(DatasetSource(card, small_dataset, "test"), ["rgb"], 128, 64)
+    without, durations_again = one_stage.dataset_clips(DatasetSource(card, tmp_path, "test"), ["rgb"], 128, 64)
     assert durations_again == durations and len(without["rgb"]) == len(with_lists["rgb"]) > len(durations)
     for a, b in zip(with_lists["rgb"], without["rgb"]):
         assert (a.video_id, a.start, a.snippets) == (b.video_id, b.start, b.snippets)
@@ -165,14 +169,13 @@ def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicat
     cannot; half-overlapping windows see the same instances twice and NMS leaves one of each."""
     card = load_card(small_dataset / "card.yaml")
     source = DatasetSource(card, small_dataset, "train")
-    clips, durations, seconds = one_stage.dataset_clips(source, ["flow"], 128, 64)
+    clips, durations = one_stage.dataset_clips(source, ["flow"], 128, 64)
     clips = clips["flow"]
     truth = {v: source.videos[v] for v in durations}
     inference = InferenceConfig(nms_threshold=0.4, top_k=50)
 
     def map_at_05(model: DSSAD):
-        dets = one_stage.predict_fused({"flow": model}, {"flow": clips}, durations, card.classes, seconds,
-                                       config=inference)
+        dets = one_stage.predict_fused({"flow": model}, {"flow": clips}, durations, card.classes, config=inference)
         return float(evaluate_detections(truth, dets, card.classes, "thumos14", [0.5]).map[0]), dets
 
     torch.manual_seed(0)
@@ -180,7 +183,7 @@ def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicat
                   clips[0].features.shape[1], card.num_classes)
     untrained, _ = map_at_05(model)
     history = one_stage.fit(model, clips, TrainConfig(epochs=15, optimizer="adam", lr=3e-3, batch_videos=8,
-                                                      lr_step_epochs=100, seed=0), seconds)
+                                                      lr_step_epochs=100, seed=0))
     assert history[-1]["loss_total"] < 0.5 * history[0]["loss_total"]
     trained, dets = map_at_05(model)
     assert trained > untrained + 0.05
@@ -195,6 +198,65 @@ def test_training_fits_its_videos_and_overlapping_windows_merge_without_duplicat
         assert float(overlap[same_class].max()) <= inference.nms_threshold + 1e-9
 
 
+def test_each_video_is_detected_at_its_own_frame_rate(small_dataset, tmp_path):
+    """THUMOS'14's videos run at 24-30 fps, and its card lays snippets on each video's own rate.
+    D-SSAD laid every clip's anchors on one rate, the last video's: here a video at 25 fps, read
+    with one at 30, came out in the seconds of 30 fps. The same snippets at 25 fps are the same
+    video 1.2 times as long, so its detections are the 30 fps ones times 1.2, whatever it is read
+    with; and a video's training targets do not depend on the other videos either."""
+    card_text = (small_dataset / "card.yaml").read_text()
+    assert "\n  fps: 30\n" in card_text
+    (tmp_path / "card.yaml").write_text(card_text.replace("\n  fps: 30\n", "\n  fps: native\n"))
+    (tmp_path / "features").symlink_to(small_dataset / "features")
+    annotations = json.loads((small_dataset / "annotations.json").read_text())
+    test = sorted(v for v, entry in annotations["database"].items() if entry["subset"] == "test")
+    slow, fast = test[:2]   # the first at 25 fps, read before one at 30 fps
+    entry = annotations["database"][slow]
+    entry.update(fps=25.0, duration=entry["duration"] * 1.2, duration_frame=round(entry["duration"] * 1.2 * 25))
+    for ann in entry["annotations"]:
+        ann["segment"] = [t * 1.2 for t in ann["segment"]]
+    annotations["database"] = {v: annotations["database"][v] for v in (slow, fast)}
+    (tmp_path / "annotations.json").write_text(json.dumps(annotations))
+
+    card, mixed_card = load_card(small_dataset / "card.yaml"), load_card(tmp_path / "card.yaml")
+    alone, _ = one_stage.dataset_clips(DatasetSource(card, small_dataset, "test"), ["flow"], 128, 64)
+    mixed, durations = one_stage.dataset_clips(DatasetSource(mixed_card, tmp_path, "test"), ["flow"], 128, 64)
+    torch.manual_seed(0)
+    model = DSSAD(DSSADConfig(hidden=16, clip_snippets=128, window_stride=64), alone["flow"][0].features.shape[1],
+                  card.num_classes).eval()
+    config = InferenceConfig(top_k=20)
+    at_30 = one_stage.predict_fused({"flow": model}, {"flow": [c for c in alone["flow"] if c.video_id == slow]},
+                                    {slow: durations[slow] / 1.2}, card.classes, config=config)
+    found = one_stage.predict_fused({"flow": model}, mixed, durations, card.classes, config=config)
+    mine = [k for k, v in enumerate(found.video) if v == slow]
+    assert len(mine) == len(at_30.score) > 0
+    np.testing.assert_allclose(found.start[mine], 1.2 * at_30.start, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(found.end[mine], 1.2 * at_30.end, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(found.score[mine], at_30.score, rtol=1e-12)
+
+    train_alone = [c for c in alone["flow"] if c.video_id == slow]
+    train_mixed = [c for c in mixed["flow"] if c.video_id == slow]
+    for a, b in zip(train_alone, train_mixed):   # the same windows, in the video's own seconds
+        assert (b.seconds, b.start) == pytest.approx((1.2 * a.seconds, 1.2 * a.start))
+        labels_a, _ = match_anchors(model.anchors(a.seconds), a.gt, a.gt_labels)
+        labels_b, _ = match_anchors(model.anchors(b.seconds), b.gt, b.gt_labels)
+        assert torch.equal(labels_a, labels_b)
+
+
+def test_rescaled_features_lay_a_videos_windows_over_its_duration():
+    """ActivityNet's features are rescaled to 100 positions whatever a video's length (the real
+    example's video: 124.23 s): a position is 1.2423 s of it, not a 30 fps I3D stride (0.267 s,
+    which put every detection in the video's first 27 s)."""
+    grid = SnippetGrid("rescaled", num_snippets=100, duration=124.23)
+    seconds, offset = one_stage.snippet_timing(grid)
+    assert (seconds, offset) == pytest.approx((1.2423, 0.0))
+    no_gt = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    clips = one_stage.clips_of("v", np.zeros((100, 4), np.float32), seconds, *no_gt, 96, 48, train=False,
+                               time_offset=offset)
+    spans = [t for c in clips for t in (c.start, c.start + c.snippets * c.seconds)]
+    assert spans == pytest.approx([0.0, 119.2608, 4.9692, 124.23])
+
+
 def _train_replica(rank: int, clips: list, folder: str) -> None:
     """One worker of a two-worker data-parallel epoch (the one-stage training stage's way)."""
     torch.manual_seed(rank)   # the ranks draw different initial weights; DDP starts them from rank 0's
@@ -203,7 +265,7 @@ def _train_replica(rank: int, clips: list, folder: str) -> None:
     recipe = TrainConfig(optimizer="adam", lr=1e-2, batch_videos=2, clip_grad_norm=None)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     mine = clips[rank::2]     # 3 clips on rank 0, 2 on rank 1: both must take the same number of steps
-    one_stage.train_one_epoch(replica, mine, optimizer, recipe, SNIPPET_SECONDS, torch.Generator().manual_seed(rank),
+    one_stage.train_one_epoch(replica, mine, optimizer, recipe, torch.Generator().manual_seed(rank),
                               steps=3, batch_videos=1)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{folder}/rank{rank}.pt")
 
@@ -213,7 +275,7 @@ def test_data_parallel_workers_keep_equal_weights(tmp_path):
     one-stage loop called each worker's inner D-SSAD, past DistributedDataParallel, and its
     workers trained apart (rank 0's weights, trained on half the clips, were the run's)."""
     gen = torch.Generator().manual_seed(0)
-    clips = [one_stage.Clip(f"v{k}", torch.randn(128, 8, generator=gen), 128, 0.0,
+    clips = [one_stage.Clip(f"v{k}", torch.randn(128, 8, generator=gen), 128, 0.0, SNIPPET_SECONDS,
                             torch.tensor([[4.0 + k, 20.0 + 3 * k]], dtype=torch.float64), torch.tensor([k % 3]))
              for k in range(5)]
     run_two_workers(_train_replica, clips, str(tmp_path))

@@ -91,11 +91,12 @@ def test_one_stage_windows_merge_by_the_configured_suppression(method):
     anchors = torch.tensor([[0.0, 4.0], [1.0, 5.0], [0.5, 4.5], [6.0, 9.0], [6.5, 9.5], [2.0, 8.0]],
                            dtype=torch.float64)
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.2, 0.7], [0.6, 0.3], [0.1, 0.5], [0.55, 0.4]], dtype=torch.float64)
-    clips = [Clip("v", torch.zeros(4, 1), 4, start, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    clips = [Clip("v", torch.zeros(4, 1), 4, start, 1.0, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
              for start in (0.0, 3.0)]   # two windows: the second's anchors shifted by 3 s
     per_clip = [(probs, torch.zeros(6, 2, dtype=torch.float64))] * 2
     config = InferenceConfig(nms=method, nms_threshold=0.3, soft_nms_sigma=0.5, top_k=7)
-    found = fuse_detections({"flow": per_clip}, clips, anchors, {"v": 20.0}, ["a", "b"], config=config)
+    found = fuse_detections({"flow": per_clip}, clips, lambda seconds: anchors * seconds, {"v": 20.0}, ["a", "b"],
+                            config=config)
     score, label = probs.max(dim=1)
     dets = [(float(s + c.start), float(e + c.start), float(p), int(k))
             for c in clips for (s, e), p, k in zip(anchors.tolist(), score, label)]
@@ -117,12 +118,13 @@ def test_one_stage_candidates_per_video_counts_the_videos_pairs_not_each_windows
 
     gen = torch.Generator().manual_seed(3)
     anchors = torch.rand(6, 1, generator=gen, dtype=torch.float64) * 8 + torch.tensor([0.0, 3.0], dtype=torch.float64)
-    clips = [Clip("v", torch.zeros(4, 1), 4, start, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
+    clips = [Clip("v", torch.zeros(4, 1), 4, start, 1.0, torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))
              for start in (0.0, 4.0, 8.0)]
     per_clip = [(torch.rand(6, 2, generator=gen, dtype=torch.float64), torch.zeros(6, 2, dtype=torch.float64))
                 for _ in clips]
     config = InferenceConfig(candidates_per_video=5, nms_threshold=0.3, top_k=100)
-    found = fuse_detections({"flow": per_clip}, clips, anchors, {"v": 30.0}, ["a", "b"], config=config)
+    found = fuse_detections({"flow": per_clip}, clips, lambda seconds: anchors * seconds, {"v": 30.0}, ["a", "b"],
+                            config=config)
     dets = [(float(s + c.start), float(e + c.start), float(p.max()), int(p.argmax()))
             for c, (probs, _) in zip(clips, per_clip) for (s, e), p in zip(anchors.tolist(), probs)]
     best = sorted(dets, key=lambda d: -d[2])[:5]
