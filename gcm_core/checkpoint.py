@@ -107,14 +107,21 @@ def check_feature_widths(reads: Mapping[str, int], given: Mapping[str, int], pat
 def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "video", fps: float | None = None,
                  duration: float | None = None) -> tuple[Video, SnippetGrid]:
     """A new video of ``num_snippets`` snippets on a checkpoint's snippet layout (a card's
-    ``snippets``): ``fps`` defaults to the layout's (30 if it says 'native'), ``duration`` to the
-    time the snippets cover. Features rescaled to a fixed number of positions (ActivityNet's)
-    cover the whole video whatever its length: their ``duration`` must be given."""
+    ``snippets``): ``fps`` defaults to the layout's, ``duration`` to the time the snippets cover.
+    Snippets laid on each video's own frame rate (``fps: native``, THUMOS'14's I3D features) need
+    the video's ``fps``: THUMOS'14 videos run at 24-30 fps, and a rate taken for granted would
+    put the detections in other seconds. Features rescaled to a fixed number of positions
+    (ActivityNet's) cover the whole video whatever its length: their ``duration`` must be given."""
     if snippets.get("convention") == "rescaled" and duration is None:
         raise ValueError(f"video {video_id}: its features are rescaled to {num_snippets} positions whatever the "
                          "video's length, so its duration must be given (gcm detect: --duration, or --video-info "
                          "for a folder)")
-    rate = fps or (30.0 if snippets.get("fps", "native") == "native" else float(snippets["fps"]))
+    layout_fps = snippets.get("fps", "native")
+    if layout_fps == "native" and snippets.get("convention") != "rescaled" and fps is None:
+        raise ValueError(f"video {video_id}: the checkpoint's snippets lie on each video's own frame rate (its "
+                         "card's snippets.fps: native), so this video's frame rate must be given (gcm detect: --fps, "
+                         "or --video-info with frame rates for a folder)")
+    rate = fps or (30.0 if layout_fps == "native" else float(layout_fps))   # (rescaled positions need no rate)
     grid = SnippetGrid(snippets.get("convention", "i3d"), num_snippets, 1.0, rate,
                        int(snippets.get("stride_frames", 8)), int(snippets.get("clip_frames", 64)))
     length = duration or grid.covered_until()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, save_checkpoint
+from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, save_checkpoint, video_layout
 from gcm_core.data.sampling import RegressionStats, SamplingConfig
 from gcm_core.detectors import ModelConfig
 from gcm_core.engine import TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict
@@ -254,3 +254,19 @@ def test_an_empty_share_of_the_videos_is_an_error_not_an_endless_loop():
     assert epoch_batches(3, 2, torch.Generator().manual_seed(0), 3) != []
     with pytest.raises(ValueError, match="a worker's share of the training set is empty"):
         epoch_batches(0, 4, torch.Generator(), 2)
+
+
+def test_a_new_video_on_native_frame_rate_snippets_needs_its_rate():
+    """A checkpoint trained on THUMOS'14's I3D features (snippets on each video's own frame rate)
+    laid a new video out at 30 fps when no --fps was given: a 25 fps video's detections came out
+    in the seconds of 30 fps. Its rate is asked for now; rescaled positions need none."""
+    native = {"convention": "i3d", "fps": "native", "stride_frames": 8, "clip_frames": 64}
+    with pytest.raises(ValueError, match=r"^video v: the checkpoint's snippets lie on each video's own frame rate .*"
+                                         r"\(gcm detect: --fps, or --video-info"):
+        video_layout(native, 100, "v")
+    video, grid = video_layout(native, 100, "v", fps=25.0)
+    assert (grid.fps, video.duration) == (25.0, pytest.approx((99 * 8 + 64) / 25))
+    fixed = {**native, "fps": 30}
+    assert video_layout(fixed, 100, "v")[1].fps == 30.0
+    rescaled = {"convention": "rescaled"}
+    assert video_layout(rescaled, 100, "v", duration=124.23)[1].seconds_per_snippet == pytest.approx(1.2423)
