@@ -90,6 +90,22 @@ def test_snippets_far_past_the_duration_are_another_videos_or_another_rate(broke
     expect(lambda: source.load(vid), f"T={2 * len(features)} snippets at 30 fps span", vid, "rgb")
 
 
+def test_native_frame_rate_snippets_need_annotations_with_frame_rates(broken):
+    """A card whose snippets lie on each video's own frame rate (THUMOS'14's) read with annotations
+    that give none (the official per-class files) stopped on a TypeError in every video's worker."""
+    card = broken / "card.yaml"
+    assert "\n  fps: 30\n" in card.read_text()
+    card.write_text(card.read_text().replace("\n  fps: 30\n", "\n  fps: native\n"))
+    annotations = json.loads((broken / "annotations.json").read_text())
+    source, vid = first_video(broken)
+    del annotations["database"][vid]["fps"]
+    (broken / "annotations.json").write_text(json.dumps(annotations))
+    source = DatasetSource(load_card(card), broken, "train")
+    for call in (lambda: source.check_layout(proposals=True), lambda: source.load(vid)):
+        expect(call, "annotations.json", f"video {vid}, field 'fps'", "no frame rate for 1 video(s)",
+               "snippets.fps: native")
+
+
 def test_flow_one_snippet_short_is_aligned_and_more_is_an_error(broken):
     """Optical flow of n frames has n - 1 fields: a flow stream one snippet shorter than RGB is the
     same frames, so RGB's last snippet is dropped; streams further apart are refused."""
