@@ -178,12 +178,12 @@ def run_preprocess(config: PreprocessConfig, quiet: bool = False) -> dict[str, A
         for row in results.iter_rows():
             progress.update()
             if row["status"] != "ok":
-                failures.append(f"  {row['video_id']}: {row['error']}")
+                failures.append({"video": str(row["video_id"]), "role": str(row["role"]), "error": str(row["error"])})
     progress.close()
     every = len(failures) == len(plan)   # nothing to leave out: a dataset of no video is no result
     if failures and (every or not config.skip_bad):
-        raise PreprocessError(_failure_report(sorted(failures), out, every))
-    manifest = _manifest(card, config, out)
+        raise PreprocessError(_failure_report(sorted(f"  {f['video']}: {f['error']}" for f in failures), out, every))
+    manifest = _manifest(card, config, out, failures)
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
@@ -275,15 +275,19 @@ def _plan(card: DatasetCard, config: PreprocessConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[str, Any]:
-    """The manifest of every finished shard. A video written twice (a batch re-run after a lost
+def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path, failures: list[dict[str, str]]
+              ) -> dict[str, Any]:
+    """The manifest of every finished shard, and of the videos left out: those of the finished
+    shards and this run's ``failures`` (a shard in which no video could be prepared is not
+    written, and is tried again by a rerun). A video written twice (a batch re-run after a lost
     node, composed differently) is listed in its first shard only, and readers honour the list."""
-    shards, skipped, counts, targets, seen = [], [], {}, [], set()
+    shards, counts, targets, seen = [], {}, [], set()
+    left_out: dict[tuple[str, str], str] = {}
     for shard, side in _finished_shards(out).items():
         s = side["summary"]
         ok = [k for k, status in enumerate(s["status"]) if status == "ok" and (s["role"][k], s["video_id"][k]) not in seen]
         seen.update((s["role"][k], s["video_id"][k]) for k in ok)
-        skipped += [{"video": s["video_id"][k], "error": s["error"][k]} for k, st in enumerate(s["status"]) if st != "ok"]
+        left_out.update({(s["role"][k], s["video_id"][k]): s["error"][k] for k, st in enumerate(s["status"]) if st != "ok"})
         role = s["role"][0]
         shards.append({"path": f"shards/{shard}.parquet", "role": role, "videos": [s["video_id"][k] for k in ok],
                        "worker": side.get("worker", {})})
@@ -292,13 +296,17 @@ def _manifest(card: DatasetCard, config: PreprocessConfig, out: Path) -> dict[st
         c["units"] += sum(s["units"][k] for k in ok)
         c["edges"] += sum(s["edges"][k] for k in ok)
         targets += side["targets"] if len(ok) == len(s["status"]) else []
+    for failure in failures:
+        left_out.setdefault((failure["role"], failure["video"]), failure["error"])
     stats = RegressionStats.fit(torch.tensor(targets, dtype=torch.float64).reshape(-1, 2))
     return {
         "format": FORMAT, "code_version": code_version(), "card": card.name, "card_file": "card.yaml",
         "classes": list(card.classes), "streams": list(card.streams), "parts": list(config.parts),
         "dims": _dims_from_shard(out, shards, config, card), "protocol": card.protocol, "tiou": list(card.tiou),
         "caps": asdict(config.caps), "sampling": asdict(config.sampling), "counts": counts,
-        "regression_stats": stats.as_dict(), "shards": shards, "skipped": skipped, "config": to_dict(config),
+        "regression_stats": stats.as_dict(), "shards": shards,
+        "skipped": [{"video": video, "error": error} for (_, video), error in sorted(left_out.items())],
+        "config": to_dict(config),
     }
 
 

@@ -8,6 +8,8 @@ Layout of a preprocessed folder::
     config.yaml                   the resolved preprocessing configuration
     card.yaml                     the dataset card used
     shards/<role>-<k>.parquet     one row per video
+    shards/<role>-<k>.json        the shard's summary (each video's status, units, edges, error),
+                                  written last: a shard without it is unfinished
 
 Schema of a shard (one row per video; arrays are flattened row-major, their second dimension is
 given by ``manifest.json``'s ``dims``):
