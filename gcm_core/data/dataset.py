@@ -61,7 +61,7 @@ class DatasetSource:
             if not folder.is_dir():
                 raise FormatError(folder, f"no {stream} features folder under the data root {self.root.resolve()} "
                                           f"(the card's paths.features: {self.card.paths['features']})")
-        self._frame_rate(self.video_ids)
+        self._check_frame_rates(self.video_ids)
         listed = self.card.path(f"proposals.{self.role}", self.root)
         if proposals and not listed.exists():
             raise FormatError(listed, f"no {self.role} proposals under the data root {self.root.resolve()} (the "
@@ -93,29 +93,29 @@ class DatasetSource:
 
     def grid(self, video: Video, num_snippets: int) -> SnippetGrid:
         snippets = self.card.snippets
+        self._check_frame_rates([video.id])
+        fps = snippets.get("fps", "native")
+        if fps == "native":   # the video's own; rescaled positions lie at no rate in particular
+            fps = video.fps if self._rate_per_video else 30.0
         return SnippetGrid(
             convention=snippets.get("convention", "i3d"), num_snippets=num_snippets, duration=video.duration,
-            fps=self._frame_rate([video.id]), stride_frames=int(snippets.get("stride_frames", 8)),
+            fps=float(fps), stride_frames=int(snippets.get("stride_frames", 8)),
             clip_frames=int(snippets.get("clip_frames", 64)))
 
-    def _frame_rate(self, video_ids: list[str]) -> float:
-        """The frame rate the snippets of the first of ``video_ids`` lie on: the card's, or with
-        ``snippets.fps: native`` each video's own from the annotations, which must give it for
-        every one (rescaled positions are laid over the duration: any rate will do)."""
-        snippets = self.card.snippets
-        fps = snippets.get("fps", "native")
-        if fps != "native":
-            return float(fps)
-        if snippets.get("convention") == "rescaled":
-            return float(self.videos[video_ids[0]].fps or 30.0)
-        unknown = [v for v in video_ids if not self.videos[v].fps]
+    @property
+    def _rate_per_video(self) -> bool:
+        """Whether the snippets lie on each video's own frame rate (``snippets.fps: native``), which
+        the annotations must then give; rescaled positions are laid over the duration at none."""
+        return self.card.snippets.get("fps", "native") == "native" and self.card.snippets.get("convention") != "rescaled"
+
+    def _check_frame_rates(self, video_ids: list[str]) -> None:
+        unknown = [v for v in video_ids if not self.videos[v].fps] if self._rate_per_video else []
         if unknown:
             raise FormatError(self.card.path("annotations", self.root),
                               f"no frame rate for {len(unknown)} video(s) (e.g. {unknown[0]}): the card lays snippets "
                               "on each video's own frame rate (snippets.fps: native); give annotations with frame "
                               "rates (THUMOS'14: thumos14.json or thumos14_test_groundtruth.csv) or the card a fixed "
                               "snippets.fps", video=unknown[0], field="fps")
-        return float(self.videos[video_ids[0]].fps)
 
     def load(self, video_id: str) -> VideoInputs:
         """One video's proposals and features of every stream, checked against each other."""

@@ -100,10 +100,10 @@ class DSSAD(nn.Module):
         convolutions of width 3 (the second of stride 2) and one of stride 2 per scale."""
         return (8 << scale) + 1
 
-    def anchors(self, snippet_seconds: float = 1.0) -> Tensor:
-        """[A, 2] anchors of a clip starting at 0, in seconds for snippets of ``snippet_seconds``
-        (default: in snippets), scales then cells then ratios (model order); a cell at ``scale``
-        spans 4 * 2**scale snippets."""
+    def anchors(self, snippet_seconds: float) -> Tensor:
+        """[A, 2] anchors of a clip starting at 0, in seconds for snippets of ``snippet_seconds``,
+        scales then cells then ratios (model order); a cell at ``scale`` spans 4 * 2**scale
+        snippets."""
         out = []
         for s in range(self.config.num_scales):
             n, length = self.cells(s), snippet_seconds * (4 << s)
