@@ -204,8 +204,9 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
 
 def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> None:
     """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
-    read, a two-stage head paired with a dataset read directly (it scores prepared proposals) or
-    with a preprocessed one without a test split."""
+    read (read directly: a video's missing feature file too), a two-stage head paired with a
+    dataset read directly (it scores prepared proposals) or with a preprocessed one without a
+    test split."""
     for checkpoint in checkpoints:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
@@ -213,7 +214,9 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> 
     for dataset in datasets:
         card, data_root, manifest = dataset.open()
         if dataset.card:
-            DatasetSource(card, data_root, "test").check_layout(proposals=False)
+            source = DatasetSource(card, data_root, "test")
+            source.check_layout(proposals=False)
+            source.check_feature_files()
         elif two_stage:
             check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]

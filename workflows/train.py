@@ -260,10 +260,13 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
 
 
 def check_snippet_layout(card: DatasetCard, data_root: str | None, evaluate: bool) -> None:
-    """A one-stage run reads the dataset's annotations and snippet features itself (its test split
-    too where it evaluates): a data root without them is named here, once, not in every worker."""
+    """A one-stage run reads the dataset's annotations and every video's snippet features itself
+    (its test split too where it evaluates): a data root without them, or a video's missing
+    feature file, is named here, once, not in a training worker's traceback."""
     for role in ("train", "test") if evaluate else ("train",):
-        DatasetSource(card, data_root, role).check_layout(proposals=False)
+        source = DatasetSource(card, data_root, role)
+        source.check_layout(proposals=False)
+        source.check_feature_files()
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:

@@ -55,8 +55,7 @@ class DatasetSource:
         role reads (a stream's features folder, frame rates that the card's snippets need; with
         ``proposals``, the role's proposal list), rather than once per video, each with the same
         message."""
-        columns = self.card.snippets.get("stream_columns")
-        for stream in self.card.streams[:1] if columns else self.card.streams:
+        for stream in self._file_streams:
             folder = self.feature_path(self.video_ids[0], stream).parent
             if not folder.is_dir():
                 raise FormatError(folder, f"no {stream} features folder under the data root {self.root.resolve()} "
@@ -81,6 +80,23 @@ class DatasetSource:
         without ``v_``) whose file exists, else the card's own spelling."""
         paths = [self.card.path("features", self.root, stream=stream, video=name) for name in video_spellings(video)]
         return next((p for p in paths if p.is_file()), paths[0])
+
+    @property
+    def _file_streams(self) -> tuple[str, ...]:
+        """The streams named by the feature files: each stream, or the first where one file holds
+        every stream's columns (the card's ``snippets.stream_columns``)."""
+        return self.card.streams[:1] if self.card.snippets.get("stream_columns") else self.card.streams
+
+    def check_feature_files(self) -> None:
+        """Fail once, naming the first missing feature file and counting the others, for readers
+        of every video of the role (one-stage runs); preprocessing names each such video instead,
+        and may leave it out."""
+        files = [(v, self.feature_path(v, stream)) for v in self.video_ids for stream in self._file_streams]
+        missing = [(v, path) for v, path in files if not path.is_file()]
+        if missing:
+            video, path = missing[0]
+            more = f" (and {len(missing) - 1} more of the {self.role} videos' files)" if len(missing) > 1 else ""
+            raise FormatError(path, f"feature file missing{more}", video=video)
 
     def _features(self, video_id: str) -> dict[str, np.ndarray]:
         """Every stream's features of ``video_id``: a file each, or one file read once and cut

@@ -111,6 +111,15 @@ def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, small_datase
     with pytest.raises(FormatError, match=f"^{bare / 'features' / 'rgb'}: no rgb features folder under the data root"):
         run_train(one_stage, quiet=True)
     assert not (tmp_path / "bare-run").exists()
+    gappy = tmp_path / "gappy"   # one test video's flow file missing: named here, not in a worker's traceback
+    shutil.copytree(small_dataset, gappy)
+    tests = DatasetSource(load_card(gappy / "card.yaml"), gappy, "test")
+    lost = tests.feature_path(tests.video_ids[3], "flow")
+    lost.unlink()
+    gappy_run = dataclasses.replace(one_stage, card=str(gappy / "card.yaml"), data_root=str(gappy), name="gappy-run")
+    with pytest.raises(FormatError, match=f"^{lost}, video {tests.video_ids[3]}: feature file missing$"):
+        run_train(gappy_run, quiet=True)
+    assert not (tmp_path / "gappy-run").exists()
     def without(role: str) -> Path:   # a dataset preprocessed with the other split alone (roles=[...])
         partial = tmp_path / f"no-{role}"
         partial.mkdir()
