@@ -17,7 +17,7 @@ from gcm_core.data.atomic import atomic_write
 from gcm_core.data.dataset import VideoInputs
 from gcm_core.data.features import torch_load_problem
 from gcm_core.data.model import Detections, FormatError, Proposals, Video
-from gcm_core.data.pooling import SnippetGrid
+from gcm_core.data.pooling import SnippetGrid, rate_per_video
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.detectors.base import ModelConfig
@@ -117,7 +117,7 @@ def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "v
                          "video's length, so its duration must be given (gcm detect: --duration, or --video-info "
                          "for a folder)")
     layout_fps = snippets.get("fps", "native")
-    if layout_fps == "native" and snippets.get("convention") != "rescaled" and fps is None:
+    if rate_per_video(snippets) and fps is None:
         raise ValueError(f"video {video_id}: the checkpoint's snippets lie on each video's own frame rate (its "
                          "card's snippets.fps: native), so this video's frame rate must be given (gcm detect: --fps, "
                          "or --video-info with frame rates for a folder)")

@@ -126,7 +126,8 @@ class VideoFacts:
         known = self.videos.get(video_key(video_id))
         if known is None:
             raise FormatError(self.path, "not listed there: give a --video-info file that lists every video, or "
-                                         "none to lay the videos out by the checkpoint's frame rate", video=video_id)
+                                         "none to lay the videos out by --fps (or the checkpoint's frame rate)",
+                              video=video_id)
         return known
 
 

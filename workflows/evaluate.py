@@ -214,9 +214,7 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> 
     for dataset in datasets:
         card, data_root, manifest = dataset.open()
         if dataset.card:
-            source = DatasetSource(card, data_root, "test")
-            source.check_layout(proposals=False)
-            source.check_feature_files()
+            DatasetSource(card, data_root, "test").check_layout(proposals=False, every_video=True)
         elif two_stage:
             check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]

@@ -264,9 +264,7 @@ def check_snippet_layout(card: DatasetCard, data_root: str | None, evaluate: boo
     (its test split too where it evaluates): a data root without them, or a video's missing
     feature file, is named here, once, not in a training worker's traceback."""
     for role in ("train", "test") if evaluate else ("train",):
-        source = DatasetSource(card, data_root, role)
-        source.check_layout(proposals=False)
-        source.check_feature_files()
+        DatasetSource(card, data_root, role).check_layout(proposals=False, every_video=True)
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:

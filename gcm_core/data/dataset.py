@@ -16,7 +16,7 @@ from gcm_core.data.annotations import read_annotations
 from gcm_core.data.cards import DatasetCard, data_root_path
 from gcm_core.data.features import align_streams, load_features, split_streams
 from gcm_core.data.model import FormatError, Proposals, Video, video_spellings
-from gcm_core.data.pooling import SnippetGrid
+from gcm_core.data.pooling import SnippetGrid, rate_per_video
 from gcm_core.data.proposals import ProposalSource
 
 ROLES = ("train", "test")
@@ -50,11 +50,13 @@ class DatasetSource:
         if not self.videos:
             raise FormatError(annotations, f"no video of subset {subset!r}")
 
-    def check_layout(self, proposals: bool) -> None:
+    def check_layout(self, proposals: bool, every_video: bool = False) -> None:
         """Fail once, naming the folder or file, where the data root lacks what every video of the
         role reads (a stream's features folder, frame rates that the card's snippets need; with
         ``proposals``, the role's proposal list), rather than once per video, each with the same
-        message."""
+        message. ``every_video``: for readers that need every video of the role (one-stage runs),
+        a video's missing feature file too, the first named and the others counted; preprocessing
+        names each such video instead, and may leave it out."""
         for stream in self._file_streams:
             folder = self.feature_path(self.video_ids[0], stream).parent
             if not folder.is_dir():
@@ -65,6 +67,8 @@ class DatasetSource:
         if proposals and not listed.exists():
             raise FormatError(listed, f"no {self.role} proposals under the data root {self.root.resolve()} (the "
                                       f"card's paths.proposals.{self.role})")
+        if every_video:
+            self._check_feature_files()
 
     @cached_property
     def proposals(self) -> ProposalSource:
@@ -87,10 +91,7 @@ class DatasetSource:
         every stream's columns (the card's ``snippets.stream_columns``)."""
         return self.card.streams[:1] if self.card.snippets.get("stream_columns") else self.card.streams
 
-    def check_feature_files(self) -> None:
-        """Fail once, naming the first missing feature file and counting the others, for readers
-        of every video of the role (one-stage runs); preprocessing names each such video instead,
-        and may leave it out."""
+    def _check_feature_files(self) -> None:
         files = [(v, self.feature_path(v, stream)) for v in self.video_ids for stream in self._file_streams]
         missing = [(v, path) for v, path in files if not path.is_file()]
         if missing:
@@ -112,20 +113,15 @@ class DatasetSource:
         self._check_frame_rates([video.id])
         fps = snippets.get("fps", "native")
         if fps == "native":   # the video's own; rescaled positions lie at no rate in particular
-            fps = video.fps if self._rate_per_video else 30.0
+            fps = video.fps if rate_per_video(snippets) else 30.0
         return SnippetGrid(
             convention=snippets.get("convention", "i3d"), num_snippets=num_snippets, duration=video.duration,
             fps=float(fps), stride_frames=int(snippets.get("stride_frames", 8)),
             clip_frames=int(snippets.get("clip_frames", 64)))
 
-    @property
-    def _rate_per_video(self) -> bool:
-        """Whether the snippets lie on each video's own frame rate (``snippets.fps: native``), which
-        the annotations must then give; rescaled positions are laid over the duration at none."""
-        return self.card.snippets.get("fps", "native") == "native" and self.card.snippets.get("convention") != "rescaled"
-
     def _check_frame_rates(self, video_ids: list[str]) -> None:
-        unknown = [v for v in video_ids if not self.videos[v].fps] if self._rate_per_video else []
+        """Where the snippets lie on each video's own frame rate, the annotations give each one."""
+        unknown = [v for v in video_ids if not self.videos[v].fps] if rate_per_video(self.card.snippets) else []
         if unknown:
             raise FormatError(self.card.path("annotations", self.root),
                               f"no frame rate for {len(unknown)} video(s) (e.g. {unknown[0]}): the card lays snippets "

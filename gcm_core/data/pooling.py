@@ -25,8 +25,9 @@ per-unit Python loop.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -34,6 +35,13 @@ from torch import Tensor
 Convention = Literal["i3d", "center", "rescaled"]
 Reduce = Literal["max", "mean"]
 PARTS = ("body", "extended", "three_part")
+
+
+def rate_per_video(snippets: Mapping[str, Any]) -> bool:
+    """Whether a card's snippet layout lies on each video's own frame rate (``fps: native``, as
+    THUMOS'14's I3D features), which must then be known per video; rescaled positions are laid
+    over the duration at none."""
+    return snippets.get("fps", "native") == "native" and snippets.get("convention") != "rescaled"
 
 
 @dataclass(frozen=True)
