@@ -81,7 +81,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
         raise ValueError(f"{path}: not a gcm-tal checkpoint")
     model_config = ModelConfig(**payload["model_config"])
     inference = payload["inference"]
-    inference["fusion"] = tuple(tuple(x) for x in inference["fusion"])
+    if inference["fusion"] is not None:
+        inference["fusion"] = tuple(tuple(x) for x in inference["fusion"])
     heads = build_heads(model_config, list(payload["dims"]), payload["dims"], len(payload["classes"]))
     heads.load_state_dict(payload["heads"])
     return Checkpoint(payload["classes"], model_config, GraphSpec(**payload["graph"]), InferenceConfig(**inference),

@@ -197,7 +197,7 @@ def predict(model: nn.Module, data: UnitDataset, stats: RegressionStats, device:
 def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[UnitScores]],
                   classes: Sequence[str], config: InferenceConfig = InferenceConfig()) -> Detections:
     """Fuse the streams' unit scores (weights of ``config.fusion``) and decode every video."""
-    weights = dict(config.fusion)
+    weights = config.weights()
     vid, lab, start, end, score = [], [], [], [], []
     for k, video in enumerate(videos):
         fused = fuse_streams({s: scores[k] for s, scores in per_stream.items()}, weights)

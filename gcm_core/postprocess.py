@@ -107,19 +107,30 @@ def soft_nms(segments: Tensor, scores: Tensor, labels: Tensor | None = None,
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """From unit outputs to detections (the authors' test settings where the paper is silent)."""
+    """From unit outputs to detections (the authors' test settings where the paper is silent).
+
+    ``fusion`` None leaves the streams' weights to be chosen from the dataset (a training run
+    takes its dataset card's ``stream_fusion``); decoding needs them chosen (:meth:`weights`).
+    """
 
     candidates_per_video: int = 2000    # a video's best (unit or anchor, class) pairs kept before NMS
     nms: Literal["nms", "soft-nms"] = "nms"
     nms_threshold: float = 0.35
     soft_nms_sigma: float = 0.5
     top_k: int = 200                    # detections per video
-    fusion: tuple[tuple[str, float], ...] = (("rgb", 2.0), ("flow", 3.0))
+    fusion: tuple[tuple[str, float], ...] | None = (("rgb", 2.0), ("flow", 3.0))
 
     def __post_init__(self) -> None:
         check_ranges(self, candidates_per_video=">= 1", nms_threshold="in [0, 1]", soft_nms_sigma="> 0", top_k=">= 1")
-        if any(weight < 0 for _, weight in self.fusion):
+        if any(weight < 0 for _, weight in self.fusion or ()):
             raise ValueError(f"fusion weights must be >= 0, got {self.fusion!r}")
+
+    def weights(self) -> dict[str, float]:
+        """The late-fusion weight of each stream named (:func:`stream_weights` weighs others 1)."""
+        if self.fusion is None:
+            raise ValueError("inference.fusion is not chosen: give the streams' weights (e.g. {rgb: 2, flow: 3}), "
+                             "or let a training run take its dataset card's stream_fusion")
+        return dict(self.fusion)
 
 
 @dataclass

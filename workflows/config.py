@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from gcm_core.checks import check_ranges
+from gcm_core.data.cards import DatasetCard
 from gcm_core.data.dataset import ROLES
 from gcm_core.data.pooling import PARTS, Reduce
 from gcm_core.data.sampling import SamplingConfig
@@ -126,7 +127,8 @@ class TrainStageConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     graph: GraphSpec = field(default_factory=GraphSpec)
     train: TrainConfig = field(default_factory=TrainConfig)
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    # fusion None: the dataset card's stream_fusion, chosen when the run starts (with_card_fusion)
+    inference: InferenceConfig = field(default_factory=lambda: InferenceConfig(fusion=None))
     one_stage: OneStageConfig = field(default_factory=OneStageConfig)
     evaluate: bool = True                # evaluate the final model on the test split
     evaluate_every: int = 0              # also every N epochs: the test mAP in that epoch's log line
@@ -141,8 +143,9 @@ class TrainStageConfig:
                      max_failures=">= 0")
         check_folder_name("name", self.name)
         _check_names("streams", self.streams)   # which exist, the dataset says (workflows.train.check_inputs)
-        stream_weights(self.streams, dict(self.inference.fusion))   # refuses weights of 0 in all
-        check_fusion_streams(dict(self.inference.fusion), self.streams, "this run")
+        if self.inference.fusion is not None:
+            stream_weights(self.streams, self.inference.weights())   # refuses weights of 0 in all
+            check_fusion_streams(self.inference.weights(), self.streams, "this run")
         key, recipe = self.recipe
         if recipe.epochs < 1:  # TrainConfig allows 0 for gcm_core.engine.fit's untrained baselines
             raise ValueError(f"a run trains for {key}.epochs >= 1, got {recipe.epochs}")
@@ -271,6 +274,16 @@ def check_fusion_streams(fusion: dict[str, float], streams: list[str] | tuple[st
     if unknown:
         raise ValueError(f"inference.fusion weighs {unknown}, which are not streams of {whose} ({list(streams)}) "
                          f"or the paper's")
+
+
+def with_card_fusion(stage: TrainStageConfig, card: DatasetCard) -> TrainStageConfig:
+    """The stage with its streams' late-fusion weights chosen: those it was given, else its dataset
+    card's ``stream_fusion`` (a stream neither names weighs 1), written into its config and
+    checkpoints so that every later evaluation fuses as the run did."""
+    if stage.inference.fusion is not None:
+        return stage
+    fusion = tuple((s, w) for s, w in card.stream_fusion.items() if s in stage.streams)
+    return dataclasses.replace(stage, inference=dataclasses.replace(stage.inference, fusion=fusion))
 
 
 def overridden(settings: InferenceConfig, overrides: dict[str, Any]) -> InferenceConfig:

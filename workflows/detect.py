@@ -92,9 +92,9 @@ class Detector:
         model = load_checkpoint(path)
         model.heads.to(device)
         model.inference = overridden(model.inference, inference)
-        stream_weights(model.streams, dict(model.inference.fusion))   # 0 in all: refused before any video
+        stream_weights(model.streams, model.inference.weights())   # 0 in all: refused before any video
         if "fusion" in inference:   # the checkpoint's own weights were checked when its run was configured
-            check_fusion_streams(dict(model.inference.fusion), model.streams, str(path))
+            check_fusion_streams(model.inference.weights(), model.streams, str(path))
         return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
 
 
@@ -183,7 +183,7 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
         raise FormatError(files, grid.misfit(), video=video_id)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
-                                      dict(model.stage.inference.fusion), model.stage.inference, detector.device)
+                                      model.stage.inference.weights(), model.stage.inference, detector.device)
     return detect_laid_out(model, features, proposals_of(video).intervals, video, grid, detector.device)
 
 

@@ -32,7 +32,7 @@ from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
     UnitDataset, build_heads, detections_of, ground_truth, make_optimizer, predict, seed_everything, train_one_epoch,
 )
-from workflows.config import TrainStageConfig, check_output_folder, earlier_settings
+from workflows.config import TrainStageConfig, check_output_folder, earlier_settings, with_card_fusion
 from workflows.progress import Progress, read_epoch_log
 from workflows.settings import ConfigError, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.shards import (
@@ -254,6 +254,7 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
     manifest = None if stage.card else load_manifest(stage.data)
     card, data_root = dataset_of(stage, manifest)
     check_inputs(stage, card, manifest)
+    stage = with_card_fusion(stage, card)
     if stage.kind == "one-stage":
         check_snippet_layout(card, data_root, stage.evaluate)
     return stage, manifest, dict(card.snippets)

@@ -98,7 +98,7 @@ def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: Dat
     anchors = models[stage.streams[0]].anchors
     groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
     detections = {name: fuse_detections({s: scores[s] for s in streams}, tests[stage.streams[0]], anchors, durations,
-                                        card.classes, dict(stage.inference.fusion), stage.inference)
+                                        card.classes, stage.inference.weights(), stage.inference)
                   for name, streams in groups}
     return dict(source.videos), detections
 

@@ -18,7 +18,7 @@ from gcm_core.engine import TrainConfig, fit
 from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 from workflows.cli import main
-from workflows.config import TrainStageConfig
+from workflows.config import TrainStageConfig, with_card_fusion
 from workflows.settings import from_dict, to_dict
 from workflows.train_one_stage import OneStageModels, save_one_stage
 
@@ -36,8 +36,8 @@ def checkpoints(small_prepared, small_dataset, tmp_path_factory):
                        card.num_classes)
     save_checkpoint(folder / "model.pt", Checkpoint(list(card.classes), ModelConfig(), GraphSpec(),
                                                     InferenceConfig(top_k=50), dict(card.snippets), heads, stats))
-    stage = from_dict(TrainStageConfig, {"kind": "one-stage", "one_stage": {"model": {
-        "hidden": 32, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0, 2]}}})
+    stage = with_card_fusion(from_dict(TrainStageConfig, {"kind": "one-stage", "one_stage": {"model": {
+        "hidden": 32, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0, 2]}}}), card)
     dim = small_prepared["test"][0].features["rgb"]["body"].shape[1]
     torch.manual_seed(0)
     models = OneStageModels({s: DSSAD(stage.one_stage.model, dim, card.num_classes) for s in STREAMS})

@@ -1,16 +1,19 @@
 """Stage configuration: defaults, YAML, --set overrides, and the shipped grids."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
 import yaml
 
+from gcm_core.data.cards import load_card
 from gcm_core.engine import build_heads, make_optimizer
+from gcm_core.postprocess import InferenceConfig
 from workflows import GRID_DIR
 from workflows.config import (
     OUTPUTS, EvaluateConfig, PreprocessConfig, TrainStageConfig, TuneStageConfig, check_output_folder, earlier_settings,
-    resolve, stage_settings,
+    resolve, stage_settings, with_card_fusion,
 )
 from workflows.settings import ConfigError, dump, from_dict
 from workflows.train import absolute_inputs
@@ -21,7 +24,8 @@ def test_defaults_are_the_papers_settings():
     c = TrainStageConfig()
     assert (c.graph.theta_ctx, c.graph.theta_sur, c.model.num_layers, c.model.num_samples) == (0.7, 1.0, 2, 4)
     assert c.train.lr_step_epochs == 15 and c.train.lr_gamma == 0.1 and c.model.dropout == 0.8
-    assert c.stream_lr == {"rgb": 0.001, "flow": 0.01} and dict(c.inference.fusion) == {"rgb": 2.0, "flow": 3.0}
+    assert c.stream_lr == {"rgb": 0.001, "flow": 0.01} and dict(InferenceConfig().fusion) == {"rgb": 2.0, "flow": 3.0}
+    assert load_card("thumos14").stream_fusion == {"rgb": 2.0, "flow": 3.0}   # a run's fusion: its card's
     assert c.train.loss.completeness == c.train.loss.regression == 0.5
 
 
@@ -104,6 +108,20 @@ def test_fusion_weights_are_given_as_a_mapping_or_as_pairs():
     # the paper's two streams may be weighed in a one-stream run (a grid over the streams shares one fusion)
     assert resolve(TrainStageConfig, None, ["streams=[flow]", "inference.fusion={rgb: 1, flow: 4}"]
                    ).inference.fusion == expected
+
+
+def test_a_run_fuses_its_streams_as_its_dataset_card_says_unless_given_weights():
+    """A card's stream_fusion (datasets/README) is the weights a run trained on its dataset fuses
+    with; weights given to the run replace it."""
+    card = dataclasses.replace(load_card("thumos14"), stream_fusion={"rgb": 1.0, "flow": 4.0})
+    assert resolve(TrainStageConfig).inference.fusion is None   # not chosen until the dataset is known
+    assert with_card_fusion(resolve(TrainStageConfig), card).inference.weights() == {"rgb": 1.0, "flow": 4.0}
+    one_stream = resolve(TrainStageConfig, None, ["streams=[flow]"])
+    assert with_card_fusion(one_stream, card).inference.weights() == {"flow": 4.0}
+    given = resolve(TrainStageConfig, None, ["inference.fusion={rgb: 2, flow: 3}"])
+    assert with_card_fusion(given, card).inference.weights() == {"rgb": 2.0, "flow": 3.0}
+    with pytest.raises(ValueError, match="inference.fusion is not chosen"):
+        resolve(TrainStageConfig).inference.weights()
 
 
 def test_settings_a_run_does_not_read_are_refused():

@@ -67,6 +67,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     run = Path(result["run_dir"])
     ckpt = load_checkpoint(run / "model.pt")
     assert ckpt.streams == ["rgb", "flow"] and ckpt.extra["epoch"] == 3
+    assert ckpt.inference.weights() == load_card(prepared / "card.yaml").stream_fusion   # the run chose none
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
     assert result["metrics"]["fused/mAP@0.5"] == pytest.approx(metrics["fused"]["mAP"][4], abs=1e-3)
