@@ -6,6 +6,7 @@ to a data root given by ``--data-root`` or the ``GCM_DATA_ROOT`` environment var
 """
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,6 +17,13 @@ from gcm_core.data.yamlio import read_yaml
 
 CARD_DIR = Path(__file__).resolve().parents[2] / "datasets"
 LABEL_CONVENTIONS = ("name", "zero_based", "one_based", "official")
+REQUIRED_FIELDS = ("name", "classes", "subsets", "streams", "evaluation", "paths")
+# label_conventions and proposals describe the files (their readers tell the formats apart);
+# relations, structure, stream_profiles and generated are the synthetic generator's
+OPTIONAL_FIELDS = ("stream_fusion", "snippets", "units_per_video_test", "label_conventions", "proposals",
+                   "relations", "structure", "stream_profiles", "generated")
+SNIPPET_FIELDS = ("convention", "stride_frames", "clip_frames", "fps", "dim", "stream_columns", "positions")
+SNIPPET_CONVENTIONS = ("i3d", "center", "rescaled")
 
 
 class CardError(ValueError):
@@ -137,17 +145,18 @@ def load_card(name_or_path: str | Path) -> DatasetCard:
 
 def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCard:
     where = source or "card"
-    required = ("name", "classes", "subsets", "streams", "evaluation", "paths")
-    missing = [k for k in required if k not in (raw or {})]
+    missing = [k for k in REQUIRED_FIELDS if k not in (raw or {})]
     if missing:
         raise CardError(f"{where}: missing fields {missing}")
+    _check_known(where, "", raw, REQUIRED_FIELDS + OPTIONAL_FIELDS)
+    _check_snippets(where, raw.get("snippets") or {})
     entries = [c if isinstance(c, dict) else {"name": c} for c in raw["classes"]]
     names = tuple(str(c["name"]) for c in entries)
     if len(set(names)) != len(names):
         raise CardError(f"{where}: duplicate class names")
     official = tuple(int(c["official_index"]) for c in entries) if all("official_index" in c for c in entries) else None
     _check_stream_columns(raw, where)
-    known = set(required) | {"stream_fusion", "snippets", "units_per_video_test"}
+    known = set(REQUIRED_FIELDS) | {"stream_fusion", "snippets", "units_per_video_test"}
     return DatasetCard(
         name=str(raw["name"]),
         classes=names,
@@ -162,6 +171,33 @@ def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCa
         source=source,
         extra={k: v for k, v in raw.items() if k not in known},
     )
+
+
+def _check_known(where: Any, prefix: str, given: dict[str, Any], known: tuple[str, ...]) -> None:
+    """A misspelt field (``units_per_video_tests``, ``snippets.stride_frame``) would leave its
+    default in force unsaid: named, with the field it may mean."""
+    unknown = [key for key in given if key not in known]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise CardError(f"{where}: unknown field {prefix}{unknown[0]}{hint}; a card's {prefix.rstrip('.') or 'top-level'} "
+                        f"fields are {list(known)}")
+
+
+def _check_snippets(where: Any, snippets: dict[str, Any]) -> None:
+    """The snippet grid's fields and values, checked where the card is read rather than at each
+    video its features are laid on."""
+    _check_known(where, "snippets.", snippets, SNIPPET_FIELDS)
+    convention = snippets.get("convention", "i3d")
+    if convention not in SNIPPET_CONVENTIONS:
+        raise CardError(f"{where}: snippets.convention {convention!r} is not one of {list(SNIPPET_CONVENTIONS)}")
+    fps = snippets.get("fps", "native")
+    if fps != "native" and not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0):
+        raise CardError(f"{where}: snippets.fps must be native (each video's own) or a positive number, got {fps!r}")
+    for key in ("stride_frames", "clip_frames", "dim", "positions"):
+        value = snippets.get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise CardError(f"{where}: snippets.{key} must be a whole number >= 1, got {value!r}")
 
 
 def _check_stream_columns(raw: dict[str, Any], where: Any) -> None:

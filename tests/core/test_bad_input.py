@@ -286,3 +286,24 @@ def test_one_feature_file_holding_every_stream(broken):
     card_path.write_text(yaml.safe_dump(raw))
     with pytest.raises(CardError, match="paths.features has no {stream}.*stream_columns"):
         load_card(card_path)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda raw: raw.update(units_per_video_tests=raw.pop("units_per_video_test")),   # would test 100 units, not 800
+     r"unknown field units_per_video_tests \(did you mean units_per_video_test\?\)"),
+    (lambda raw: raw["snippets"].update(stride_frame=4),   # ActionFormer's stride 4 left at 8
+     r"unknown field snippets.stride_frame \(did you mean snippets.stride_frames\?\)"),
+    (lambda raw: raw["snippets"].update(convention="centre"), r"snippets.convention 'centre' is not one of"),
+    (lambda raw: raw["snippets"].update(fps="25fps"), r"snippets.fps must be native .* got '25fps'"),
+    (lambda raw: raw["snippets"].update(clip_frames=16.5), r"snippets.clip_frames must be a whole number"),
+])
+def test_a_cards_misspelt_field_or_snippet_value_is_named(tmp_path, edit, problem):
+    """A card field misspelt left its default in force unsaid (THUMOS'14 tested with 100 units
+    instead of 800, ActionFormer's features laid at stride 8 instead of 4); a snippet value out of
+    place failed at each video, far from the card."""
+    raw = yaml.safe_load(load_card("thumos14").source.read_text())
+    edit(raw)
+    path = tmp_path / "card.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(CardError, match=f"^{path}: {problem}"):
+        load_card(path)
