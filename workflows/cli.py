@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _message(err: BaseException) -> str:
     """What went wrong, in the user's terms: a Ray task's own exception rather than Ray's wrapper
-    around it with the remote traceback (which --debug shows)."""
+    around it with the remote traceback (which --debug shows), and of a Ray Train run failed in
+    its workers, the first worker's (a one-stage run reads its features there: a file's error
+    names the file)."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        err = failures[min(failures)]
     while isinstance(getattr(err, "cause", None), BaseException):
         err = err.cause
     return str(err)

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -86,7 +87,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
 
 
 
-def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, small_dataset, tmp_path):
+def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, small_dataset, tmp_path, capsys):
     """A stream, split, unit features or candidate edges the dataset lacks, or a grid's test metric
     at a tIoU its protocol does not use: named up front, not a KeyError or ValueError in every
     training worker (nor in every trial of a grid), nor an empty column after the whole grid."""
@@ -121,6 +122,17 @@ def test_what_the_dataset_lacks_is_refused_up_front(prepared, runs, small_datase
     with pytest.raises(FormatError, match=f"^{lost}, video {tests.video_ids[3]}: feature file missing$"):
         run_train(gappy_run, quiet=True)
     assert not (tmp_path / "gappy-run").exists()
+    spoilt = tmp_path / "spoilt"   # a NaN in one training video's features, met where the workers read them
+    shutil.copytree(small_dataset, spoilt)
+    trains = DatasetSource(load_card(spoilt / "card.yaml"), spoilt, "train")
+    bad = trains.feature_path(trains.video_ids[0], "rgb")
+    features = np.load(bad)
+    features[2, 0] = np.nan
+    np.save(bad, features)
+    assert cli_main(["train", "--card", str(spoilt / "card.yaml"), "--data-root", str(spoilt), "--out", str(tmp_path),
+                     "--name", "spoilt-run", "--set", "kind=one-stage", "--set", "max_failures=0", "--quiet"]) == 2
+    assert (f"gcm train: error: {bad}, video {trains.video_ids[0]}: non-finite value (NaN or inf) at snippet 2\n"
+            in capsys.readouterr().err)   # the worker's error, not Ray's wrapper with its traceback
     def without(role: str) -> Path:   # a dataset preprocessed with the other split alone (roles=[...])
         partial = tmp_path / f"no-{role}"
         partial.mkdir()
