@@ -33,7 +33,9 @@ from workflows.config import EvaluateConfig, check_output_folder
 from workflows.detect import Detector
 from workflows.progress import Progress
 from workflows.settings import ConfigError, dump
-from workflows.shards import check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_videos
+from workflows.shards import (
+    check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from, read_videos,
+)
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, OneStageCheckpoint, detect_test_split, is_one_stage_checkpoint
 
@@ -118,7 +120,7 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     card, data_root, manifest = dataset.open()
     detector = Detector.load(Path(checkpoint), device, inference)
     if detector.one_stage:
-        classes, truth, detections = _one_stage_detections(detector.model, card, data_root, device)
+        classes, truth, detections = _one_stage_detections(detector.model, card, data_root, manifest, device)
     else:
         classes, truth, detections = _two_stage_detections(detector.model, dataset.folder, manifest, device)
     if list(card.classes) != classes:
@@ -150,10 +152,12 @@ def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any],
     return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
 
 
-def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None, device: torch.device
+def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None,
+                          manifest: dict[str, Any] | None, device: torch.device
                           ) -> tuple[list[str], dict[str, Video], Detections]:
-    """The same for D-SSAD, which reads the dataset's snippet features."""
-    truth, detections = detect_test_split(run.models, run.stage, card, data_root, device)
+    """The same for D-SSAD, which reads the dataset's snippet features (of a preprocessed dataset,
+    of the videos it kept)."""
+    truth, detections = detect_test_split(run.models, run.stage, card, data_root, manifest, device)
     return run.classes, truth, detections["fused"]
 
 
@@ -204,18 +208,19 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
 
 def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> None:
     """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
-    read (read directly: a video's missing feature file too), a two-stage head paired with a
-    dataset read directly (it scores prepared proposals) or with a preprocessed one without a
-    test split."""
+    read (where a D-SSAD checkpoint reads its snippet features: a video's missing feature file
+    too), a two-stage head paired with a dataset read directly (it scores prepared proposals) or
+    with a preprocessed one without a test split."""
     for checkpoint in checkpoints:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
     two_stage = [c for c in checkpoints if not is_one_stage_checkpoint(c)]
+    one_stage = len(two_stage) < len(checkpoints)
     for dataset in datasets:
         card, data_root, manifest = dataset.open()
-        if dataset.card:
-            DatasetSource(card, data_root, "test").check_layout(proposals=False, every_video=True)
-        elif two_stage:
+        if dataset.card or one_stage:
+            DatasetSource(card, data_root, "test", left_out(manifest)).check_layout(proposals=False, every_video=True)
+        if dataset.folder and two_stage:
             check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]
     if direct and two_stage:

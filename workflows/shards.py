@@ -193,6 +193,13 @@ def prepared_from(folder: str | Path, manifest: dict[str, Any]) -> tuple[Dataset
     return load_card(Path(folder) / "card.yaml"), manifest["config"]["data_root"]
 
 
+def left_out(manifest: dict[str, Any] | None) -> frozenset[str]:
+    """The videos a preprocessed dataset left out as bad (``--skip-bad``); none for a dataset read
+    directly (``manifest`` None). A one-stage run on the preprocessed dataset leaves them out too,
+    so that it trains and is tested on the videos its two-stage runs are."""
+    return frozenset(entry["video"] for entry in manifest["skipped"]) if manifest else frozenset()
+
+
 def read_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None = None) -> list[PreparedVideo]:
     """Every prepared video of one role, read in the driver (small datasets, tests, evaluation)."""
     manifest = manifest or load_manifest(folder)

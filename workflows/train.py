@@ -36,8 +36,8 @@ from workflows.config import TrainStageConfig, check_output_folder, earlier_sett
 from workflows.progress import Progress, read_epoch_log
 from workflows.settings import ConfigError, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.shards import (
-    caps_from_manifest, check_caps, check_split, check_unit_parts, load_manifest, prepared_from, read_shard_rows,
-    row_to_video,
+    caps_from_manifest, check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from,
+    read_shard_rows, row_to_video,
 )
 from workflows.train_worker import (
     evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
@@ -256,16 +256,18 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
     check_inputs(stage, card, manifest)
     stage = with_card_fusion(stage, card)
     if stage.kind == "one-stage":
-        check_snippet_layout(card, data_root, stage.evaluate)
+        check_snippet_layout(card, data_root, manifest, stage.evaluate)
     return stage, manifest, dict(card.snippets)
 
 
-def check_snippet_layout(card: DatasetCard, data_root: str | None, evaluate: bool) -> None:
+def check_snippet_layout(card: DatasetCard, data_root: str | None, manifest: dict[str, Any] | None,
+                         evaluate: bool) -> None:
     """A one-stage run reads the dataset's annotations and every video's snippet features itself
-    (its test split too where it evaluates): a data root without them, or a video's missing
-    feature file, is named here, once, not in a training worker's traceback."""
+    (its test split too where it evaluates; of a preprocessed dataset, the videos it kept): a data
+    root without them, or a video's missing feature file, is named here, once, not in a training
+    worker's traceback."""
     for role in ("train", "test") if evaluate else ("train",):
-        DatasetSource(card, data_root, role).check_layout(proposals=False, every_video=True)
+        DatasetSource(card, data_root, role, left_out(manifest)).check_layout(proposals=False, every_video=True)
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:

@@ -27,6 +27,7 @@ from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
 from workflows.config import TrainStageConfig, stage_settings
 from workflows.settings import from_dict
+from workflows.shards import left_out
 from workflows.train_worker import (
     evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
     worker_setup, worker_steps,
@@ -84,10 +85,11 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
 
 
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
-                      device: torch.device | str = "cpu") -> tuple[dict[str, Video], dict[str, Detections]]:
+                      manifest: dict[str, Any] | None, device: torch.device | str = "cpu"
+                      ) -> tuple[dict[str, Video], dict[str, Detections]]:
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
-    model runs once over the clips)."""
-    source = DatasetSource(card, data_root, "test")
+    model runs once over the clips); of a preprocessed dataset (``manifest``), the videos it kept."""
+    source = DatasetSource(card, data_root, "test", left_out(manifest))
     tests, durations = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                                      stage.one_stage.model.stride)
     first = tests[stage.streams[0]][0].video_id   # features of another width: named, not a shape error
@@ -112,7 +114,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     w = worker_setup(loop)
     stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
     card, data_root = dataset_of(stage, w.manifest)
-    source = DatasetSource(card, data_root, "train")
+    source = DatasetSource(card, data_root, "train", left_out(w.manifest))
     every, _ = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                              stage.one_stage.model.stride)
     clips = {s: every[s][rank::world] for s in stage.streams}
@@ -154,8 +156,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 if evaluates_after(stage, epoch + 1, config.epochs):
-                    metrics.update(_evaluate(models, stage, card, data_root, out if epoch + 1 == config.epochs
-                                             else None, device))
+                    metrics.update(_evaluate(models, stage, card, data_root, w.manifest,
+                                             out if epoch + 1 == config.epochs else None, device))
                 save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], card, dim)
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
@@ -165,7 +167,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str,
-              out: Path | None, device: torch.device) -> dict[str, float]:
+              manifest: dict[str, Any] | None, out: Path | None, device: torch.device) -> dict[str, float]:
     """Rank 0: the D-SSAD models' test metrics (:func:`workflows.train_worker.score_test_split`)."""
-    videos, detections = detect_test_split(models, stage, card, data_root, device)
+    videos, detections = detect_test_split(models, stage, card, data_root, manifest, device)
     return score_test_split(videos, detections, list(card.classes), card.protocol, list(card.tiou), out)

@@ -6,6 +6,7 @@ same T, enough snippets for its duration), raising :class:`FormatError` with the
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,9 +34,12 @@ class VideoInputs:
 
 
 class DatasetSource:
-    """The videos of one role (``train`` or ``test``) of a card's dataset under a data root."""
+    """The videos of one role (``train`` or ``test``) of a card's dataset under a data root, less
+    any ``leave_out`` names (videos a preprocessing left out as bad, which a one-stage run on the
+    preprocessed dataset leaves out too)."""
 
-    def __init__(self, card: DatasetCard, data_root: str | Path | None, role: str) -> None:
+    def __init__(self, card: DatasetCard, data_root: str | Path | None, role: str,
+                 leave_out: Iterable[str] = ()) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.card, self.role = card, role
@@ -46,9 +50,11 @@ class DatasetSource:
             raise FormatError(annotations, f"no such file under the data root {self.root.resolve()} (give the folder "
                                            "the card's paths start from: --data-root or $GCM_DATA_ROOT)")
         annotated = read_annotations(annotations, card)
-        self.videos = {k: v for k, v in annotated.items() if (v.subset or "").lower() == subset.lower()}
+        left_out = set(leave_out)
+        self.videos = {k: v for k, v in annotated.items()
+                       if (v.subset or "").lower() == subset.lower() and k not in left_out}
         if not self.videos:
-            raise FormatError(annotations, f"no video of subset {subset!r}")
+            raise FormatError(annotations, f"no video of subset {subset!r}" + (" but those left out" if left_out else ""))
 
     def check_layout(self, proposals: bool, every_video: bool = False) -> None:
         """Fail once, naming the folder or file, where the data root lacks what every video of the

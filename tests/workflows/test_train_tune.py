@@ -362,6 +362,29 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
     assert again["mAP"] == pytest.approx(metrics["fused"]["mAP"], abs=1e-6)
     with pytest.raises(ValueError, match="one-stage runs only"):
         run_train(dataclasses.replace(config, kind="two-stage", card=str(small_dataset / "card.yaml")), quiet=True)
+    # a test video whose flow file is missing, left out by gcm preprocess --skip-bad: D-SSAD is scored on
+    # the videos the two-stage heads are (it read every video of the card, and stopped at that one)
+    shutil.copytree(small_dataset, "gappy")
+    tests = DatasetSource(load_card(Path("gappy/card.yaml")), "gappy", "test")
+    lost = tests.video_ids[2]
+    tests.feature_path(lost, "flow").unlink()
+    run_preprocess(PreprocessConfig(card="gappy/card.yaml", data_root="gappy", out="gappy-prep", videos_per_shard=12,
+                                    skip_bad=True), quiet=True)
+    kept = {v.video_id for v in read_videos(Path("gappy-prep"), "test")}
+    assert kept == set(tests.video_ids) - {lost}
+    rows = run_evaluate(EvaluateConfig(checkpoints=(str(run / "dssad.pt"),), data=("gappy-prep",), out="eval-gappy"),
+                        quiet=True)
+    assert rows[0]["videos"] == len(kept)
+    found = json.loads(Path("eval-gappy/dssad-gcm__gappy-prep/detections.json").read_text())["results"]
+    assert set(found) == set(detections) & kept   # each video's windows are scored alone: the same detections
+    for video in found:
+        assert [d["label"] for d in found[video]] == [d["label"] for d in detections[video]]
+        assert [d["score"] for d in found[video]] == pytest.approx([d["score"] for d in detections[video]], abs=1e-6)
+    gone = tests.feature_path(tests.video_ids[0], "rgb")   # a kept video's file lost since: named before any task
+    gone.unlink()
+    with pytest.raises(FormatError, match=f"^{gone.resolve()}, video {tests.video_ids[0]}: feature file missing$"):
+        run_evaluate(EvaluateConfig(checkpoints=(str(run / "dssad.pt"),), data=("gappy-prep",), out="eval-gone"),
+                     quiet=True)
 
 
 def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepared, runs, small_dataset, tmp_path,
