@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gcm_core.data.atomic import atomic_write_text
-from gcm_core.data.cards import shipped_yaml
+from gcm_core.data.cards import DatasetCard, shipped_yaml
 from gcm_core.data.yamlio import read_yaml
 from workflows import GRID_DIR
 from workflows.config import (
     TrainStageConfig, TuneStageConfig, check_folder_name, check_output_folder, sets_lr_alone, stage_settings,
+    with_card_fusion,
 )
 from workflows.settings import ConfigError, changed_settings, deep_merge, describe_changes, dump, from_dict, to_dict
 from workflows.shards import load_manifest
@@ -202,8 +203,8 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     folder = experiment_dir(config)
     trials = grid.trials()
     trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
-    _check_dataset(trial_stages, grid.metrics)
-    stages = [to_dict(s) for s in trial_stages]
+    card = _check_dataset(trial_stages, grid.metrics)
+    stages = [to_dict(with_card_fusion(s, card)) for s in trial_stages]   # each trial as its run resolves it
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
     use_gpu = use_gpus(base.use_gpu)
     trial = training_resources(base, use_gpu)
@@ -266,11 +267,12 @@ def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
                           "finishes an experiment as it was started; give another --out for a new one")
 
 
-def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> None:
-    """Fail here, once, not in every trial, where the trials' dataset cannot be read (the
-    preprocessed ``data``, or the dataset that ``base.card`` and ``base.data_root`` name: one-stage
-    grids) or lacks a stream or unit features a trial reads, or where a test metric of the table
-    is one no trial reports (a stream no trial trains, a tIoU the dataset's protocol does not use)."""
+def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> DatasetCard:
+    """The card of the trials' dataset. Fail here, once, not in every trial, where the dataset
+    cannot be read (the preprocessed ``data``, or the dataset that ``base.card`` and
+    ``base.data_root`` name: one-stage grids) or lacks a stream or unit features a trial reads, or
+    where a test metric of the table is one no trial reports (a stream no trial trains, a tIoU the
+    dataset's protocol does not use)."""
     manifest = None if stages[0].card else load_manifest(stages[0].data)
     card, data_root = dataset_of(stages[0], manifest)
     if any(stage.kind == "one-stage" for stage in stages):
@@ -285,6 +287,7 @@ def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> None:
             raise ConfigError(f"the grid's metric {metric!r} is not one its trials report: a test metric is "
                               f"<streams>/<measure>, streams one of {sorted(sources)}, measure one of "
                               f"{sorted(measures)} (the tIoU of {card.name}'s protocol)")
+    return card
 
 
 def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:

@@ -566,6 +566,8 @@ def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, 
     assert "Configuration for experiment" not in output  # Tune's own header: the CLI prints its own progress
     finished_before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/metrics.json")}
     assert 1 <= len(finished_before) < 3
+    started = json.loads((tmp_path / "tiny" / "trials.json").read_text())   # each trial as its run resolves it
+    assert all(dict(s["inference"]["fusion"]) == load_card(prepared / "card.yaml").stream_fusion for s in started)
     with ray_session(RayConfig(num_cpus=2)):
         config = from_dict(TuneStageConfig, {"grid": str(grid), "data": str(prepared), "out": str(tmp_path),
                                              "max_concurrent": 1, "resume": True,
