@@ -152,18 +152,7 @@ def _read_thumos_folder(folder: Path) -> dict[str, Video]:
         if not label or suffix not in THUMOS_SUBSETS:
             raise FormatError(file, "file name must be <Class>_<val|test>.txt")
         subsets.add(THUMOS_SUBSETS[suffix])
-        for line_no, line in enumerate(file.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 3:
-                raise FormatError(file, f"expected 'video start end', got {line.strip()!r}", line=line_no)
-            vid = parts[0]
-            try:
-                start, end = float(parts[1]), float(parts[2])
-            except ValueError:
-                raise FormatError(file, f"start/end are not numbers: {line.strip()!r}", video=vid,
-                                  line=line_no) from None
+        for vid, start, end in _segment_lines(file):
             video = videos.setdefault(vid, Video(vid, subset=THUMOS_SUBSETS[suffix]))
             if label == "Ambiguous":
                 video.ambiguous.append((start, end))
@@ -176,6 +165,35 @@ def _read_thumos_folder(folder: Path) -> dict[str, Video]:
                 _merge_durations(durations, videos)
                 break
     return videos
+
+
+def _segment_lines(file: Path) -> list[tuple[str, float, float]]:
+    """The ``video start end`` lines of one THUMOS'14 per-class file."""
+    segments = []
+    for line_no, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise FormatError(file, f"expected 'video start end', got {line.strip()!r}", line=line_no)
+        try:
+            segments.append((parts[0], float(parts[1]), float(parts[2])))
+        except ValueError:
+            raise FormatError(file, f"start/end are not numbers: {line.strip()!r}", video=parts[0],
+                              line=line_no) from None
+    return segments
+
+
+def read_ambiguous(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """THUMOS'14's ``Ambiguous_<subset>.txt``: each video's segments that its protocol leaves out
+    of scoring (a detection on one is neither right nor wrong)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    segments: dict[str, list[tuple[float, float]]] = {}
+    for vid, start, end in _segment_lines(path):
+        segments.setdefault(vid, []).append((start, end))
+    return segments
 
 
 def read_video_info(path: str | Path) -> dict[str, Video]:

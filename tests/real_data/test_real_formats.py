@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from gcm_core.data.cards import load_card
+from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import (
     Detections, FormatError, ProposalSource, Video, load_features, read_annotations, read_avoid_list,
     read_detections, read_proposals, read_ssn_blocks, read_video_info, read_video_proposals, result_json,
 )
+from gcm_core.evaluation import evaluate_detections
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +185,25 @@ def test_activitynet_tag_list_prediction_sample_and_feature(shared_data):
     assert result_json(bsn_spelled)["results"] == official["results"]
     feat = load_features(root / "features/example_feat.npy")
     assert feat.shape == (100, 400) and feat.dtype == np.float32
+
+
+def test_the_thumos14_card_scores_its_test_split_with_the_official_ambiguous_segments(shared_data, thumos, tmp_path):
+    """thumos14.json (the card's annotations, for their frame rates) leaves out THUMOS'14's
+    Ambiguous segments, whose detections the official protocol does not score: the card adds them
+    from Ambiguous_test.txt, so that a run's test split scores CBR's real detections as the
+    official per-class files do (30.09 without them)."""
+    official = shared_data / "thumos14/annotations"
+    root = tmp_path / "root"
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations/thumos14.json").symlink_to(official / "thumos14.json")
+    with pytest.raises(FormatError, match=r"Ambiguous_test.txt: no such file under the data root .*ambiguous\.test"):
+        DatasetSource(thumos, root, "test")
+    (root / "annotations/Ambiguous_test.txt").symlink_to(official / "temporal_annotations_test/Ambiguous_test.txt")
+    videos = DatasetSource(thumos, root, "test").videos
+    assert videos["video_test_0000278"].ambiguous == [(0.0, 1.4), (95.7, 97.2)]   # the file's first two lines
+    per_class = read_annotations(official / "temporal_annotations_test", thumos)
+    detections = read_detections(shared_data / "thumos14/results/CBR/CBR_THUMOS-14_IoU0.5.txt", thumos)
+    ours = evaluate_detections(videos, detections, thumos.classes, "thumos14", [0.5]).map.item()
+    theirs = evaluate_detections({v: per_class[v] for v in videos}, detections, thumos.classes, "thumos14",
+                                 [0.5]).map.item()
+    assert ours == pytest.approx(theirs, abs=1e-12) and 100 * ours == pytest.approx(30.56, abs=0.01)
