@@ -23,6 +23,7 @@ REQUIRED_FIELDS = ("name", "classes", "subsets", "streams", "evaluation", "paths
 OPTIONAL_FIELDS = ("stream_fusion", "snippets", "units_per_video_test", "label_conventions", "proposals",
                    "relations", "structure", "stream_profiles", "generated")
 SNIPPET_FIELDS = ("convention", "stride_frames", "clip_frames", "fps", "dim", "stream_columns", "positions")
+PATH_FIELDS = ("annotations", "features", "proposals", "ambiguous")
 SNIPPET_CONVENTIONS = ("i3d", "center", "rescaled")
 
 
@@ -149,6 +150,7 @@ def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCa
     if missing:
         raise CardError(f"{where}: missing fields {missing}")
     _check_known(where, "", raw, REQUIRED_FIELDS + OPTIONAL_FIELDS)
+    _check_known(where, "paths.", raw["paths"], PATH_FIELDS)
     _check_snippets(where, raw.get("snippets") or {})
     entries = [c if isinstance(c, dict) else {"name": c} for c in raw["classes"]]
     names = tuple(str(c["name"]) for c in entries)
@@ -174,8 +176,8 @@ def card_from_dict(raw: dict[str, Any], source: Path | None = None) -> DatasetCa
 
 
 def _check_known(where: Any, prefix: str, given: dict[str, Any], known: tuple[str, ...]) -> None:
-    """A misspelt field (``units_per_video_tests``, ``snippets.stride_frame``) would leave its
-    default in force unsaid: named, with the field it may mean."""
+    """A misspelt field (``units_per_video_tests``, ``snippets.stride_frame``, ``paths.ambigous``)
+    would leave its default in force unsaid: named, with the field it may mean."""
     unknown = [key for key in given if key not in known]
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), known, n=1)

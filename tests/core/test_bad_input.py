@@ -293,6 +293,8 @@ def test_one_feature_file_holding_every_stream(broken):
      r"unknown field units_per_video_tests \(did you mean units_per_video_test\?\)"),
     (lambda raw: raw["snippets"].update(stride_frame=4),   # ActionFormer's stride 4 left at 8
      r"unknown field snippets.stride_frame \(did you mean snippets.stride_frames\?\)"),
+    (lambda raw: raw["paths"].update(ambigous=raw["paths"].pop("ambiguous")),   # scored without Ambiguous segments
+     r"unknown field paths.ambigous \(did you mean paths.ambiguous\?\)"),
     (lambda raw: raw["snippets"].update(convention="centre"), r"snippets.convention 'centre' is not one of"),
     (lambda raw: raw["snippets"].update(fps="25fps"), r"snippets.fps must be native .* got '25fps'"),
     (lambda raw: raw["snippets"].update(clip_frames=16.5), r"snippets.clip_frames must be a whole number"),
