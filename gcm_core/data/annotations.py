@@ -196,6 +196,16 @@ def read_ambiguous(path: str | Path) -> dict[str, list[tuple[float, float]]]:
     return segments
 
 
+def add_ambiguous(videos: dict[str, Video], path: str | Path) -> None:
+    """Give ``videos`` the Ambiguous segments of ``path`` (:func:`read_ambiguous`) that they lack:
+    annotations such as ``thumos14.json`` leave them out, and the THUMOS'14 protocol scores no
+    detection on them, which would otherwise count as false positives."""
+    for vid, segments in read_ambiguous(path).items():
+        video = videos.get(vid)
+        if video is not None:
+            video.ambiguous += [s for s in segments if s not in video.ambiguous]
+
+
 def read_video_info(path: str | Path) -> dict[str, Video]:
     """Per-video facts without instances: fps, duration, frame count, subset.
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gcm_core.data.annotations import read_ambiguous, read_annotations
+from gcm_core.data.annotations import add_ambiguous, read_annotations
 from gcm_core.data.cards import DatasetCard, data_root_path
 from gcm_core.data.features import align_streams, load_features, split_streams
 from gcm_core.data.model import FormatError, Proposals, Video, video_spellings
@@ -60,16 +60,12 @@ class DatasetSource:
 
     def _add_ambiguous(self, path: Path) -> None:
         """Give the videos the Ambiguous segments the card lists apart from its annotations
-        (THUMOS'14's ``Ambiguous_test.txt``, which ``thumos14.json`` leaves out): the THUMOS'14
-        protocol drops detections on them, which would otherwise count as false positives."""
+        (THUMOS'14's ``Ambiguous_test.txt``, which ``thumos14.json`` leaves out)."""
         if not path.is_file():
             raise FormatError(path, f"no such file under the data root {self.root.resolve()} (the card's "
                                     f"paths.ambiguous.{self.role}: the segments its protocol leaves out of scoring, "
                                     "Ambiguous_test.txt of THUMOS'14's test annotations)")
-        for vid, segments in read_ambiguous(path).items():
-            video = self.videos.get(vid)
-            if video is not None:
-                video.ambiguous += [s for s in segments if s not in video.ambiguous]
+        add_ambiguous(self.videos, path)
 
     def check_layout(self, proposals: bool, every_video: bool = False) -> None:
         """Fail once, naming the folder or file, where the data root lacks what every video of the

@@ -8,6 +8,7 @@ import pytest
 
 from gcm_core.data.cards import load_card
 from gcm_core.data.formats import read_annotations, read_detections
+from gcm_core.evaluation import evaluate_detections
 from reference_metrics import loop_thumos_ap, loop_tiou
 from workflows.cli import main
 
@@ -189,8 +190,22 @@ def test_what_the_ground_truth_does_not_name_is_counted_and_said(shared_data, tm
     captured = capsys.readouterr()
     assert json.loads(captured.out)["unmatched"] == {
         "detections_on_other_videos": on_left_out, "detections_of_other_labels": 0, "videos_without_detections": 0}
-    assert captured.err == (f"note: {on_left_out} detections on 1 video outside the evaluated ones "
+    assert captured.err == (f"note: {th / 'annotations/thumos14.json'} gives no Ambiguous segments, on which the "
+                            "THUMOS'14 protocol scores no detection: detections there count as false positives (give "
+                            "--ambiguous Ambiguous_test.txt, or the official per-class folder as --ground-truth)\n"
+                            f"note: {on_left_out} detections on 1 video outside the evaluated ones "
                             "(video_test_0001292): scored as false positives\n")
+    # with the official Ambiguous segments, thumos14.json's videos score as on the official per-class files
+    ambiguous = th / "annotations/temporal_annotations_test/Ambiguous_test.txt"
+    assert main([*base, "--detections", str(results), "--ambiguous", str(ambiguous), "--json"]) == 0
+    captured = capsys.readouterr()
+    card = load_card("thumos14")
+    listed = read_annotations(th / "annotations/thumos14.json", card)
+    per_class = read_annotations(th / "annotations/temporal_annotations_test", card)
+    official = evaluate_detections({v: per_class[v] for v in listed if v in per_class}, read_detections(results, card),
+                                   card.classes, "thumos14", [0.5])
+    assert json.loads(captured.out)["mAP"][0] == pytest.approx(100 * official.map.item(), abs=1e-4)   # printed to 4 places
+    assert "Ambiguous" not in captured.err
 
     stray = tmp_path / "stray.txt"
     stray.write_text("\n".join(" ".join([*row[:3], "102" if k < 3 else row[3], row[4]]) for k, row in enumerate(rows)))

@@ -29,6 +29,9 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", help="dataset card name or YAML path (default: thumos14 for that protocol)")
     p.add_argument("--subset", help="evaluate the ground-truth videos of this subset only "
                                     "(default: the card's test subset when the file holds several)")
+    p.add_argument("--ambiguous", type=Path, metavar="FILE",
+                   help="THUMOS'14's Ambiguous segments (Ambiguous_test.txt of its test annotations), for ground "
+                        "truth without them (thumos14.json): the protocol scores no detection on them")
     p.add_argument("--label-convention", default="official",
                    choices=["official", "zero_based", "one_based"], help="class indices in THUMOS text")
     p.add_argument("--class-agnostic", action="store_true",
@@ -48,7 +51,7 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
 
 def run_eval_detections(args: argparse.Namespace) -> int:
     from gcm_core.data.cards import load_card
-    from gcm_core.data.formats import read_annotations, read_detections
+    from gcm_core.data.formats import add_ambiguous, read_annotations, read_detections
     from gcm_core.evaluation import AGNOSTIC, class_agnostic, evaluate_detections, select_subset, unmatched_detections
     from gcm_core.metrics import ACTIVITYNET_TIOU, THUMOS14_TIOU
 
@@ -63,6 +66,13 @@ def run_eval_detections(args: argparse.Namespace) -> int:
                              "the dataset's --card, whose test subset is taken (e.g. ActivityNet's is 'validation')")
         subset = card.subsets["test"]
     videos = select_subset(videos, subset)
+    if args.ambiguous:
+        add_ambiguous(videos, args.ambiguous)
+    elif args.protocol == "thumos14" and card is not None and "ambiguous" in card.paths \
+            and not any(v.ambiguous for v in videos.values()):   # the dataset has them, the ground truth not
+        print(f"note: {args.ground_truth} gives no Ambiguous segments, on which the THUMOS'14 protocol scores no "
+              "detection: detections there count as false positives (give --ambiguous Ambiguous_test.txt, or the "
+              "official per-class folder as --ground-truth)", file=sys.stderr)
     detections = read_detections(args.detections, card, args.label_convention)
     classes = card.classes if card else sorted({i.label for v in videos.values() for i in v.instances})
     tiou = args.tiou or (card.tiou if card else (THUMOS14_TIOU if args.protocol == "thumos14" else ACTIVITYNET_TIOU))
