@@ -39,6 +39,9 @@ class Checkpoint:
     heads: StreamHeads
     stats: RegressionStats
     extra: dict[str, Any] = field(default_factory=dict)   # resolved run config, metrics, epoch
+    # a video's best-scored proposals scored at test (its card's units_per_video_test, which its
+    # test split was prepared with); None: every proposal
+    units_per_video: int | None = None
 
     @property
     def streams(self) -> list[str]:
@@ -63,6 +66,7 @@ def save_checkpoint(path: str | Path, checkpoint: Checkpoint) -> None:
         "heads": checkpoint.heads.state_dict(),
         "regression": checkpoint.stats.as_dict(),
         "extra": checkpoint.extra,
+        "units_per_video": checkpoint.units_per_video,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -87,7 +91,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Che
     heads.load_state_dict(payload["heads"])
     return Checkpoint(payload["classes"], model_config, GraphSpec(**payload["graph"]), InferenceConfig(**inference),
                       payload["snippets"], heads.to(device).eval(), RegressionStats.from_dict(payload["regression"]),
-                      payload.get("extra", {}))
+                      payload.get("extra", {}), payload.get("units_per_video"))
 
 
 def check_feature_widths(reads: Mapping[str, int], given: Mapping[str, int], path: str | Path,
@@ -131,29 +135,32 @@ def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "v
 
 
 def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray,
-                 video_id: str = "video", fps: float | None = None, duration: float | None = None) -> Detections:
-    """Detections of one new video from its snippet features (per stream) and proposals (seconds),
-    the video laid out by :func:`video_layout`."""
+                 video_id: str = "video", fps: float | None = None, duration: float | None = None,
+                 scores: np.ndarray | None = None) -> Detections:
+    """Detections of one new video from its snippet features (per stream) and proposals (seconds;
+    with ``scores``, the best-scored are the checkpoint's test units), the video laid out by
+    :func:`video_layout`."""
     video, grid = video_layout(checkpoint.snippets, next(iter(features.values())).shape[0], video_id, fps, duration)
-    return detect_laid_out(checkpoint, features, intervals, video, grid)
+    iv = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
+    proposals = Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv)) if scores is None else scores)
+    return detect_laid_out(checkpoint, features, proposals, video, grid)
 
 
-def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray, video: Video,
+def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], proposals: Proposals, video: Video,
                     grid: SnippetGrid, device: torch.device | str = "cpu") -> Detections:
     """:func:`detect_video` of a video already laid out (its :func:`video_layout`), pooled and
-    scored on ``device``, where the checkpoint's heads must be."""
+    scored on ``device``, where the checkpoint's heads must be; of its proposals, the
+    checkpoint's number of test units, best-scored first, as its test split was prepared."""
     missing = set(checkpoint.streams) - set(features)
     if missing:
         raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
                          f"features missing for {sorted(missing)}")
-    iv = np.asarray(intervals, dtype=np.float64).reshape(-1, 2)
-    inputs = VideoInputs(video, Proposals(iv[:, 0], iv[:, 1], np.ones(len(iv))),
-                         {s: features[s] for s in checkpoint.streams}, grid)
+    inputs = VideoInputs(video, proposals, {s: features[s] for s in checkpoint.streams}, grid)
     spec = checkpoint.graph
     comp = checkpoint.model_config.completeness_features
     parts = ("body", comp) if comp else ("body",)   # pooled for the head, no more
     prepared = prepare_video(inputs, checkpoint.classes, train=False, caps=CandidateCaps.for_spec(spec), parts=parts,
-                             device=device)
+                             max_units=checkpoint.units_per_video, device=device)
     per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats, device)
                   for s, head in checkpoint.heads.items()}
     return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)

@@ -184,7 +184,7 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
                                       model.stage.inference.weights(), model.stage.inference, detector.device)
-    return detect_laid_out(model, features, proposals_of(video).intervals, video, grid, detector.device)
+    return detect_laid_out(model, features, proposals_of(video), video, grid, detector.device)
 
 
 def task_gpus(device: str) -> float:

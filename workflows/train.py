@@ -142,7 +142,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 ckpt = Checkpoint(manifest["classes"], stage.model, stage.graph, stage.inference, loop["snippets"],
-                                  heads, stats, {"epoch": epoch + 1, "config": loop["stage"]})
+                                  heads, stats, {"epoch": epoch + 1, "config": loop["stage"]}, loop["units_per_video"])
                 save_checkpoint(Path(tmp) / "model.pt", ckpt)
                 if evaluates_after(stage, epoch + 1, stage.train.epochs):
                     if test_videos is None:
@@ -180,7 +180,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
     from workflows.ray_env import require_resources, use_gpus
 
-    stage, manifest, card_snippets = _inputs(stage)
+    stage, manifest, card = _inputs(stage)
     use_gpu = use_gpus(stage.use_gpu)
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
@@ -192,8 +192,8 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
         check_resumable(folder, stage)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump(stage))
-    loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": card_snippets,
-            "threads": max(1, int(stage.cpus_per_worker))}
+    loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": dict(card.snippets),
+            "units_per_video": card.units_per_video_test, "threads": max(1, int(stage.cpus_per_worker))}
     one_stage = stage.kind == "one-stage"
     if one_stage:
         from workflows.train_one_stage import WEIGHTS, one_stage_loop
@@ -246,10 +246,9 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
                           f"{key}.epochs >= {trained}; start another --name to train for fewer")
 
 
-def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, dict[str, Any]]:
+def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, DatasetCard]:
     """The stage with absolute paths, the manifest of the preprocessed dataset it trains on (None
-    for a one-stage run that names its dataset's card and data root) and the snippet layout of the
-    features."""
+    for a one-stage run that names its dataset's card and data root) and its dataset's card."""
     stage = absolute_inputs(stage)
     manifest = None if stage.card else load_manifest(stage.data)
     card, data_root = dataset_of(stage, manifest)
@@ -257,7 +256,7 @@ def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] |
     stage = with_card_fusion(stage, card)
     if stage.kind == "one-stage":
         check_snippet_layout(card, data_root, manifest, stage.evaluate)
-    return stage, manifest, dict(card.snippets)
+    return stage, manifest, card
 
 
 def check_snippet_layout(card: DatasetCard, data_root: str | None, manifest: dict[str, Any] | None,

@@ -1,6 +1,7 @@
 """Training and inference end to end on the small synthetic benchmark (one process, CPU)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, save_checkpoint, video_layout
+from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.model import Proposals
+from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats, SamplingConfig
 from gcm_core.detectors import ModelConfig
 from gcm_core.engine import TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict
@@ -48,6 +52,37 @@ def test_trained_heads_detect_far_better_than_untrained_ones(small_prepared, mod
 
     untrained, trained = map_after(0), map_after(10)
     assert trained > max(3 * untrained, untrained + 0.05), (untrained, trained)
+
+
+def test_a_video_is_tested_on_its_best_scored_proposals_as_many_as_its_checkpoint_says(small_prepared, small_dataset,
+                                                                                      tmp_path):
+    """A dataset's test units are its videos' best-scored proposals (card units_per_video_test: the
+    first ones of a list without scores, as SSN's); gcm detect scores a new video's as many,
+    chosen so, as its checkpoint's test split was (it scored every proposal)."""
+    card = small_prepared["card"]
+    source = DatasetSource(card, small_dataset, "test")
+    inputs = source.load(source.video_ids[0])
+    scores = np.random.default_rng(0).permutation(len(inputs.proposals)).astype(float)
+    scored = dataclasses.replace(inputs, proposals=Proposals(inputs.proposals.start, inputs.proposals.end, scores))
+    best = np.sort(np.argsort(-scores)[:7])   # the 7 highest scores, in list order
+    prepared = prepare_video(scored, card.classes, train=False, max_units=7)
+    np.testing.assert_array_equal(prepared.intervals.numpy(), inputs.proposals.intervals[best])
+    first = prepare_video(inputs, card.classes, train=False, max_units=7)   # the SSN list: no scores
+    np.testing.assert_array_equal(first.intervals.numpy(), inputs.proposals.intervals[:7])
+
+    heads, stats = train(small_prepared, streams=("rgb", "flow"))
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, Checkpoint(list(card.classes), ModelConfig(), GraphSpec(), InferenceConfig(top_k=50),
+                                     {**card.snippets}, heads, stats, units_per_video=7))
+    loaded = load_checkpoint(path)
+    assert loaded.units_per_video == 7
+    found = detect_video(loaded, inputs.features, inputs.proposals.intervals, inputs.video.id, fps=inputs.video.fps,
+                         duration=inputs.video.duration, scores=scores)
+    per_stream = {s: predict(head, UnitDataset([prepared], s, GraphSpec(), "three_part"), stats)
+                  for s, head in heads.items()}
+    reference = detections_of([prepared], per_stream, card.classes, InferenceConfig(top_k=50))
+    assert found.label == reference.label
+    np.testing.assert_allclose(found.score, reference.score, rtol=1e-5)
 
 
 def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path, capsys):

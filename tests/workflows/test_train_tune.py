@@ -69,6 +69,7 @@ def test_distributed_training_writes_a_checkpoint_loadable_without_ray(prepared,
     ckpt = load_checkpoint(run / "model.pt")
     assert ckpt.streams == ["rgb", "flow"] and ckpt.extra["epoch"] == 3
     assert ckpt.inference.weights() == load_card(prepared / "card.yaml").stream_fusion   # the run chose none
+    assert ckpt.units_per_video == load_card(prepared / "card.yaml").units_per_video_test   # gcm detect scores as many
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["fused"]["protocol"] == "thumos14" and len(metrics["fused"]["mAP"]) == 5
     assert result["metrics"]["fused/mAP@0.5"] == pytest.approx(metrics["fused"]["mAP"][4], abs=1e-3)
