@@ -218,7 +218,8 @@ def plot_unit_graph(video: PreparedVideo, stream: str, spec: GraphSpec) -> tuple
 
 def plot_ar_an(videos: list[PreparedVideo],
                an_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200)) -> tuple[Figure, torch.Tensor]:
-    """AR@AN of the videos' proposals in list order, and the recall [tIoU, AN] it is drawn from."""
+    """AR@AN of the videos' test units in their order (best-scored first, or the list's where it
+    gives no scores), and the recall [tIoU, AN] it is drawn from."""
     gt = [(k, 0, s, e) for k, v in enumerate(videos) for s, e in v.gt.tolist()]
     props = [(k, 0, s, e, -r) for k, v in enumerate(videos) for r, (s, e) in enumerate(v.intervals.tolist())]
     recall = average_recall(Segments(*zip(*gt)), Segments(*zip(*props)), list(an_values))
@@ -341,5 +342,5 @@ def _data_section(runs: list[Run], out: Path, count: int) -> list[str]:
     _save(fig, out / "ar_an.png")
     lines += ["### Proposal quality", "",
               f"AR@100 = {100 * float(recall.mean(0)[6]):.1f}% over tIoU 0.5:0.05:0.95 on {len(videos)} test videos "
-              f"(proposals in list order; `gcm report`).", "", "![AR@AN](ar_an.png)", ""]
+              f"(proposals best-scored first, else in list order; `gcm report`).", "", "![AR@AN](ar_an.png)", ""]
     return lines

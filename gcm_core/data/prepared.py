@@ -61,8 +61,8 @@ def prepare_video(inputs: VideoInputs, classes: tuple[str, ...] | list[str], tra
                   device: torch.device | str = "cpu") -> PreparedVideo:
     """Pool unit features, compute candidate edges (per stream) and, for training, unit labels.
 
-    ``max_units``: at test, the video's best-scored units kept (the card's
-    ``units_per_video_test``), in list order; a list without scores (SSN's) keeps its first.
+    Test units are the proposals best-scored first (a list without scores, as SSN's, keeps its
+    order), at most ``max_units`` of them (the card's ``units_per_video_test``).
     ``device``: where pooling and edge computation run (a GPU worker passes ``cuda``); results
     come back on the CPU.
     """
@@ -71,9 +71,8 @@ def prepare_video(inputs: VideoInputs, classes: tuple[str, ...] | list[str], tra
     gt = torch.tensor([(i.start, i.end) for i in video.instances], dtype=torch.float64).reshape(-1, 2)
     gt_labels = torch.tensor([index[i.label] for i in video.instances], dtype=torch.long)
     units = torch.as_tensor(inputs.proposals.intervals, dtype=torch.float64)
-    if max_units is not None and not train and len(units) > max_units:
-        best = np.sort(np.argsort(-inputs.proposals.score, kind="stable")[:max_units])
-        units = units[torch.from_numpy(best)]
+    if not train:
+        units = units[torch.from_numpy(np.argsort(-inputs.proposals.score, kind="stable")[:max_units])]
     if train:
         units = with_ground_truth(units, gt)
     features, candidates = {}, {}

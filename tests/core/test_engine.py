@@ -56,15 +56,15 @@ def test_trained_heads_detect_far_better_than_untrained_ones(small_prepared, mod
 
 def test_a_video_is_tested_on_its_best_scored_proposals_as_many_as_its_checkpoint_says(small_prepared, small_dataset,
                                                                                       tmp_path):
-    """A dataset's test units are its videos' best-scored proposals (card units_per_video_test: the
-    first ones of a list without scores, as SSN's); gcm detect scores a new video's as many,
-    chosen so, as its checkpoint's test split was (it scored every proposal)."""
+    """A dataset's test units are its videos' best-scored proposals, best first (card
+    units_per_video_test: the first ones of a list without scores, as SSN's); gcm detect scores a
+    new video's as many, chosen so, as its checkpoint's test split was (it scored every proposal)."""
     card = small_prepared["card"]
     source = DatasetSource(card, small_dataset, "test")
     inputs = source.load(source.video_ids[0])
     scores = np.random.default_rng(0).permutation(len(inputs.proposals)).astype(float)
     scored = dataclasses.replace(inputs, proposals=Proposals(inputs.proposals.start, inputs.proposals.end, scores))
-    best = np.sort(np.argsort(-scores)[:7])   # the 7 highest scores, in list order
+    best = np.argsort(-scores)[:7]   # the 7 highest scores, best first (no ties)
     prepared = prepare_video(scored, card.classes, train=False, max_units=7)
     np.testing.assert_array_equal(prepared.intervals.numpy(), inputs.proposals.intervals[best])
     first = prepare_video(inputs, card.classes, train=False, max_units=7)   # the SSN list: no scores
