@@ -34,7 +34,7 @@ from workflows.detect import Detector
 from workflows.progress import Progress
 from workflows.settings import ConfigError, dump
 from workflows.shards import (
-    check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from, read_videos,
+    check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from, shard_videos,
 )
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, OneStageCheckpoint, detect_test_split, is_one_stage_checkpoint
@@ -139,17 +139,22 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
 
 def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any], device: torch.device
                           ) -> tuple[list[str], dict[str, Video], Detections]:
-    """Classes, test ground truth and fused detections of a two-stage head on the prepared units."""
+    """Classes, test ground truth and fused detections of a two-stage head on the prepared units,
+    scored a shard at a time (a split's units at once would need a host's memory per pair), in
+    the order of the videos' ids."""
     widths = {key.split(":")[0]: width for key, width in manifest["dims"].items() if key.endswith(":body")}
     check_feature_widths(ckpt.dims, widths, Path(data) / "manifest.json")
     comp = ckpt.model_config.completeness_features
     check_unit_parts(data, manifest, list(ckpt.heads), comp)
     check_caps(data, manifest, ckpt.graph)
     classes = list(ckpt.classes)
-    videos = read_videos(data, "test", manifest)
-    per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
-                  for s, head in ckpt.heads.items()}
-    return classes, ground_truth(videos, classes), detections_of(videos, per_stream, classes, ckpt.inference)
+    truth, found = {}, []
+    for videos in shard_videos(data, "test", manifest):
+        per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
+                      for s, head in ckpt.heads.items()}
+        truth.update(ground_truth(videos, classes))
+        found.append(detections_of(videos, per_stream, classes, ckpt.inference))
+    return classes, dict(sorted(truth.items())), Detections.concat(found).by_video()
 
 
 def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None,

@@ -37,6 +37,7 @@ labels:reg_target              list<double>        [N, 2] raw Eq. 15 targets (Na
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -201,13 +202,18 @@ def left_out(manifest: dict[str, Any] | None) -> frozenset[str]:
 
 
 def read_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None = None) -> list[PreparedVideo]:
-    """Every prepared video of one role, read in the driver (small datasets, tests, evaluation)."""
+    """Every prepared video of one role, read in the driver (small datasets, tests), by id."""
+    return sorted((v for shard in shard_videos(folder, role, manifest) for v in shard), key=lambda v: v.video_id)
+
+
+def shard_videos(folder: str | Path, role: str, manifest: dict[str, Any] | None = None
+                 ) -> Iterator[list[PreparedVideo]]:
+    """The prepared videos of one role a shard at a time, each shard's by id: a reader that
+    needs one video at a time (evaluation) holds a shard's units, not the split's."""
     manifest = manifest or load_manifest(folder)
     caps = caps_from_manifest(manifest)
-    videos = []
     for shard in manifest["shards"]:
         if shard["role"] == role:
             listed = set(shard["videos"])
-            videos += [row_to_video(r, manifest["dims"], caps) for r in read_shard_rows(Path(folder) / shard["path"])
-                       if r["video_id"] in listed]
-    return sorted(videos, key=lambda v: v.video_id)
+            yield sorted((row_to_video(r, manifest["dims"], caps) for r in read_shard_rows(Path(folder) / shard["path"])
+                          if r["video_id"] in listed), key=lambda v: v.video_id)

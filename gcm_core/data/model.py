@@ -98,6 +98,12 @@ class Detections:
     def __len__(self) -> int:
         return len(self.video)
 
+    def by_video(self) -> "Detections":
+        """The same detections ordered by video id, each video's in their order."""
+        order = sorted(range(len(self.video)), key=self.video.__getitem__)
+        return Detections([self.video[k] for k in order], [self.label[k] for k in order],
+                          self.start[order], self.end[order], self.score[order])
+
     @classmethod
     def concat(cls, parts: list["Detections"]) -> "Detections":
         """The detections of every part, in order."""
