@@ -127,11 +127,8 @@ def video_layout(snippets: dict[str, Any], num_snippets: int, video_id: str = "v
                          "card's snippets.fps: native), so this video's frame rate must be given (gcm detect: --fps, "
                          "or --video-info with frame rates for a folder)")
     rate = fps or (30.0 if layout_fps == "native" else float(layout_fps))   # (rescaled positions need no rate)
-    grid = SnippetGrid(snippets.get("convention", "i3d"), num_snippets, 1.0, rate,
-                       int(snippets.get("stride_frames", 8)), int(snippets.get("clip_frames", 64)))
-    length = duration or grid.covered_until()
-    grid = SnippetGrid(grid.convention, num_snippets, length, rate, grid.stride_frames, grid.clip_frames)
-    return Video(video_id, duration=length, fps=rate), grid
+    length = duration or SnippetGrid.of_layout(snippets, num_snippets, 1.0, rate).covered_until()
+    return Video(video_id, duration=length, fps=rate), SnippetGrid.of_layout(snippets, num_snippets, length, rate)
 
 
 def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], intervals: np.ndarray,

@@ -24,7 +24,7 @@ OPTIONAL_FIELDS = ("stream_fusion", "snippets", "units_per_video_test", "label_c
                    "relations", "structure", "stream_profiles", "generated")
 SNIPPET_FIELDS = ("convention", "stride_frames", "clip_frames", "fps", "dim", "stream_columns", "positions")
 PATH_FIELDS = ("annotations", "features", "proposals", "ambiguous")
-SNIPPET_CONVENTIONS = ("i3d", "center", "rescaled")
+SNIPPET_CONVENTIONS = ("i3d", "center", "rescaled")   # gcm_core.data.pooling.Convention
 
 
 class CardError(ValueError):

@@ -131,10 +131,7 @@ class DatasetSource:
         fps = snippets.get("fps", "native")
         if fps == "native":   # the video's own; rescaled positions lie at no rate in particular
             fps = video.fps if rate_per_video(snippets) else 30.0
-        return SnippetGrid(
-            convention=snippets.get("convention", "i3d"), num_snippets=num_snippets, duration=video.duration,
-            fps=float(fps), stride_frames=int(snippets.get("stride_frames", 8)),
-            clip_frames=int(snippets.get("clip_frames", 64)))
+        return SnippetGrid.of_layout(snippets, num_snippets, video.duration, fps)
 
     def _check_frame_rates(self, video_ids: list[str]) -> None:
         """Where the snippets lie on each video's own frame rate, the annotations give each one."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -55,8 +55,14 @@ class SnippetGrid:
     stride_frames: int = 8
     clip_frames: int = 64
 
+    @classmethod
+    def of_layout(cls, snippets: Mapping[str, Any], num_snippets: int, duration: float, fps: float) -> SnippetGrid:
+        """One video's grid on a card's snippet layout (its ``snippets``), at ``fps``."""
+        return cls(snippets.get("convention", "i3d"), num_snippets, duration, float(fps),
+                   int(snippets.get("stride_frames", 8)), int(snippets.get("clip_frames", 64)))
+
     def __post_init__(self) -> None:
-        if self.convention not in ("i3d", "center", "rescaled"):
+        if self.convention not in get_args(Convention):
             raise ValueError(f"unknown snippet convention {self.convention!r}")
         if self.num_snippets < 1 or not self.duration > 0 or not self.fps > 0:
             raise ValueError(f"bad snippet grid {self}")
