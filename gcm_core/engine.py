@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -208,6 +208,26 @@ def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[Un
         end += segments[:, 1].tolist()
         score += scores.tolist()
     return Detections(vid, lab, np.array(start), np.array(end), np.array(score))
+
+
+def split_detections(chunks: Iterable[Sequence[PreparedVideo]], heads: StreamHeads, spec: GraphSpec,
+                     completeness_features: str, stats: RegressionStats, classes: Sequence[str],
+                     config: InferenceConfig, device: torch.device | str = "cpu", each_stream: bool = False
+                     ) -> tuple[dict[str, Video], dict[str, Detections]]:
+    """Ground truth and detections of a split's videos given a chunk at a time, so that a caller
+    holds a chunk's units, never the split's: ``fused`` (the streams fused by ``config.fusion``)
+    and, with ``each_stream``, every stream's own. Both are ordered by video id, whatever the
+    chunks' order."""
+    truth: dict[str, Video] = {}
+    found: dict[str, list[Detections]] = {name: [] for name in [*(heads if each_stream else ()), "fused"]}
+    for videos in chunks:
+        per_stream = {s: predict(head, UnitDataset(videos, s, spec, completeness_features), stats, device)
+                      for s, head in heads.items()}
+        truth.update(ground_truth(videos, classes))
+        for name in found:
+            streams = per_stream if name == "fused" else {name: per_stream[name]}
+            found[name].append(detections_of(videos, streams, classes, config))
+    return dict(sorted(truth.items())), {name: Detections.concat(parts).by_video() for name, parts in found.items()}
 
 
 def evaluate(videos: Sequence[PreparedVideo], detections: Detections, classes: Sequence[str], protocol: str,

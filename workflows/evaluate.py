@@ -27,7 +27,7 @@ from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.formats import write_result_json
 from gcm_core.data.model import Detections, Video
-from gcm_core.engine import UnitDataset, detections_of, ground_truth, predict
+from gcm_core.engine import split_detections
 from gcm_core.evaluation import evaluate_detections
 from workflows.config import EvaluateConfig, check_output_folder
 from workflows.detect import Detector
@@ -148,13 +148,9 @@ def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any],
     check_unit_parts(data, manifest, list(ckpt.heads), comp)
     check_caps(data, manifest, ckpt.graph)
     classes = list(ckpt.classes)
-    truth, found = {}, []
-    for videos in shard_videos(data, "test", manifest):
-        per_stream = {s: predict(head, UnitDataset(videos, s, ckpt.graph, comp), ckpt.stats, device)
-                      for s, head in ckpt.heads.items()}
-        truth.update(ground_truth(videos, classes))
-        found.append(detections_of(videos, per_stream, classes, ckpt.inference))
-    return classes, dict(sorted(truth.items())), Detections.concat(found).by_video()
+    truth, detections = split_detections(shard_videos(data, "test", manifest), ckpt.heads, ckpt.graph, comp,
+                                         ckpt.stats, classes, ckpt.inference, device)
+    return classes, truth, detections["fused"]
 
 
 def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None,

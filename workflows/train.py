@@ -18,8 +18,9 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -30,7 +31,7 @@ from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.prepared import PreparedVideo
 from gcm_core.data.sampling import RegressionStats
 from gcm_core.engine import (
-    UnitDataset, build_heads, detections_of, ground_truth, make_optimizer, predict, seed_everything, train_one_epoch,
+    StreamHeads, UnitDataset, build_heads, make_optimizer, seed_everything, split_detections, train_one_epoch,
 )
 from workflows.config import TrainStageConfig, check_output_folder, earlier_settings, with_card_fusion
 from workflows.progress import Progress, read_epoch_log
@@ -49,6 +50,8 @@ if TYPE_CHECKING:
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 T = TypeVar("T")
+# test videos rank 0 scores at a time: a chunk's units in memory, never the split's
+EVAL_CHUNK_VIDEOS = 16
 
 
 def run_dir(stage: TrainStageConfig) -> Path:
@@ -87,13 +90,24 @@ def _listed_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
     return [row for row in read_shard_rows(item["path"]) if row["video_id"] in listed]
 
 
+def iter_videos(iterator: "ray.data.DataIterator", keep: set[str] | None, manifest: dict[str, Any]
+                ) -> Iterator[PreparedVideo]:
+    """Prepared videos from a dataset iterator (only the ids in ``keep``), in its order."""
+    caps = caps_from_manifest(manifest)
+    return (row_to_video(row, manifest["dims"], caps) for row in iterator.iter_rows()
+            if keep is None or row["video_id"] in keep)
+
+
 def collect_videos(iterator: "ray.data.DataIterator", keep: set[str] | None, manifest: dict[str, Any]
                    ) -> list[PreparedVideo]:
     """Prepared videos from a dataset iterator (only the ids in ``keep``), sorted by id."""
-    caps = caps_from_manifest(manifest)
-    videos = [row_to_video(row, manifest["dims"], caps) for row in iterator.iter_rows()
-              if keep is None or row["video_id"] in keep]
-    return sorted(videos, key=lambda v: v.video_id)
+    return sorted(iter_videos(iterator, keep, manifest), key=lambda v: v.video_id)
+
+
+def chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """``items`` ``size`` at a time (the last chunk may be shorter)."""
+    while chunk := list(islice(items, size)):
+        yield chunk
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -129,7 +143,6 @@ def train_loop(loop: dict[str, Any]) -> None:
         return
     per_worker, steps = worker_steps(len(train_ids), stage.train.batch_videos, world)
     writer = tensorboard_writer(out) if rank == 0 else None
-    test_videos = None   # read on rank 0 at its first evaluation
     for epoch in range(start, stage.train.epochs):
         began = time.perf_counter()
         metrics = mean_over_workers(train_one_epoch(model, data, optimizer, stage.train, stats, generator, device,
@@ -145,8 +158,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                                   heads, stats, {"epoch": epoch + 1, "config": loop["stage"]}, loop["units_per_video"])
                 save_checkpoint(Path(tmp) / "model.pt", ckpt)
                 if evaluates_after(stage, epoch + 1, stage.train.epochs):
-                    if test_videos is None:
-                        test_videos = collect_videos(ray.train.get_dataset_shard("test"), None, manifest)
+                    test_videos = iter_videos(ray.train.get_dataset_shard("test"), None, manifest)
                     metrics.update(_evaluate(heads, stats, stage, manifest, test_videos, out if last else None,
                                              device))
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
@@ -156,18 +168,17 @@ def train_loop(loop: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"epoch-{epoch + 1:04d}")
 
 
-def _evaluate(heads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any],
-              videos: list[PreparedVideo], out: Path | None, device) -> dict[str, float]:
-    """Rank 0: the two-stage heads' test metrics (:func:`score_test_split`)."""
-    if not videos:
+def _evaluate(heads: StreamHeads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any],
+              videos: Iterator[PreparedVideo], out: Path | None, device) -> dict[str, float]:
+    """Rank 0: the two-stage heads' test metrics (:func:`score_test_split`), read and scored
+    :data:`EVAL_CHUNK_VIDEOS` videos at a time (the test split is read again at each evaluation
+    rather than held through training)."""
+    truth, detections = split_detections(chunks(videos, EVAL_CHUNK_VIDEOS), heads, stage.graph,
+                                         stage.model.completeness_features, stats, manifest["classes"],
+                                         stage.inference, device, each_stream=True)
+    if not truth:
         return {}
-    comp = stage.model.completeness_features
-    classes = manifest["classes"]
-    per_stream = {s: predict(heads[s], UnitDataset(videos, s, stage.graph, comp), stats, device) for s in stage.streams}
-    detections = {name: detections_of(videos, streams, classes, stage.inference)
-                  for name, streams in [(s, {s: per_stream[s]}) for s in stage.streams] + [("fused", per_stream)]}
-    return score_test_split(ground_truth(videos, classes), detections, classes, manifest["protocol"],
-                            manifest["tiou"], out)
+    return score_test_split(truth, detections, manifest["classes"], manifest["protocol"], manifest["tiou"], out)
 
 
 def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | None = None) -> dict[str, Any]:

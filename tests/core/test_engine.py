@@ -14,7 +14,9 @@ from gcm_core.data.model import Proposals
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats, SamplingConfig
 from gcm_core.detectors import ModelConfig
-from gcm_core.engine import TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict
+from gcm_core.engine import (
+    TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict, split_detections,
+)
 from gcm_core.graph import GraphSpec
 from gcm_core.postprocess import InferenceConfig
 
@@ -279,6 +281,35 @@ def test_detect_takes_rescaled_videos_durations_from_a_video_info_file(tmp_path,
     assert main([*folder, "--skip-bad", "--out", str(tmp_path / "none.json")]) == 2
     assert f"every one of the 3 videos of {tmp_path} failed its checks" in capsys.readouterr().err
     assert not (tmp_path / "none.json").exists()
+
+
+def test_a_split_scored_a_chunk_at_a_time_equals_it_scored_at_once(small_prepared):
+    """Evaluation reads a split a shard (or a few videos) at a time, in whatever order the shards
+    come: its ground truth and each stream's and the fused detections are those of the whole split
+    scored at once, in video-id order."""
+    card, videos = small_prepared["card"], small_prepared["test"]
+    torch.manual_seed(0)
+    heads = build_heads(ModelConfig(), card.streams, {s: videos[0].features[s]["body"].shape[1] for s in card.streams},
+                        card.num_classes).eval()
+    stats = RegressionStats(torch.tensor([0.1, -0.2]), torch.tensor([0.5, 0.4]))
+    config = InferenceConfig(top_k=30)
+    shuffled = [videos[k] for k in np.random.default_rng(0).permutation(len(videos))]
+    truth, found = split_detections((shuffled[k:k + 5] for k in range(0, len(shuffled), 5)), heads, GraphSpec(),
+                                    ModelConfig().completeness_features, stats, card.classes, config,
+                                    each_stream=True)
+
+    in_order = sorted(videos, key=lambda v: v.video_id)
+    per_stream = {s: predict(heads[s], UnitDataset(in_order, s, GraphSpec(), ModelConfig().completeness_features), stats, batch_videos=5)
+                  for s in card.streams}
+    assert list(truth) == [v.video_id for v in in_order]
+    assert truth == {v.video_id: v.as_video(card.classes) for v in in_order}
+    assert set(found) == {*card.streams, "fused"}
+    for name, streams in [(s, {s: per_stream[s]}) for s in card.streams] + [("fused", per_stream)]:
+        want = detections_of(in_order, streams, card.classes, config)
+        assert found[name].video == want.video and found[name].label == want.label
+        for column in ("start", "end", "score"):
+            np.testing.assert_allclose(getattr(found[name], column), getattr(want, column), rtol=1e-6, atol=1e-9)
+    assert len(found["fused"]) == 30 * len(videos)
 
 
 def test_an_empty_share_of_the_videos_is_an_error_not_an_endless_loop():
