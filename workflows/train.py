@@ -18,9 +18,8 @@ import tempfile
 import threading
 import time
 from dataclasses import replace
-from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import torch
 
@@ -38,7 +37,7 @@ from workflows.progress import Progress, read_epoch_log
 from workflows.settings import ConfigError, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.shards import (
     caps_from_manifest, check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from,
-    read_shard_rows, row_to_video,
+    read_shard_rows, row_to_video, shard_videos,
 )
 from workflows.train_worker import (
     evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
@@ -50,8 +49,6 @@ if TYPE_CHECKING:
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 T = TypeVar("T")
-# test videos rank 0 scores at a time: a chunk's units in memory, never the split's
-EVAL_CHUNK_VIDEOS = 16
 
 
 def run_dir(stage: TrainStageConfig) -> Path:
@@ -90,24 +87,12 @@ def _listed_rows(item: dict[str, Any]) -> list[dict[str, Any]]:
     return [row for row in read_shard_rows(item["path"]) if row["video_id"] in listed]
 
 
-def iter_videos(iterator: "ray.data.DataIterator", keep: set[str] | None, manifest: dict[str, Any]
-                ) -> Iterator[PreparedVideo]:
-    """Prepared videos from a dataset iterator (only the ids in ``keep``), in its order."""
-    caps = caps_from_manifest(manifest)
-    return (row_to_video(row, manifest["dims"], caps) for row in iterator.iter_rows()
-            if keep is None or row["video_id"] in keep)
-
-
-def collect_videos(iterator: "ray.data.DataIterator", keep: set[str] | None, manifest: dict[str, Any]
+def collect_videos(iterator: "ray.data.DataIterator", keep: set[str], manifest: dict[str, Any]
                    ) -> list[PreparedVideo]:
     """Prepared videos from a dataset iterator (only the ids in ``keep``), sorted by id."""
-    return sorted(iter_videos(iterator, keep, manifest), key=lambda v: v.video_id)
-
-
-def chunks(items: Iterator[T], size: int) -> Iterator[list[T]]:
-    """``items`` ``size`` at a time (the last chunk may be shorter)."""
-    while chunk := list(islice(items, size)):
-        yield chunk
+    caps = caps_from_manifest(manifest)
+    videos = [row_to_video(row, manifest["dims"], caps) for row in iterator.iter_rows() if row["video_id"] in keep]
+    return sorted(videos, key=lambda v: v.video_id)
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -158,9 +143,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                                   heads, stats, {"epoch": epoch + 1, "config": loop["stage"]}, loop["units_per_video"])
                 save_checkpoint(Path(tmp) / "model.pt", ckpt)
                 if evaluates_after(stage, epoch + 1, stage.train.epochs):
-                    test_videos = iter_videos(ray.train.get_dataset_shard("test"), None, manifest)
-                    metrics.update(_evaluate(heads, stats, stage, manifest, test_videos, out if last else None,
-                                             device))
+                    metrics.update(_evaluate(heads, stats, stage, manifest, out if last else None, device))
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
             if rank == 0:
                 log_epoch(out, writer, metrics)
@@ -169,11 +152,11 @@ def train_loop(loop: dict[str, Any]) -> None:
 
 
 def _evaluate(heads: StreamHeads, stats: RegressionStats, stage: TrainStageConfig, manifest: dict[str, Any],
-              videos: Iterator[PreparedVideo], out: Path | None, device) -> dict[str, float]:
-    """Rank 0: the two-stage heads' test metrics (:func:`score_test_split`), read and scored
-    :data:`EVAL_CHUNK_VIDEOS` videos at a time (the test split is read again at each evaluation
-    rather than held through training)."""
-    truth, detections = split_detections(chunks(videos, EVAL_CHUNK_VIDEOS), heads, stage.graph,
+              out: Path | None, device) -> dict[str, float]:
+    """Rank 0: the two-stage heads' test metrics (:func:`score_test_split`), the test split read
+    from its shard files and scored a shard at a time at each evaluation, as ``gcm evaluate``
+    does, rather than held in memory through training."""
+    truth, detections = split_detections(shard_videos(stage.data, "test", manifest), heads, stage.graph,
                                          stage.model.completeness_features, stats, manifest["classes"],
                                          stage.inference, device, each_stream=True)
     if not truth:
@@ -212,8 +195,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
         one_stage_loop if one_stage else train_loop, train_loop_config=loop,
         scaling_config=ray.train.ScalingConfig(num_workers=stage.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(stage, use_gpu)),
-        datasets={role: shard_dataset(stage.data, manifest, role) for role in ("train", "test")} if manifest
-        else None,
+        datasets={"train": shard_dataset(stage.data, manifest, "train")} if manifest else None,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
         run_config=ray.train.RunConfig(
             name=stage.name, storage_path=str(folder.parent),
