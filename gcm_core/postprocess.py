@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from gcm_core.checks import check_ranges
-from gcm_core.data.model import Detections
+from gcm_core.data.model import Detections, video_key
 from gcm_core.data.sampling import apply_regression
 
 
@@ -205,12 +205,13 @@ def apply_video_labels(labels: Tensor, scores: Tensor, video_scores: Tensor, top
 
 def rescore_with_video_labels(detections: Detections, video_scores: dict[str, np.ndarray],
                               classes: list[str] | tuple[str, ...], top: int = 2) -> Detections:
-    """:func:`apply_video_labels` on every video of ``detections`` (videos without scores are dropped)."""
+    """:func:`apply_video_labels` on every video of ``detections`` (videos without scores are
+    dropped); ``video_scores`` are keyed by :func:`~gcm_core.data.model.video_key`."""
     index = {c: k for k, c in enumerate(classes)}
     by_video: dict[str, list[int]] = {}
     for k, v in enumerate(detections.video):
-        if v in video_scores and detections.label[k] in index:
-            by_video.setdefault(v, []).append(k)
+        if video_key(v) in video_scores and detections.label[k] in index:
+            by_video.setdefault(video_key(v), []).append(k)
     keep, scores = [], []
     for video, rows in by_video.items():
         labels = torch.tensor([index[detections.label[k]] for k in rows])

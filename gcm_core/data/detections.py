@@ -6,13 +6,15 @@
   under a card's convention (the official 7...97 for THUMOS'14). Reversed intervals are kept as
   they are: the THUMOS'14 protocol re-orders them at evaluation.
 
+Also the external video-level class scores that rescore them (:func:`read_video_scores`).
+
 Writers go through a temporary file and a rename, so a crash never leaves half a file.
 """
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,60 @@ def read_untrimmednet_scores(path: str | Path, card: DatasetCard) -> dict[str, n
         raise FormatError(path, f"expected [videos, 101] scores, got shape {scores.shape}")
     columns = np.array(card.official_index) - 1
     return {f"video_test_{i + 1:07d}": scores[i, columns].astype(np.float64) for i in range(scores.shape[0])}
+
+
+def read_video_scores(path: str | Path, classes: Sequence[str], card: DatasetCard | None = None
+                      ) -> dict[str, np.ndarray]:
+    """External video-level class scores as {video: [K] scores in the order of ``classes``},
+    videos named by :func:`~gcm_core.data.model.video_key`.
+
+    - ``.json``: class names and a row of scores per video, ``{"class": [names], "results":
+      {video: [scores]}}``: the layout of the ActivityNet v1.3 classification scores that BSN, BMN
+      and the paper's ActivityNet "with video labels" rows take (CUHK's
+      ``cuhk_val_simp_share.json``); columns are matched to ``classes`` by name, so the file may
+      hold more classes, in any order;
+    - ``.npy``: UntrimmedNet's THUMOS'14 layout (:func:`read_untrimmednet_scores`), which needs
+      the ``card``'s official class indices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(path, "no such file")
+    if path.suffix == ".json":
+        return _read_class_scores_json(path, classes)
+    if path.suffix != ".npy":
+        raise FormatError(path, "video scores are read from .json (class names and a row per video) or "
+                                ".npy (UntrimmedNet's THUMOS'14 layout)")
+    if card is None:
+        raise CardError(f"{path}: scores in UntrimmedNet's THUMOS'14 layout are read by a card's official class "
+                        "indices: give the dataset's card (thumos14)")
+    return read_untrimmednet_scores(path, card)
+
+
+def _read_class_scores_json(path: Path, classes: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise FormatError(path, f"malformed JSON: {err.msg}", line=err.lineno) from None
+    names = data.get("class") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError(path, "expected a list of class names", field="class")
+    results = data.get("results")
+    if not isinstance(results, dict):
+        raise FormatError(path, "expected a mapping of video to its class scores", field="results")
+    column = {name: k for k, name in enumerate(names)}
+    missing = [c for c in classes if c not in column]
+    if missing:
+        raise FormatError(path, f"has no scores of {len(missing)} of the dataset's {len(classes)} classes, "
+                                f"e.g. {missing[:3]}", field="class")
+    columns = np.array([column[c] for c in classes], dtype=np.int64)
+    scores = {}
+    for video, row in results.items():
+        try:
+            values = np.asarray(row, dtype=np.float64)
+        except (TypeError, ValueError):
+            values = None
+        if values is None or values.shape != (len(names),) or not np.isfinite(values).all():
+            raise FormatError(path, f"expected {len(names)} finite scores, one per class", video=video,
+                              field="results")
+        scores[video_key(video)] = values[columns]
+    return scores

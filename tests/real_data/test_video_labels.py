@@ -8,7 +8,9 @@ import pytest
 
 from gcm_core.data.cards import load_card
 from gcm_core.data.detections import read_untrimmednet_scores
-from gcm_core.data.formats import read_annotations, read_detections
+from gcm_core.data.formats import read_annotations, read_detections, write_result_json
+from gcm_core.data.model import Detections
+from gcm_core.evaluation import evaluate_detections, select_subset
 from gcm_core.postprocess import rescore_with_video_labels
 from reference_metrics import loop_thumos_ap
 from workflows.cli import main
@@ -74,9 +76,62 @@ def test_eval_detections_with_video_labels(shared_data, capsys, tmp_path):
     assert main(["eval-detections", "--protocol", "activitynet", "--ground-truth", str(anet / "anet_anno_action.json"),
                  "--subset", "validation", "--detections", str(anet / "sample_detection_prediction.json"),
                  "--video-scores", str(th / "untrimmednet_test_scores.npy")]) == 2
-    assert "--video-scores reads THUMOS'14's UntrimmedNet layout" in capsys.readouterr().err
+    assert "in UntrimmedNet's THUMOS'14 layout are read by a card's official class indices" in capsys.readouterr().err
     # scores of none of the detections' videos (the first three rows: videos CBR has no detection on)
     np.save(tmp_path / "three.npy", raw[:3])
     assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
                  str(results), "--video-scores", str(tmp_path / "three.npy")]) == 2
     assert f"{tmp_path / 'three.npy'} scores none of the detections' videos" in capsys.readouterr().err
+
+
+def test_eval_detections_with_activitynet_class_scores(shared_data, capsys, tmp_path):
+    """--video-scores FILE.json: ActivityNet class scores in the layout BSN and BMN read (class
+    names, a row per video, YouTube ids with or without the annotations' v_), matched to the card's
+    classes by name, rescore detections on the real validation videos as a per-detection loop does."""
+    card = load_card("activitynet13")
+    anno = shared_data / "activitynet/anet_anno_action.json"
+    truth = select_subset(read_annotations(anno, card), "validation")
+    rng = np.random.default_rng(0)
+    videos = sorted(truth)[:80]
+    rows = []
+    for vid in videos:
+        for inst in truth[vid].instances:
+            other = card.classes[int(rng.integers(card.num_classes))]
+            for label in (inst.label, other):
+                shift = rng.uniform(-0.1, 0.1) * (inst.end - inst.start)
+                rows.append((vid.removeprefix("v_"), label, inst.start + shift, inst.end + shift, rng.uniform(0.1, 1)))
+    detections = tmp_path / "detections.json"
+    write_result_json(detections, Detections([r[0] for r in rows], [r[1] for r in rows],
+                                             *(np.array([r[k] for r in rows]) for k in (2, 3, 4))))
+    names = [*rng.permutation(card.classes), "Not a class of the card"]   # the file's own order
+    table = {vid.removeprefix("v_"): rng.uniform(0, 1, len(names)) for vid in videos[:70]}  # 10 videos unscored
+    for vid in videos[:35]:   # a video's own class on top for half of them
+        table[vid.removeprefix("v_")][names.index(truth[vid].instances[0].label)] = 2.0
+    scores = tmp_path / "cuhk_val_simp_share.json"
+    spelt = {v: f"v_{v}" if k % 3 == 0 else v for k, v in enumerate(table)}   # some files keep the v_
+    scores.write_text(json.dumps({"class": names, "results": {spelt[v]: row.tolist() for v, row in table.items()}}))
+
+    args = ["eval-detections", "--protocol", "activitynet", "--ground-truth", str(anno), "--card", "activitynet13",
+            "--detections", str(detections), "--json"]
+    assert main([*args, "--video-scores", str(scores)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kept = []
+    for vid, label, start, end, score in rows:
+        if vid in table:
+            best = [names[k] for k in np.argsort(-table[vid], kind="stable") if names[k] in card.classes][:2]
+            if label in best:
+                kept.append((vid, label, start, end, score * table[vid][names.index(label)]))
+    assert 0 < len(kept) < len(rows)
+    expected = evaluate_detections(truth, Detections([r[0] for r in kept], [r[1] for r in kept],
+                                                     *(np.array([r[k] for r in kept]) for k in (2, 3, 4))),
+                                   card.classes, "activitynet", card.tiou).as_dict(card.classes)
+    assert out["video_labels"]["mAP"] == pytest.approx(expected["mAP"], abs=1e-9)
+    # a file without one of the dataset's classes, or with a row of another length, is named
+    names.remove(card.classes[5])
+    scores.write_text(json.dumps({"class": names, "results": {}}))
+    assert main([*args, "--video-scores", str(scores)]) == 2
+    assert f"{scores}, field 'class': has no scores of 1 of the dataset's 200 classes, e.g. ['{card.classes[5]}']" \
+        in capsys.readouterr().err
+    scores.write_text(json.dumps({"class": card.classes, "results": {"abc": [0.5] * 3}}))
+    assert main([*args, "--video-scores", str(scores)]) == 2
+    assert f"{scores}, video abc, field 'results': expected 200 finite scores, one per class" in capsys.readouterr().err

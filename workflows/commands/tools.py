@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +38,13 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-agnostic", action="store_true",
                    help="also the AP with every class merged into one: its gap to the mAP is what classification "
                         "costs the detector")
-    p.add_argument("--video-scores", type=Path, metavar="NPY",
+    p.add_argument("--video-scores", type=Path, metavar="FILE",
                    help="also the mAP with external video-level labels (the paper's 'with video labels'): "
-                        "UntrimmedNet class scores per video in THUMOS'14's public layout ([videos, 101], row i "
-                        "video_test_{i+1:07d}); each video keeps the detections of its --video-top best classes, "
-                        "their scores multiplied by the class's video score")
+                        "class scores per video, as JSON {\"class\": [names], \"results\": {video: [scores]}} "
+                        "(ActivityNet's, as BSN and BMN read them) or as UntrimmedNet's THUMOS'14 .npy ([videos, "
+                        "101], row i video_test_{i+1:07d}; read by the thumos14 card's class indices); each "
+                        "video keeps the detections of its --video-top best classes, their scores multiplied by "
+                        "the class's video score")
     p.add_argument("--video-top", type=at_least(int, 1), default=2,
                    help="with --video-scores: the classes each video keeps (default: 2, as the paper)")
     p.add_argument("--per-class", action="store_true",
@@ -85,7 +88,7 @@ def run_eval_detections(args: argparse.Namespace) -> int:
         merged = class_agnostic(videos, detections)
         agnostic = evaluate_detections(*merged, [AGNOSTIC], args.protocol, tiou).as_dict([AGNOSTIC])
     if args.video_scores:
-        rescored = with_video_labels(detections, args.video_scores, args.video_top, card)
+        rescored = with_video_labels(detections, args.video_scores, args.video_top, classes, card)
         labelled = evaluate_detections(videos, rescored, classes, args.protocol, tiou).as_dict(classes)
     if args.json:
         extra = {"unmatched": unmatched.counts(), **({"class_agnostic": agnostic} if agnostic else {}),
@@ -108,27 +111,26 @@ def run_eval_detections(args: argparse.Namespace) -> int:
     return 0
 
 
-def with_video_labels(detections: Detections, path: Path, top: int, card: DatasetCard | None) -> Detections:
-    """``detections`` rescored with the external video-level scores in ``path`` (UntrimmedNet's
-    THUMOS'14 layout, read by the card's official class indices): each video keeps its ``top``
-    classes' detections, scores multiplied by the class's video score. A file that scores none of
-    the detections' videos is an error; videos it does not score are named in a note."""
-    from gcm_core.data.detections import read_untrimmednet_scores
+def with_video_labels(detections: Detections, path: Path, top: int, classes: Sequence[str],
+                      card: DatasetCard | None) -> Detections:
+    """``detections`` rescored with the external video-level scores in ``path``
+    (:func:`~gcm_core.data.detections.read_video_scores`): each video keeps its ``top`` classes'
+    detections, scores multiplied by the class's video score. A file that scores none of the
+    detections' videos is an error; videos it does not score are named in a note."""
+    from gcm_core.data.detections import read_video_scores
+    from gcm_core.data.model import video_key
     from gcm_core.postprocess import rescore_with_video_labels
 
-    if card is None:
-        raise ValueError("--video-scores reads THUMOS'14's UntrimmedNet layout: give a --card with official "
-                         "class indices (thumos14)")
-    scores = read_untrimmednet_scores(path, card)
+    scores = read_video_scores(path, classes, card)
     detected = set(detections.video)
-    unscored = sorted(detected - set(scores))
+    unscored = sorted(v for v in detected if video_key(v) not in scores)
     if unscored and len(unscored) == len(detected):
         raise ValueError(f"{path} scores none of the detections' videos (e.g. {unscored[0]}; it "
                          f"scores {min(scores)} to {max(scores)})")
     if unscored:   # rescoring leaves their detections out
         print(f"note: {path} scores no class of {len(unscored)} video(s) of the detections "
               f"(e.g. {unscored[0]}): with video labels they have no detections", file=sys.stderr)
-    return rescore_with_video_labels(detections, scores, card.classes, top)
+    return rescore_with_video_labels(detections, scores, classes, top)
 
 
 def add_synth(p: argparse.ArgumentParser) -> None:
