@@ -27,7 +27,9 @@ from gcm_core.evaluation import evaluate_detections
 from gcm_core.graph import Graph, GraphSpec
 from gcm_core.losses import LossWeights, ssn_loss
 from gcm_core.metrics import MapResult
-from gcm_core.postprocess import InferenceConfig, UnitScores, detect, fuse_streams, unit_scores
+from gcm_core.postprocess import (
+    InferenceConfig, UnitScores, detect, fuse_streams, unit_scores, with_proposal_scores,
+)
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,17 @@ def predict(model: nn.Module, data: UnitDataset, stats: RegressionStats, device:
 
 def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[UnitScores]],
                   classes: Sequence[str], config: InferenceConfig = InferenceConfig()) -> Detections:
-    """Fuse the streams' unit scores (weights of ``config.fusion``) and decode every video."""
+    """Fuse the streams' unit scores (weights of ``config.fusion``), with ``config.proposal_score``
+    weigh them by their proposals' scores, and decode every video."""
     weights = config.weights()
     vid, lab, start, end, score = [], [], [], [], []
     for k, video in enumerate(videos):
         fused = fuse_streams({s: scores[k] for s, scores in per_stream.items()}, weights)
+        if config.proposal_score:
+            if video.proposal_scores is None:
+                raise ValueError(f"inference.proposal_score: video {video.video_id} has no proposal scores (its "
+                                 "dataset was preprocessed before they were kept: preprocess it again)")
+            fused = with_proposal_scores(fused, video.proposal_scores)
         segments, labels, scores = detect(fused, video.duration, config)
         vid += [video.video_id] * len(labels)
         lab += [classes[c] for c in labels.tolist()]

@@ -111,6 +111,10 @@ class InferenceConfig:
 
     ``fusion`` None leaves the streams' weights to be chosen from the dataset (a training run
     takes its dataset card's ``stream_fusion``); decoding needs them chosen (:meth:`weights`).
+    ``proposal_score`` multiplies a two-stage head's unit scores by their proposals' own scores,
+    the s_bsn / s_bmn factor of the paper's ActivityNet rows with external video labels (Table 2,
+    s = s_gcm x s_bsn x s_unet; the video labels are ``gcm eval-detections --video-scores``);
+    off by default, as in its other results. A proposal list without scores scores every proposal 1.
     """
 
     candidates_per_video: int = 2000    # a video's best (unit or anchor, class) pairs kept before NMS
@@ -119,6 +123,7 @@ class InferenceConfig:
     soft_nms_sigma: float = 0.5
     top_k: int = 200                    # detections per video
     fusion: tuple[tuple[str, float], ...] | None = (("rgb", 2.0), ("flow", 3.0))
+    proposal_score: bool = False
 
     def __post_init__(self) -> None:
         check_ranges(self, candidates_per_video=">= 1", nms_threshold="in [0, 1]", soft_nms_sigma="> 0", top_k=">= 1")
@@ -158,6 +163,11 @@ def stream_weights(streams: Iterable[str], weights: dict[str, float] | None) -> 
     if sum(named.values()) <= 0:
         raise ValueError(f"inference.fusion weighs the streams {list(named)} 0 in all ({weights}): nothing to fuse")
     return named
+
+
+def with_proposal_scores(units: UnitScores, proposal_scores: Tensor) -> UnitScores:
+    """Every unit's class scores times its proposal's score [N]."""
+    return UnitScores(units.scores * proposal_scores.to(units.scores.dtype)[:, None], units.segments)
 
 
 def fuse_streams(per_stream: dict[str, UnitScores], weights: dict[str, float]) -> UnitScores:

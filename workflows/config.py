@@ -108,7 +108,8 @@ class OneStageConfig:
 # sampling thresholds); D-SSAD matches anchors, with neither unit sampling nor SSN's loss weights.
 ROLE_THRESHOLDS = ("fg_iou", "incomplete_iou", "incomplete_overlap", "bg_iou", "bg_coverage")
 UNREAD_BY = {"two-stage": ("one_stage", *(f"train.sampling.{name}" for name in ROLE_THRESHOLDS)),
-             "one-stage": ("train", "model", "graph", "stream_lr", "one_stage.train.sampling", "one_stage.train.loss")}
+             "one-stage": ("train", "model", "graph", "stream_lr", "one_stage.train.sampling", "one_stage.train.loss",
+                           "inference.proposal_score")}   # D-SSAD has no proposals
 
 
 @dataclass

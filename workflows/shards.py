@@ -28,6 +28,8 @@ edges:<stream>:cosine          list<float>         feature cosine of each candid
 edges:<stream>:<x>_rank        list<int32>         sur / sem / knn rank (-1: beyond the cap)
 gt, gt_labels                  list<double/int32>  [G, 2] instances and their 0-based classes
 ambiguous                      list<double>        [A, 2] segments excluded from evaluation
+proposal_scores                list<double>        [N] test units' proposal scores (1: a list
+                                                   without); test shards only
 labels:best_gt, labels:label   list<int32>         training units: best instance, class 1..K
 labels:role                    list<int8>          0 bg, 1 fg, 2 incomplete, 3 ignored
 labels:tiou, labels:overlap    list<double>
@@ -70,6 +72,8 @@ def video_to_row(video: PreparedVideo, role: str) -> dict[str, Any]:
                            "intervals": _flat(video.intervals, np.float64),
                            "gt": _flat(video.gt, np.float64), "gt_labels": _flat(video.gt_labels, np.int32),
                            "ambiguous": _flat(video.ambiguous, np.float64)}
+    if video.proposal_scores is not None:
+        row["proposal_scores"] = _flat(video.proposal_scores, np.float64)
     for stream, parts in video.features.items():
         for part, feats in parts.items():
             row[f"feat:{stream}:{part}"] = _flat(feats, np.float32)
@@ -109,9 +113,10 @@ def row_to_video(row: dict[str, Any], dims: dict[str, int], caps: CandidateCaps)
         values["label"] = values["label"].long()
         values["best_gt"] = values["best_gt"].long()
         labels = UnitLabels(**values)
+    proposal_scores = None if row.get("proposal_scores") is None else arr("proposal_scores", np.float64)
     return PreparedVideo(row["video_id"], float(row["duration"]), intervals, features, candidates,
                          arr("gt", np.float64).reshape(-1, 2), arr("gt_labels", np.int64),
-                         arr("ambiguous", np.float64).reshape(-1, 2), labels)
+                         arr("ambiguous", np.float64).reshape(-1, 2), labels, proposal_scores)
 
 
 def write_shard(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -35,6 +35,7 @@ class PreparedVideo:
     gt_labels: Tensor                                   # [G] 0-based classes
     ambiguous: Tensor                                   # [A, 2] segments excluded from evaluation
     labels: UnitLabels | None = None                   # training videos only
+    proposal_scores: Tensor | None = None              # [N] test units' proposal scores (1: a list without)
     graphs: dict[str, Graph] = field(default_factory=dict, repr=False)  # cache: stream -> selected graph
 
     @property
@@ -71,8 +72,10 @@ def prepare_video(inputs: VideoInputs, classes: tuple[str, ...] | list[str], tra
     gt = torch.tensor([(i.start, i.end) for i in video.instances], dtype=torch.float64).reshape(-1, 2)
     gt_labels = torch.tensor([index[i.label] for i in video.instances], dtype=torch.long)
     units = torch.as_tensor(inputs.proposals.intervals, dtype=torch.float64)
+    proposal_scores = None
     if not train:
-        units = units[torch.from_numpy(np.argsort(-inputs.proposals.score, kind="stable")[:max_units])]
+        best = torch.from_numpy(np.argsort(-inputs.proposals.score, kind="stable")[:max_units])
+        units, proposal_scores = units[best], torch.as_tensor(inputs.proposals.score, dtype=torch.float64)[best]
     if train:
         units = with_ground_truth(units, gt)
     features, candidates = {}, {}
@@ -84,7 +87,7 @@ def prepare_video(inputs: VideoInputs, classes: tuple[str, ...] | list[str], tra
     labels = label_units(units, gt, gt_labels, video.duration, sampling) if train else None
     ambiguous = torch.tensor(video.ambiguous, dtype=torch.float64).reshape(-1, 2)
     return PreparedVideo(video.id, float(video.duration), units, features, candidates, gt, gt_labels, ambiguous,
-                         labels)
+                         labels, proposal_scores)
 
 
 def _to_cpu(edges: CandidateEdges) -> CandidateEdges:

@@ -18,7 +18,7 @@ from gcm_core.engine import (
     TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict, split_detections,
 )
 from gcm_core.graph import GraphSpec
-from gcm_core.postprocess import InferenceConfig
+from gcm_core.postprocess import InferenceConfig, UnitScores
 
 FAST = TrainConfig(epochs=4, lr=0.05, batch_videos=8, sampling=SamplingConfig(per_video=16), seed=3)
 
@@ -85,6 +85,40 @@ def test_a_video_is_tested_on_its_best_scored_proposals_as_many_as_its_checkpoin
     reference = detections_of([prepared], per_stream, card.classes, InferenceConfig(top_k=50))
     assert found.label == reference.label
     np.testing.assert_allclose(found.score, reference.score, rtol=1e-5)
+
+
+def test_proposal_scores_weigh_the_unit_scores_as_in_the_papers_activitynet_rows(small_prepared, small_dataset):
+    """inference.proposal_score: each unit's class scores times its proposal's own score (Table 2:
+    s_gcm x s_bsn); test units carry their proposals' scores, best first (1 for a list without)."""
+    card = small_prepared["card"]
+    source = DatasetSource(card, small_dataset, "test")
+    inputs = source.load(source.video_ids[0])
+    scores = np.random.default_rng(1).uniform(0.1, 1.0, len(inputs.proposals))
+    scored = dataclasses.replace(inputs, proposals=Proposals(inputs.proposals.start, inputs.proposals.end, scores))
+    prepared = prepare_video(scored, card.classes, train=False, max_units=20)
+    np.testing.assert_array_equal(prepared.proposal_scores.numpy(), np.sort(scores)[::-1][:20])
+    unscored = prepare_video(inputs, card.classes, train=False)   # the SSN list: no scores
+    assert torch.equal(unscored.proposal_scores, torch.ones(len(inputs.proposals), dtype=torch.float64))
+
+    torch.manual_seed(0)
+    dims = {s: prepared.features[s]["body"].shape[1] for s in card.streams}
+    heads = build_heads(ModelConfig(), card.streams, dims, card.num_classes).eval()
+    stats = RegressionStats(torch.zeros(2), torch.ones(2))
+    comp = ModelConfig().completeness_features
+    per_stream = {s: predict(heads[s], UnitDataset([prepared], s, GraphSpec(), comp), stats) for s in card.streams}
+    weighed = {s: [UnitScores(u.scores * prepared.proposal_scores[:, None], u.segments) for u in units]
+               for s, units in per_stream.items()}
+    config = InferenceConfig(top_k=40)
+    want = detections_of([prepared], weighed, card.classes, config)
+    got = detections_of([prepared], per_stream, card.classes, dataclasses.replace(config, proposal_score=True))
+    plain = detections_of([prepared], per_stream, card.classes, config)
+    assert got.label == want.label and got.label != plain.label
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-12)
+    np.testing.assert_allclose(got.start, want.start, rtol=1e-12)
+    # a video prepared before the scores were kept (a dataset preprocessed earlier) is named
+    with pytest.raises(ValueError, match=f"video {prepared.video_id} has no proposal scores"):
+        detections_of([dataclasses.replace(prepared, proposal_scores=None)], per_stream, card.classes,
+                      dataclasses.replace(config, proposal_score=True))
 
 
 def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path, capsys):

@@ -56,6 +56,10 @@ def test_shards_hold_every_video_once_as_prepared_in_process(small_dataset, tmp_
     assert torch.equal(stored.features["flow"]["three_part"], direct.features["flow"]["three_part"])
     assert torch.equal(stored.candidates["rgb"].edge_index, direct.candidates["rgb"].edge_index)
     assert torch.equal(stored.labels.role, direct.labels.role)
+    tested = read_videos(tmp_path, "test", manifest)[0]   # and a test video's proposal scores
+    source = DatasetSource(card, small_dataset, "test")
+    direct = prepare_video(source.load(tested.video_id), card.classes, False, max_units=card.units_per_video_test)
+    assert torch.equal(tested.proposal_scores, direct.proposal_scores) and stored.proposal_scores is None
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "card.yaml").is_file()
     assert not list(tmp_path.glob("shards/.*.tmp")), "a temporary file was left behind"
 
