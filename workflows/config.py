@@ -119,6 +119,9 @@ class TrainStageConfig:
     # folder ``data``; D-SSAD reads snippet features and needs no proposals, so no preprocessing
     card: str | None = None
     data_root: str | None = None
+    # with ``card``: leave out the videos whose annotation or features fail their checks (listed in
+    # the run's skipped_videos.json), as gcm preprocess --skip-bad does for a preprocessed ``data``
+    skip_bad: bool = False
     out: str = "runs/train"
     name: str = "ssn-gcm"
     kind: Literal["two-stage", "one-stage"] = "two-stage"   # one-stage: D-SSAD, see one_stage

@@ -158,7 +158,7 @@ def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root:
                           ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features (of a preprocessed dataset,
     of the videos it kept)."""
-    truth, detections = detect_test_split(run.models, run.stage, card, data_root, manifest, device)
+    truth, detections = detect_test_split(run.models, run.stage, card, data_root, left_out(manifest), device)
     return run.classes, truth, detections["fused"]
 
 

@@ -14,6 +14,8 @@ besides its loop, shared with the one-stage loop, is in :mod:`workflows.train_wo
 """
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import threading
 import time
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     import ray.data
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
+SKIPPED = "skipped_videos.json"   # a one-stage run's videos left out (skip_bad), with their errors
 T = TypeVar("T")
 
 
@@ -174,11 +177,11 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
 
     from workflows.ray_env import require_resources, use_gpus
 
-    stage, manifest, card = _inputs(stage)
+    folder = run_dir(stage)
+    stage, manifest, card, skipped = _inputs(stage, folder)
     use_gpu = use_gpus(stage.use_gpu)
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
-    folder = run_dir(stage)
     check_output_folder(folder, TrainStageConfig)
     if (folder / SNAPSHOT).exists():
         if not stage.resume:
@@ -186,8 +189,14 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
         check_resumable(folder, stage)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump(stage))
+    if stage.skip_bad:
+        atomic_write_text(folder / SKIPPED, json.dumps(skipped, indent=1))
+        if skipped and not quiet:
+            print(f"train {stage.name}: left out {len(skipped)} video(s) that fail their checks (e.g. "
+                  f"{skipped[0]['error']}); all listed in {folder / SKIPPED}", file=sys.stderr, flush=True)
     loop = {"stage": to_dict(stage), "manifest": manifest, "run_dir": str(folder), "snippets": dict(card.snippets),
-            "units_per_video": card.units_per_video_test, "threads": max(1, int(stage.cpus_per_worker))}
+            "units_per_video": card.units_per_video_test, "threads": max(1, int(stage.cpus_per_worker)),
+            "leave_out": sorted(entry["video"] for entry in skipped)}
     one_stage = stage.kind == "one-stage"
     if one_stage:
         from workflows.train_one_stage import WEIGHTS, one_stage_loop
@@ -239,27 +248,41 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
                           f"{key}.epochs >= {trained}; start another --name to train for fewer")
 
 
-def _inputs(stage: TrainStageConfig) -> tuple[TrainStageConfig, dict[str, Any] | None, DatasetCard]:
+def _inputs(stage: TrainStageConfig, folder: Path
+            ) -> tuple[TrainStageConfig, dict[str, Any] | None, DatasetCard, list[dict[str, str]]]:
     """The stage with absolute paths, the manifest of the preprocessed dataset it trains on (None
-    for a one-stage run that names its dataset's card and data root) and its dataset's card."""
+    for a one-stage run that names its dataset's card and data root), its dataset's card and the
+    videos it leaves out (``skip_bad``; a resumed run, those it left out when it started)."""
     stage = absolute_inputs(stage)
     manifest = None if stage.card else load_manifest(stage.data)
     card, data_root = dataset_of(stage, manifest)
     check_inputs(stage, card, manifest)
     stage = with_card_fusion(stage, card)
+    skipped: list[dict[str, str]] = []
     if stage.kind == "one-stage":
-        check_snippet_layout(card, data_root, manifest, stage.evaluate)
-    return stage, manifest, card
+        recorded = folder / SKIPPED
+        if stage.resume and stage.skip_bad and recorded.is_file():
+            skipped = json.loads(recorded.read_text())
+        else:
+            skipped = check_snippet_layout(card, data_root, manifest, stage.evaluate, stage.skip_bad)
+    return stage, manifest, card, skipped
 
 
 def check_snippet_layout(card: DatasetCard, data_root: str | None, manifest: dict[str, Any] | None,
-                         evaluate: bool) -> None:
+                         evaluate: bool, skip_bad: bool = False) -> list[dict[str, str]]:
     """A one-stage run reads the dataset's annotations and every video's snippet features itself
     (its test split too where it evaluates; of a preprocessed dataset, the videos it kept): a data
     root without them, or a video's missing feature file, is named here, once, not in a training
-    worker's traceback."""
+    worker's traceback. With ``skip_bad`` (a run reading a card) every video's features are read
+    and checked here instead, and those failing are returned ({video, role, error}) to be left out."""
+    skipped = []
     for role in ("train", "test") if evaluate else ("train",):
-        DatasetSource(card, data_root, role, left_out(manifest)).check_layout(proposals=False, every_video=True)
+        source = DatasetSource(card, data_root, role, left_out(manifest))
+        source.check_layout(proposals=False, every_video=not skip_bad)
+        if skip_bad:
+            skipped += [{"video": video, "role": role, "error": error}
+                        for video, error in source.failing_videos().items()]
+    return skipped
 
 
 def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str, Any] | None) -> None:
@@ -270,6 +293,9 @@ def check_inputs(stage: TrainStageConfig, card: DatasetCard, manifest: dict[str,
     if unknown:
         raise ConfigError(f"{stage.card or stage.data}: the dataset's streams are {list(card.streams)}, not "
                           f"{unknown} (streams={list(stage.streams)})")
+    if stage.skip_bad and not stage.card:
+        raise ConfigError(f"skip_bad leaves out the bad videos of a one-stage run that reads a card (--card): "
+                          f"{stage.data} holds what its gcm preprocess kept (--skip-bad there leaves them out)")
     if stage.kind == "two-stage":
         check_split(stage.data, manifest, "train")
         videos = manifest["counts"]["train"]["videos"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,12 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
 
 
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
-                      manifest: dict[str, Any] | None, device: torch.device | str = "cpu"
+                      leave_out: Iterable[str] = (), device: torch.device | str = "cpu"
                       ) -> tuple[dict[str, Video], dict[str, Detections]]:
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
-    model runs once over the clips); of a preprocessed dataset (``manifest``), the videos it kept."""
-    source = DatasetSource(card, data_root, "test", left_out(manifest))
+    model runs once over the clips), less the videos to ``leave_out`` (those a preprocessing or
+    the run left out as bad)."""
+    source = DatasetSource(card, data_root, "test", leave_out)
     tests, durations = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                                      stage.one_stage.model.stride)
     first = tests[stage.streams[0]][0].video_id   # features of another width: named, not a shape error
@@ -114,7 +116,8 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
     w = worker_setup(loop)
     stage, rank, world, device, out = w.stage, w.rank, w.world, w.device, w.out
     card, data_root = dataset_of(stage, w.manifest)
-    source = DatasetSource(card, data_root, "train", left_out(w.manifest))
+    leave_out = left_out(w.manifest) | set(loop["leave_out"])   # as preprocessing or the run's skip_bad chose
+    source = DatasetSource(card, data_root, "train", leave_out)
     every, _ = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                              stage.one_stage.model.stride)
     clips = {s: every[s][rank::world] for s in stage.streams}
@@ -156,7 +159,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 if evaluates_after(stage, epoch + 1, config.epochs):
-                    metrics.update(_evaluate(models, stage, card, data_root, w.manifest,
+                    metrics.update(_evaluate(models, stage, card, data_root, leave_out,
                                              out if epoch + 1 == config.epochs else None, device))
                 save_one_stage(Path(tmp) / WEIGHTS, models, loop["stage"], card, dim)
             save_state(Path(tmp), optimizer, schedule, generator, rank, epoch + 1, metrics)
@@ -167,7 +170,7 @@ def one_stage_loop(loop: dict[str, Any]) -> None:
 
 
 def _evaluate(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str,
-              manifest: dict[str, Any] | None, out: Path | None, device: torch.device) -> dict[str, float]:
+              leave_out: Iterable[str], out: Path | None, device: torch.device) -> dict[str, float]:
     """Rank 0: the D-SSAD models' test metrics (:func:`workflows.train_worker.score_test_split`)."""
-    videos, detections = detect_test_split(models, stage, card, data_root, manifest, device)
+    videos, detections = detect_test_split(models, stage, card, data_root, leave_out, device)
     return score_test_split(videos, detections, list(card.classes), card.protocol, list(card.tiou), out)

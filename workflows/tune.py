@@ -276,7 +276,7 @@ def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> Datase
     manifest = None if stages[0].card else load_manifest(stages[0].data)
     card, data_root = dataset_of(stages[0], manifest)
     if any(stage.kind == "one-stage" for stage in stages):
-        check_snippet_layout(card, data_root, manifest, evaluate=True)
+        check_snippet_layout(card, data_root, manifest, evaluate=True, skip_bad=stages[0].skip_bad)
     for stage in stages:
         check_inputs(stage, card, manifest)
     sources = {"fused", *(s for stage in stages for s in stage.streams)}

@@ -143,6 +143,18 @@ class DatasetSource:
                               "rates (THUMOS'14: thumos14.json or thumos14_test_groundtruth.csv) or the card a fixed "
                               "snippets.fps", video=unknown[0], field="fps")
 
+    def failing_videos(self) -> dict[str, str]:
+        """The videos whose annotation or snippet features fail their checks, each with the error
+        that reading it gives (every video's features are read): what a reader of every video
+        may leave out."""
+        failing = {}
+        for video_id in self.video_ids:
+            try:
+                self.snippet_features(video_id)
+            except FormatError as err:
+                failing[video_id] = str(err)
+        return failing
+
     def load(self, video_id: str) -> VideoInputs:
         """One video's proposals and features of every stream, checked against each other."""
         video, features, grid = self.snippet_features(video_id)

@@ -388,6 +388,50 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
                      quiet=True)
 
 
+def test_a_one_stage_run_reading_a_card_leaves_out_its_bad_videos_with_skip_bad(prepared, small_dataset, tmp_path,
+                                                                                 monkeypatch):
+    """gcm train --card ... --skip-bad: a one-stage run that reads a dataset directly leaves out the
+    videos whose features fail their checks (a training video's NaN, a test video's missing file),
+    lists them with their errors, and trains and scores as on the dataset without them."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(small_dataset, "gappy", ignore=shutil.ignore_patterns("proposals"))
+    card = load_card(Path("gappy/card.yaml"))
+    trains, tests = (DatasetSource(card, "gappy", role) for role in ("train", "test"))
+    broken, lost = trains.video_ids[1], tests.video_ids[2]
+    rgb = np.load(trains.feature_path(broken, "rgb"))
+    rgb[5, 3] = np.nan
+    np.save(trains.feature_path(broken, "rgb"), rgb)
+    tests.feature_path(lost, "flow").unlink()
+    shutil.copytree("gappy", "trimmed")   # the same dataset with neither video annotated: what the run must equal
+    annotations = json.loads(Path("trimmed/annotations.json").read_text())
+    del annotations["database"][broken], annotations["database"][lost]
+    Path("trimmed/annotations.json").write_text(json.dumps(annotations))
+    config = from_dict(TrainStageConfig, {
+        "card": "gappy/card.yaml", "data_root": "gappy", "out": "runs", "name": "skip", "kind": "one-stage",
+        "num_workers": 1, "skip_bad": True,
+        "one_stage": {"model": {"hidden": 16, "clip_snippets": 128, "window_stride": 64, "gcm_scales": [0]},
+                      "train": {"optimizer": "adam", "lr": 0.003, "epochs": 1, "batch_videos": 8}}})
+    missing = Path("gappy", tests.feature_path(lost, "flow").relative_to("gappy")).resolve()
+    with pytest.raises(FormatError, match=f"^{missing}, video {lost}: feature file missing$"):
+        run_train(dataclasses.replace(config, skip_bad=False, name="stops"), quiet=True)
+
+    result = run_train(config, quiet=True)
+    skipped = json.loads((Path(result["run_dir"]) / "skipped_videos.json").read_text())
+    assert [(entry["video"], entry["role"]) for entry in skipped] == [(broken, "train"), (lost, "test")]
+    assert "non-finite value (NaN or inf) at snippet 5" in skipped[0]["error"]
+    assert skipped[1]["error"] == f"{missing}, video {lost}: feature file missing"
+    reference = run_train(dataclasses.replace(config, card="trimmed/card.yaml", data_root="trimmed", skip_bad=False,
+                                              name="trimmed"), quiet=True)
+    timed = {"seconds_per_epoch"}
+    assert {k: v for k, v in result["metrics"].items() if k not in timed} == \
+        pytest.approx({k: v for k, v in reference["metrics"].items() if k not in timed}, abs=1e-9)
+    scored = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
+    assert scored["videos"] == len(tests.video_ids) - 1
+    # a preprocessed dataset left out its own bad videos: skip_bad there is refused
+    with pytest.raises(ConfigError, match="skip_bad leaves out the bad videos of a one-stage run that reads a card"):
+        run_train(dataclasses.replace(config, card=None, data_root=None, data=str(prepared), name="data"), quiet=True)
+
+
 def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepared, runs, small_dataset, tmp_path,
                                                                             monkeypatch):
     """gcm tune and gcm evaluate take a card and a data root (no proposal lists, no preprocessing)

@@ -42,6 +42,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--card", help="one-stage runs (--set kind=one-stage): read this dataset card's features "
                                   "directly instead of a preprocessed --data (no proposals needed)")
     p.add_argument("--data-root", help="with --card: the folder its paths are relative to (default: $GCM_DATA_ROOT)")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="with --card: leave out videos whose annotation or features fail their checks (listed in "
+                        "the run's skipped_videos.json) instead of stopping")
     p.add_argument("--out", help="runs folder")
     p.add_argument("--name", help="run name (a folder under --out)")
     p.add_argument("--workers", type=int, help="data-parallel training workers (default: the config's, 2)")
@@ -56,7 +59,8 @@ def run_train(args: argparse.Namespace) -> int:
     from workflows.train import run_dir, run_train
 
     config = stage_config(TrainStageConfig, args, run_dir, data=args.data, card=args.card, data_root=args.data_root,
-                          out=args.out, name=args.name, num_workers=args.workers, resume=args.resume)
+                          skip_bad=args.skip_bad, out=args.out, name=args.name, num_workers=args.workers,
+                          resume=args.resume)
     with ray_session_of(args):
         result = run_train(config, args.quiet)
     fused = {k: v for k, v in result["metrics"].items() if k.startswith("fused/")}
