@@ -155,21 +155,29 @@ class RangePooler:
             self.dtype = features.dtype
 
     def __call__(self, first: Tensor, last: Tensor) -> Tensor:
-        length = last - first + 1
+        """Each range's max or mean; ``first`` / ``last`` on the host or the features' device.
+
+        Max: the rows are grouped by the level their length needs on the host, and the groups'
+        indices reach the device in one copy, so that a GPU pooler waits for the device once per
+        call instead of once per level."""
+        device = self.levels[0].device if self.reduce == "max" else self.prefix.device
         if self.reduce == "mean":
+            first, last = first.to(device), last.to(device)
             total = self.prefix[last + 1] - self.prefix[first]
-            return (total / length[:, None]).to(self.dtype)
-        out = None
-        level = torch.floor(torch.log2(length.to(torch.float64))).long()
-        for k in torch.unique(level).tolist():
-            rows = (level == k).nonzero().squeeze(1)
-            table, width = self.levels[k], 1 << k
-            values = torch.maximum(table[first[rows]], table[last[rows] - width + 1])
-            if out is None:
-                out = values.new_empty(first.numel(), values.shape[1])
-            out[rows] = values
-        if out is None:
-            out = self.levels[0].new_empty(0, self.levels[0].shape[1])
+            return (total / (last - first + 1)[:, None]).to(self.dtype)
+        first, last = first.cpu(), last.cpu()
+        level = torch.floor(torch.log2((last - first + 1).to(torch.float64))).long()
+        order = torch.argsort(level, stable=True)
+        counts = torch.bincount(level, minlength=len(self.levels)).tolist()
+        second = last - torch.bitwise_left_shift(torch.ones_like(level), level) + 1   # the second window's start
+        rows, left, right = torch.stack([order, first[order], second[order]]).to(device)
+        out = self.levels[0].new_empty(first.numel(), self.levels[0].shape[1])
+        start = 0
+        for table, count in zip(self.levels, counts):
+            if count:
+                span = slice(start, start + count)
+                out[rows[span]] = torch.maximum(table[left[span]], table[right[span]])
+                start += count
         return out
 
 
@@ -182,7 +190,9 @@ def unit_features(features: Tensor, intervals: Tensor, grid: SnippetGrid, reduce
     if features.shape[0] != grid.num_snippets:
         raise ValueError(f"features have {features.shape[0]} snippets, the grid {grid.num_snippets}")
     pool = RangePooler(features, reduce)
-    iv = intervals.to(torch.float64)
+    # the ranges are a few float64 operations per unit: computed on the host, where a GPU pooler
+    # pays no kernel launches for them and groups its rows without waiting for the device
+    iv = intervals.detach().to(device="cpu", dtype=torch.float64)
     start, end = iv[:, 0], iv[:, 1]
     half = (end - start) / 2
 
