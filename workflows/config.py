@@ -197,6 +197,9 @@ class EvaluateConfig:
     protocol: str | None = None          # default: each dataset card's protocol
     tiou: tuple[float, ...] | None = None
     overwrite: bool = False              # replace a previous evaluation in ``out``
+    # datasets read directly (cards): leave out the test videos whose features fail their checks
+    # (listed in ``out``/skipped_videos.json), as gcm train --skip-bad does
+    skip_bad: bool = False
     use_gpu: bool | None = None          # None: when the cluster has GPUs
     gpus_per_pair: float = 0.25          # with GPUs: each evaluation's share of one (inference is light)
     # no number of workers: every (checkpoint, dataset) pair is a Ray task of one CPU (and, with

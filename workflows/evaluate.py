@@ -14,8 +14,9 @@ import csv
 import io
 import json
 import re
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from workflows.detect import Detector
 from workflows.progress import Progress
 from workflows.settings import ConfigError, dump
 from workflows.shards import (
-    check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from, shard_videos,
+    SKIPPED, check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from, shard_videos,
 )
 from workflows.tables import markdown_table
 from workflows.train_one_stage import WEIGHTS, OneStageCheckpoint, detect_test_split, is_one_stage_checkpoint
@@ -52,6 +53,7 @@ class EvalDataset:
     folder: str | None = None
     card: str | None = None
     data_root: str | None = None
+    leave_out: tuple[str, ...] = ()   # read directly with skip_bad: the test videos that fail their checks
 
     @property
     def name(self) -> str:
@@ -66,7 +68,8 @@ class EvalDataset:
         """The same dataset by absolute paths (tasks need not run in our directory)."""
         if self.folder:
             return EvalDataset(folder=str(Path(self.folder).resolve()))
-        return EvalDataset(card=absolute_card(self.card), data_root=str(data_root_path(self.data_root).resolve()))
+        return EvalDataset(card=absolute_card(self.card), data_root=str(data_root_path(self.data_root).resolve()),
+                           leave_out=self.leave_out)
 
     def open(self) -> tuple[DatasetCard, str | None, dict[str, Any] | None]:
         """Its card, its data root (None: ``$GCM_DATA_ROOT``) and, for a preprocessed one, its manifest."""
@@ -120,7 +123,8 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     card, data_root, manifest = dataset.open()
     detector = Detector.load(Path(checkpoint), device, inference)
     if detector.one_stage:
-        classes, truth, detections = _one_stage_detections(detector.model, card, data_root, manifest, device)
+        classes, truth, detections = _one_stage_detections(detector.model, card, data_root,
+                                                           left_out(manifest) | set(dataset.leave_out), device)
     else:
         classes, truth, detections = _two_stage_detections(detector.model, dataset.folder, manifest, device)
     if list(card.classes) != classes:
@@ -153,12 +157,11 @@ def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any],
     return classes, truth, detections["fused"]
 
 
-def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None,
-                          manifest: dict[str, Any] | None, device: torch.device
-                          ) -> tuple[list[str], dict[str, Video], Detections]:
-    """The same for D-SSAD, which reads the dataset's snippet features (of a preprocessed dataset,
-    of the videos it kept)."""
-    truth, detections = detect_test_split(run.models, run.stage, card, data_root, left_out(manifest), device)
+def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None, leave_out: set[str],
+                          device: torch.device) -> tuple[list[str], dict[str, Video], Detections]:
+    """The same for D-SSAD, which reads the dataset's snippet features, less the videos to
+    ``leave_out`` (those its preprocessing, or this evaluation's skip_bad, left out)."""
+    truth, detections = detect_test_split(run.models, run.stage, card, data_root, leave_out, device)
     return run.classes, truth, detections["fused"]
 
 
@@ -172,11 +175,19 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     if not config.checkpoints or not datasets:
         raise ValueError("give at least one --checkpoint and one dataset: --data (a preprocessed dataset), or for "
                          "D-SSAD checkpoints --card (and --data-root)")
-    _check_inputs(config.checkpoints, datasets)
+    skipped = _check_inputs(config.checkpoints, datasets, config.skip_bad)
+    datasets = [replace(d, leave_out=tuple(sorted(skipped.get(d.name, {})))) for d in datasets]
     out = Path(config.out)
     check_output_folder(out, EvaluateConfig)
     if (out / "summary.md").exists() and not config.overwrite:
         raise FileExistsError(f"{out} holds a previous evaluation: pass --overwrite to replace it, or another --out")
+    if config.skip_bad:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / SKIPPED, json.dumps({name: [{"video": video, "error": error} for video, error in bad.items()]
+                                                    for name, bad in skipped.items()}, indent=1))
+        if any(skipped.values()) and not quiet:
+            print(f"evaluate: left out {sum(map(len, skipped.values()))} test video(s) that fail their checks; "
+                  f"listed in {out / SKIPPED}", file=sys.stderr, flush=True)
     gpus = gpu_share(config.use_gpu, config.gpus_per_pair, "evaluation on GPUs", "leave use_gpu unset or false")
     task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_pair)
     pairs = [(c, d) for c in config.checkpoints for d in datasets]
@@ -207,20 +218,31 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     return rows
 
 
-def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> None:
+def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], skip_bad: bool = False
+                  ) -> dict[str, dict[str, str]]:
     """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
     read (where a D-SSAD checkpoint reads its snippet features: a video's missing feature file
     too), a two-stage head paired with a dataset read directly (it scores prepared proposals) or
-    with a preprocessed one without a test split."""
+    with a preprocessed one without a test split. With ``skip_bad``, the datasets read directly
+    have every test video's features read and checked instead; returns, by dataset name, those
+    failing with their errors."""
+    if skip_bad and not any(d.card for d in datasets):
+        raise ConfigError("skip_bad leaves out the bad test videos of datasets read directly (--card): a "
+                          "preprocessed --data holds what its gcm preprocess kept (--skip-bad there leaves them out)")
+    skipped: dict[str, dict[str, str]] = {}
     for checkpoint in checkpoints:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
     two_stage = [c for c in checkpoints if not is_one_stage_checkpoint(c)]
     one_stage = len(two_stage) < len(checkpoints)
     for dataset in datasets:
-        card, data_root, manifest = dataset.open()
+        card, data_root, manifest = dataset.absolute().open()   # paths named as the tasks read them
         if dataset.card or one_stage:
-            DatasetSource(card, data_root, "test", left_out(manifest)).check_layout(proposals=False, every_video=True)
+            source = DatasetSource(card, data_root, "test", left_out(manifest))
+            reads_all = skip_bad and dataset.card is not None
+            source.check_layout(proposals=False, every_video=not reads_all)
+            if reads_all:
+                skipped[dataset.name] = source.failing_videos()
         if dataset.folder and two_stage:
             check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]
@@ -228,6 +250,7 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset]) -> 
         raise ValueError(f"{two_stage[0]} is not a D-SSAD checkpoint (dssad.pt): a two-stage head scores the units of "
                          f"a preprocessed dataset and cannot be evaluated on {direct[0]} (read directly); evaluate it "
                          "on --data in a command of its own")
+    return skipped
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:

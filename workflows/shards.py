@@ -199,6 +199,11 @@ def prepared_from(folder: str | Path, manifest: dict[str, Any]) -> tuple[Dataset
     return load_card(Path(folder) / "card.yaml"), manifest["config"]["data_root"]
 
 
+# where a one-stage run or an evaluation reading a card directly with skip_bad lists the videos it
+# left out, with their errors (a preprocessed dataset lists its own in manifest.json's "skipped")
+SKIPPED = "skipped_videos.json"
+
+
 def left_out(manifest: dict[str, Any] | None) -> frozenset[str]:
     """The videos a preprocessed dataset left out as bad (``--skip-bad``); none for a dataset read
     directly (``manifest`` None). A one-stage run on the preprocessed dataset leaves them out too,

@@ -39,7 +39,7 @@ from workflows.progress import Progress, read_epoch_log
 from workflows.settings import ConfigError, changed_settings, describe_changes, dump, from_dict, to_dict
 from workflows.shards import (
     caps_from_manifest, check_caps, check_split, check_unit_parts, left_out, load_manifest, prepared_from,
-    read_shard_rows, row_to_video, shard_videos,
+    SKIPPED, read_shard_rows, row_to_video, shard_videos,
 )
 from workflows.train_worker import (
     evaluates_after, log_epoch, mean_over_workers, restore_state, save_state, score_test_split, tensorboard_writer,
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
     import ray.data
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
-SKIPPED = "skipped_videos.json"   # a one-stage run's videos left out (skip_bad), with their errors
 T = TypeVar("T")
 
 

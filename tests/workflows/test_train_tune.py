@@ -392,7 +392,8 @@ def test_a_one_stage_run_reading_a_card_leaves_out_its_bad_videos_with_skip_bad(
                                                                                  monkeypatch):
     """gcm train --card ... --skip-bad: a one-stage run that reads a dataset directly leaves out the
     videos whose features fail their checks (a training video's NaN, a test video's missing file),
-    lists them with their errors, and trains and scores as on the dataset without them."""
+    lists them with their errors, and trains and scores as on the dataset without them; gcm
+    evaluate --skip-bad scores its weights on that card as the run did."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(small_dataset, "gappy", ignore=shutil.ignore_patterns("proposals"))
     card = load_card(Path("gappy/card.yaml"))
@@ -427,9 +428,19 @@ def test_a_one_stage_run_reading_a_card_leaves_out_its_bad_videos_with_skip_bad(
         pytest.approx({k: v for k, v in reference["metrics"].items() if k not in timed}, abs=1e-9)
     scored = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())
     assert scored["videos"] == len(tests.video_ids) - 1
+    # gcm evaluate --skip-bad scores the weights on the card as the run scored itself, the same video left out
+    weights = str(Path(result["run_dir"]) / "dssad.pt")
+    rows = run_evaluate(EvaluateConfig(checkpoints=(weights,), cards=("gappy/card.yaml",), data_roots=("gappy",),
+                                       out="eval", skip_bad=True), quiet=True)
+    assert rows[0]["videos"] == scored["videos"] and rows[0]["mAP"] == pytest.approx(scored["fused"]["mAP"], abs=1e-6)
+    assert json.loads(Path("eval/skipped_videos.json").read_text()) == {
+        "gappy/card.yaml in gappy": [{"video": lost, "error": skipped[1]["error"]}]}
     # a preprocessed dataset left out its own bad videos: skip_bad there is refused
     with pytest.raises(ConfigError, match="skip_bad leaves out the bad videos of a one-stage run that reads a card"):
         run_train(dataclasses.replace(config, card=None, data_root=None, data=str(prepared), name="data"), quiet=True)
+    with pytest.raises(ConfigError, match="skip_bad leaves out the bad test videos of datasets read directly"):
+        run_evaluate(EvaluateConfig(checkpoints=(weights,), data=(str(prepared),), out="eval-data", skip_bad=True),
+                     quiet=True)
 
 
 def test_one_stage_grids_and_evaluations_read_a_dataset_without_proposals(prepared, runs, small_dataset, tmp_path,

@@ -81,6 +81,9 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["thumos14", "activitynet"], help="override the datasets' protocols")
     p.add_argument("--tiou", type=float, nargs="+", help="override the datasets' tIoU thresholds")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace a previous evaluation in --out")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="with --card: leave out test videos whose features fail their checks (listed in --out's "
+                        "skipped_videos.json) instead of stopping")
     add_stage_options(p, "inference.nms=soft-nms: post-processing other than the checkpoints' own")
 
 
@@ -90,7 +93,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = stage_config(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, cards=args.card,
                           data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, skip_bad=args.skip_bad)
     with ray_session_of(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())
