@@ -176,15 +176,14 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         raise ValueError("give at least one --checkpoint and one dataset: --data (a preprocessed dataset), or for "
                          "D-SSAD checkpoints --card (and --data-root)")
     skipped = _check_inputs(config.checkpoints, datasets, config.skip_bad)
-    datasets = [replace(d, leave_out=tuple(sorted(skipped.get(d.name, {})))) for d in datasets]
+    datasets = [replace(d, leave_out=tuple(entry["video"] for entry in skipped.get(d.name, []))) for d in datasets]
     out = Path(config.out)
     check_output_folder(out, EvaluateConfig)
     if (out / "summary.md").exists() and not config.overwrite:
         raise FileExistsError(f"{out} holds a previous evaluation: pass --overwrite to replace it, or another --out")
     if config.skip_bad:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / SKIPPED, json.dumps({name: [{"video": video, "error": error} for video, error in bad.items()]
-                                                    for name, bad in skipped.items()}, indent=1))
+        atomic_write_text(out / SKIPPED, json.dumps(skipped, indent=1))
         if any(skipped.values()) and not quiet:
             print(f"evaluate: left out {sum(map(len, skipped.values()))} test video(s) that fail their checks; "
                   f"listed in {out / SKIPPED}", file=sys.stderr, flush=True)
@@ -219,17 +218,17 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
 
 
 def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], skip_bad: bool = False
-                  ) -> dict[str, dict[str, str]]:
+                  ) -> dict[str, list[dict[str, str]]]:
     """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
     read (where a D-SSAD checkpoint reads its snippet features: a video's missing feature file
     too), a two-stage head paired with a dataset read directly (it scores prepared proposals) or
     with a preprocessed one without a test split. With ``skip_bad``, the datasets read directly
     have every test video's features read and checked instead; returns, by dataset name, those
-    failing with their errors."""
+    failing ({video, error})."""
     if skip_bad and not any(d.card for d in datasets):
         raise ConfigError("skip_bad leaves out the bad test videos of datasets read directly (--card): a "
                           "preprocessed --data holds what its gcm preprocess kept (--skip-bad there leaves them out)")
-    skipped: dict[str, dict[str, str]] = {}
+    skipped: dict[str, list[dict[str, str]]] = {}
     for checkpoint in checkpoints:
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"no checkpoint {checkpoint} (a model.pt or dssad.pt written by gcm train)")
@@ -242,7 +241,8 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
             reads_all = skip_bad and dataset.card is not None
             source.check_layout(proposals=False, every_video=not reads_all)
             if reads_all:
-                skipped[dataset.name] = source.failing_videos()
+                skipped[dataset.name] = [{"video": video, "error": error}
+                                         for video, error in source.failing_videos().items()]
         if dataset.folder and two_stage:
             check_split(dataset.folder, manifest, "test")
     direct = [d.name for d in datasets if d.card]
