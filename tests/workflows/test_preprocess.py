@@ -19,7 +19,7 @@ from gcm_core.data.prepared import prepare_video
 from workflows.config import PreprocessConfig, RayConfig
 from workflows.preprocess import FAILURES, PreprocessError, balanced_order, run_preprocess, shard_count
 from workflows.ray_env import ray_session
-from workflows.shards import load_manifest, read_videos
+from workflows.shards import load_manifest, read_shard_rows, read_videos, row_to_video, video_to_row, write_shard
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -62,6 +62,21 @@ def test_shards_hold_every_video_once_as_prepared_in_process(small_dataset, tmp_
     assert torch.equal(tested.proposal_scores, direct.proposal_scores) and stored.proposal_scores is None
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "card.yaml").is_file()
     assert not list(tmp_path.glob("shards/.*.tmp")), "a temporary file was left behind"
+
+
+def test_a_shard_row_keeps_a_test_videos_proposal_scores_and_a_training_video_has_none(small_prepared, tmp_path):
+    """inference.proposal_score reads the test units' proposal scores back from the shards (a
+    scored list's, not the 1s of the small benchmark's SSN lists)."""
+    tested, trained = small_prepared["test"][0], small_prepared["train"][0]
+    scores = torch.rand(tested.num_units, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    write_shard(tmp_path / "test.parquet", [video_to_row(dataclasses.replace(tested, proposal_scores=scores), "test")])
+    write_shard(tmp_path / "train.parquet", [video_to_row(trained, "train")])
+    dims = {f"{s}:{part}": f.shape[1] for s, parts in tested.features.items() for part, f in parts.items()}
+    caps = tested.candidates["rgb"].caps
+    back = row_to_video(read_shard_rows(tmp_path / "test.parquet")[0], dims, caps)
+    assert torch.equal(back.proposal_scores, scores) and torch.equal(back.intervals, tested.intervals)
+    assert trained.proposal_scores is None
+    assert row_to_video(read_shard_rows(tmp_path / "train.parquet")[0], dims, caps).proposal_scores is None
 
 
 def test_a_rerun_skips_finished_shards_and_overwrite_redoes_them(small_dataset, tmp_path):
