@@ -219,9 +219,9 @@ def rescore_with_video_labels(detections: Detections, video_scores: dict[str, np
     dropped); ``video_scores`` are keyed by :func:`~gcm_core.data.model.video_key`."""
     index = {c: k for k, c in enumerate(classes)}
     by_video: dict[str, list[int]] = {}
-    for k, v in enumerate(detections.video):
-        if video_key(v) in video_scores and detections.label[k] in index:
-            by_video.setdefault(video_key(v), []).append(k)
+    for k, key in enumerate(map(video_key, detections.video)):
+        if key in video_scores and detections.label[k] in index:
+            by_video.setdefault(key, []).append(k)
     keep, scores = [], []
     for video, rows in by_video.items():
         labels = torch.tensor([index[detections.label[k]] for k in rows])

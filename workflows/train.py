@@ -166,10 +166,13 @@ def _evaluate(heads: StreamHeads, stats: RegressionStats, stage: TrainStageConfi
     return score_test_split(truth, detections, manifest["classes"], manifest["protocol"], manifest["tiou"], out)
 
 
-def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | None = None,
+              skipped: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Fit on the connected Ray; returns the final metrics and where the model was written.
 
-    ``callbacks``: Ray Train callbacks (a Tune trial passes its report callback).
+    ``callbacks``: Ray Train callbacks (a Tune trial passes its report callback). ``skipped``: the
+    videos a ``skip_bad`` run leaves out, where they were found already (a grid checks its dataset
+    once for all its trials), instead of reading every feature file again.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -177,7 +180,7 @@ def run_train(stage: TrainStageConfig, quiet: bool = False, callbacks: list | No
     from workflows.ray_env import require_resources, use_gpus
 
     folder = run_dir(stage)
-    stage, manifest, card, skipped = _inputs(stage, folder)
+    stage, manifest, card, skipped = _inputs(stage, folder, skipped)
     use_gpu = use_gpus(stage.use_gpu)
     require_resources(f"training {stage.name} ({stage.num_workers} workers)", training_resources(stage, use_gpu),
                       "use fewer --workers (or less cpus_per_worker)")
@@ -247,7 +250,7 @@ def check_resumable(folder: Path, stage: TrainStageConfig) -> None:
                           f"{key}.epochs >= {trained}; start another --name to train for fewer")
 
 
-def _inputs(stage: TrainStageConfig, folder: Path
+def _inputs(stage: TrainStageConfig, folder: Path, skipped: list[dict[str, str]] | None = None
             ) -> tuple[TrainStageConfig, dict[str, Any] | None, DatasetCard, list[dict[str, str]]]:
     """The stage with absolute paths, the manifest of the preprocessed dataset it trains on (None
     for a one-stage run that names its dataset's card and data root), its dataset's card and the
@@ -257,13 +260,13 @@ def _inputs(stage: TrainStageConfig, folder: Path
     card, data_root = dataset_of(stage, manifest)
     check_inputs(stage, card, manifest)
     stage = with_card_fusion(stage, card)
-    skipped: list[dict[str, str]] = []
-    if stage.kind == "one-stage":
-        recorded = folder / SKIPPED
-        if stage.resume and stage.skip_bad and recorded.is_file():
-            skipped = json.loads(recorded.read_text())
-        else:
-            skipped = check_snippet_layout(card, data_root, manifest, stage.evaluate, stage.skip_bad)
+    if stage.kind != "one-stage":
+        return stage, manifest, card, []
+    recorded = folder / SKIPPED
+    if skipped is None and stage.resume and stage.skip_bad and recorded.is_file():
+        skipped = json.loads(recorded.read_text())
+    if skipped is None:
+        skipped = check_snippet_layout(card, data_root, manifest, stage.evaluate, stage.skip_bad)
     return stage, manifest, card, skipped
 
 

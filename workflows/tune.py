@@ -146,9 +146,11 @@ def trial_name(grid: Grid, trial: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() or c in "=_-.+@" else "-" for c in text)[:120]
 
 
-def trial_trainable(resources: dict[str, float]) -> Callable[[dict[str, Any]], None]:
+def trial_trainable(resources: dict[str, float], skipped: list[dict[str, str]] | None = None
+                    ) -> Callable[[dict[str, Any]], None]:
     """The Tune function trainable of a trial (one training stage, its metrics reported to Tune),
-    asking for ``resources``.
+    asking for ``resources``; a one-stage trial leaves out the ``skipped`` videos the grid's own
+    check of its dataset found (:func:`workflows.train.run_train`).
 
     Tune reads a function's resources from an attribute of the function object. A module-level
     function travels to another process by reference, without it: under Ray Client, where Tune
@@ -162,7 +164,7 @@ def trial_trainable(resources: dict[str, float]) -> Callable[[dict[str, Any]], N
         from ray.tune.integration.ray_train import TuneReportCallback
 
         stage = from_dict(TrainStageConfig, stage_settings(params["stage"]))   # as an experiment resumed holds it
-        run_train(stage, quiet=True, callbacks=[TuneReportCallback()])
+        run_train(stage, quiet=True, callbacks=[TuneReportCallback()], skipped=skipped)
 
     return tune.with_resources(run_trial, resources)
 
@@ -203,7 +205,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     folder = experiment_dir(config)
     trials = grid.trials()
     trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
-    card = _check_dataset(trial_stages, grid.metrics)
+    card, skipped = _check_dataset(trial_stages, grid.metrics)
     stages = [to_dict(with_card_fusion(s, card)) for s in trial_stages]   # each trial as its run resolves it
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
     use_gpu = use_gpus(base.use_gpu)
@@ -211,7 +213,7 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     require_resources(f"one trial of {grid.name} ({base.num_workers} workers)",
                       {**trial, "CPU": trial["CPU"] + resources["cpu"]}, "use fewer workers (--set base.num_workers=N)")
     check_output_folder(folder, TuneStageConfig)
-    trainable = trial_trainable(resources)
+    trainable = trial_trainable(resources, skipped)
     if config.resume and tune.Tuner.can_restore(str(folder)):
         _check_same_trials(folder, stages)
         tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
@@ -267,16 +269,19 @@ def _check_same_trials(folder: Path, stages: list[dict[str, Any]]) -> None:
                           "finishes an experiment as it was started; give another --out for a new one")
 
 
-def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> DatasetCard:
-    """The card of the trials' dataset. Fail here, once, not in every trial, where the dataset
+def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]
+                   ) -> tuple[DatasetCard, list[dict[str, str]] | None]:
+    """The card of the trials' dataset and, for one-stage trials, the videos they leave out
+    (``skip_bad``; None: no one-stage trial). Fail here, once, not in every trial, where the dataset
     cannot be read (the preprocessed ``data``, or the dataset that ``base.card`` and
     ``base.data_root`` name: one-stage grids) or lacks a stream or unit features a trial reads, or
     where a test metric of the table is one no trial reports (a stream no trial trains, a tIoU the
     dataset's protocol does not use)."""
     manifest = None if stages[0].card else load_manifest(stages[0].data)
     card, data_root = dataset_of(stages[0], manifest)
+    skipped = None
     if any(stage.kind == "one-stage" for stage in stages):
-        check_snippet_layout(card, data_root, manifest, evaluate=True, skip_bad=stages[0].skip_bad)
+        skipped = check_snippet_layout(card, data_root, manifest, evaluate=True, skip_bad=stages[0].skip_bad)
     for stage in stages:
         check_inputs(stage, card, manifest)
     sources = {"fused", *(s for stage in stages for s in stage.streams)}
@@ -287,7 +292,7 @@ def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]) -> Datase
             raise ConfigError(f"the grid's metric {metric!r} is not one its trials report: a test metric is "
                               f"<streams>/<measure>, streams one of {sorted(sources)}, measure one of "
                               f"{sorted(measures)} (the tIoU of {card.name}'s protocol)")
-    return card
+    return card, skipped
 
 
 def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from gcm_core.data.pooling import Convention
 from gcm_core.data.yamlio import read_yaml
 
 CARD_DIR = Path(__file__).resolve().parents[2] / "datasets"
@@ -24,7 +25,6 @@ OPTIONAL_FIELDS = ("stream_fusion", "snippets", "units_per_video_test", "label_c
                    "relations", "structure", "stream_profiles", "generated")
 SNIPPET_FIELDS = ("convention", "stride_frames", "clip_frames", "fps", "dim", "stream_columns", "positions")
 PATH_FIELDS = ("annotations", "features", "proposals", "ambiguous")
-SNIPPET_CONVENTIONS = ("i3d", "center", "rescaled")   # gcm_core.data.pooling.Convention
 
 
 class CardError(ValueError):
@@ -191,8 +191,8 @@ def _check_snippets(where: Any, snippets: dict[str, Any]) -> None:
     video its features are laid on."""
     _check_known(where, "snippets.", snippets, SNIPPET_FIELDS)
     convention = snippets.get("convention", "i3d")
-    if convention not in SNIPPET_CONVENTIONS:
-        raise CardError(f"{where}: snippets.convention {convention!r} is not one of {list(SNIPPET_CONVENTIONS)}")
+    if convention not in get_args(Convention):
+        raise CardError(f"{where}: snippets.convention {convention!r} is not one of {list(get_args(Convention))}")
     fps = snippets.get("fps", "native")
     if fps != "native" and not (isinstance(fps, (int, float)) and not isinstance(fps, bool) and fps > 0):
         raise CardError(f"{where}: snippets.fps must be native (each video's own) or a positive number, got {fps!r}")

@@ -18,7 +18,8 @@ from gcm_core.data.proposals import (
 
 __all__ = [
     "Detections", "FormatError", "Instance", "ProposalSource", "Proposals", "SsnBlock", "Video", "add_ambiguous",
-    "align_streams", "atomic_save_npy", "atomic_write_text", "check_features", "holds_many_videos", "load_features", "read_ambiguous", "read_annotations",
+    "align_streams", "atomic_save_npy", "atomic_write_text", "check_features", "holds_many_videos", "load_features",
+    "read_ambiguous", "read_annotations",
     "read_avoid_list", "read_detections", "read_proposals", "read_ssn_blocks", "read_video_info",
     "read_video_proposals", "result_json", "split_streams", "write_annotations_json", "write_result_json",
     "write_ssn_list", "write_thumos_text",

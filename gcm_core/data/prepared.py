@@ -73,11 +73,11 @@ def prepare_video(inputs: VideoInputs, classes: tuple[str, ...] | list[str], tra
     gt_labels = torch.tensor([index[i.label] for i in video.instances], dtype=torch.long)
     units = torch.as_tensor(inputs.proposals.intervals, dtype=torch.float64)
     proposal_scores = None
-    if not train:
-        best = torch.from_numpy(np.argsort(-inputs.proposals.score, kind="stable")[:max_units])
-        units, proposal_scores = units[best], torch.as_tensor(inputs.proposals.score, dtype=torch.float64)[best]
     if train:
         units = with_ground_truth(units, gt)
+    else:
+        best = torch.from_numpy(np.argsort(-inputs.proposals.score, kind="stable")[:max_units])
+        units, proposal_scores = units[best], torch.as_tensor(inputs.proposals.score, dtype=torch.float64)[best]
     features, candidates = {}, {}
     for stream, snippets in inputs.features.items():
         pooled = unit_features(torch.from_numpy(snippets).to(device), units.to(device), inputs.grid, reduce, parts)
