@@ -28,7 +28,8 @@ from gcm_core.graph import Graph, GraphSpec
 from gcm_core.losses import LossWeights, ssn_loss
 from gcm_core.metrics import MapResult
 from gcm_core.postprocess import (
-    InferenceConfig, UnitScores, detect, fuse_streams, unit_scores, with_proposal_scores,
+    InferenceConfig, UnitScores, VideoLabels, detect, fuse_streams, unit_scores, with_proposal_scores,
+    with_video_labels,
 )
 
 
@@ -197,9 +198,11 @@ def predict(model: nn.Module, data: UnitDataset, stats: RegressionStats, device:
 
 
 def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[UnitScores]],
-                  classes: Sequence[str], config: InferenceConfig = InferenceConfig()) -> Detections:
+                  classes: Sequence[str], config: InferenceConfig = InferenceConfig(),
+                  video_labels: VideoLabels | None = None) -> Detections:
     """Fuse the streams' unit scores (weights of ``config.fusion``), with ``config.proposal_score``
-    weigh them by their proposals' scores, and decode every video."""
+    weigh them by their proposals' scores, with ``video_labels`` give each video's units its
+    external classes, and decode every video."""
     weights = config.weights()
     vid, lab, start, end, score = [], [], [], [], []
     for k, video in enumerate(videos):
@@ -209,6 +212,8 @@ def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[Un
                 raise ValueError(f"inference.proposal_score: video {video.video_id} has no proposal scores (its "
                                  "dataset was preprocessed before they were kept: preprocess it again)")
             fused = with_proposal_scores(fused, video.proposal_scores)
+        if video_labels is not None:
+            fused = with_video_labels(fused, video_labels, video.video_id)
         segments, labels, scores = detect(fused, video.duration, config)
         vid += [video.video_id] * len(labels)
         lab += [classes[c] for c in labels.tolist()]
@@ -220,12 +225,12 @@ def detections_of(videos: Sequence[PreparedVideo], per_stream: dict[str, list[Un
 
 def split_detections(chunks: Iterable[Sequence[PreparedVideo]], heads: StreamHeads, spec: GraphSpec,
                      completeness_features: str, stats: RegressionStats, classes: Sequence[str],
-                     config: InferenceConfig, device: torch.device | str = "cpu", each_stream: bool = False
-                     ) -> tuple[dict[str, Video], dict[str, Detections]]:
+                     config: InferenceConfig, device: torch.device | str = "cpu", each_stream: bool = False,
+                     video_labels: VideoLabels | None = None) -> tuple[dict[str, Video], dict[str, Detections]]:
     """Ground truth and detections of a split's videos given a chunk at a time, so that a caller
     holds a chunk's units, never the split's: ``fused`` (the streams fused by ``config.fusion``)
-    and, with ``each_stream``, every stream's own. Both are ordered by video id, whatever the
-    chunks' order."""
+    and, with ``each_stream``, every stream's own (:func:`detections_of`, with ``video_labels``
+    if given). Both are ordered by video id, whatever the chunks' order."""
     truth: dict[str, Video] = {}
     found: dict[str, list[Detections]] = {name: [] for name in [*(heads if each_stream else ()), "fused"]}
     for videos in chunks:
@@ -234,7 +239,7 @@ def split_detections(chunks: Iterable[Sequence[PreparedVideo]], heads: StreamHea
         truth.update(ground_truth(videos, classes))
         for name in found:
             streams = per_stream if name == "fused" else {name: per_stream[name]}
-            found[name].append(detections_of(videos, streams, classes, config))
+            found[name].append(detections_of(videos, streams, classes, config, video_labels))
     return dict(sorted(truth.items())), {name: Detections.concat(parts).by_video() for name, parts in found.items()}
 
 

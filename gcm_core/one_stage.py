@@ -24,7 +24,7 @@ from gcm_core.data.sampling import apply_regression
 from gcm_core.detectors.dssad import DSSAD, pad_clip
 from gcm_core.engine import TrainConfig, epoch_batches, make_optimizer
 from gcm_core.losses import AnchorMatching, anchor_loss, match_anchors
-from gcm_core.postprocess import InferenceConfig, stream_weights, suppress
+from gcm_core.postprocess import InferenceConfig, VideoLabels, stream_weights, suppress
 
 
 def default_recipe() -> TrainConfig:
@@ -159,7 +159,8 @@ def anchor_scores(model: DSSAD, clips: Sequence[Clip], batch: int = 16,
 
 def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Sequence[Clip],
                     anchors: Callable[[float], Tensor], durations: dict[str, float], classes: Sequence[str],
-                    weights: dict[str, float] | None = None, config: InferenceConfig = InferenceConfig()) -> Detections:
+                    weights: dict[str, float] | None = None, config: InferenceConfig = InferenceConfig(),
+                    video_labels: VideoLabels | None = None) -> Detections:
     """Detections of every video whose clips are given, from each stream's :func:`anchor_scores`
     fused late (weighted mean of the anchors' class probabilities and offsets; the streams' clips
     are the same windows), each clip's anchors in seconds at its video's snippet rate
@@ -167,7 +168,8 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
     per-class NMS or Soft-NMS over the video's ``candidates_per_video`` best (anchor, class)
     pairs, as the two-stage heads' units. Each window keeps that many of its own first, which
     bounds the memory a long video takes and changes nothing: the video's best N pairs are among
-    its windows' best N each."""
+    its windows' best N each. An anchor is its best class's detection; with ``video_labels``, its
+    best of the video's external top classes (:meth:`VideoLabels.restrict`)."""
     w = stream_weights(scores, weights)
     total = sum(w.values())
     anchors = functools.cache(anchors)
@@ -178,7 +180,12 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
             probs = probs + w[s] * per_clip[k][0]
             offsets = offsets + w[s] * per_clip[k][1]
         segments = apply_regression(anchors(clip.seconds), offsets / total) + clip.start
-        score, label = (probs / total).max(dim=1)
+        if video_labels is None:
+            score, label = (probs / total).max(dim=1)
+        else:
+            restricted, top = video_labels.restrict(clip.video_id, probs / total)
+            score, column = restricted.max(dim=1)
+            label = top[column]
         keep = torch.argsort(-score, stable=True)[:config.candidates_per_video]
         per_video.setdefault(clip.video_id, []).append((segments[keep], label[keep], score[keep]))
     return _merge(per_video, durations, classes, config)

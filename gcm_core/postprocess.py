@@ -6,7 +6,7 @@ its own class's candidates only. Scores are visited in descending order, ties in
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,8 +113,8 @@ class InferenceConfig:
     takes its dataset card's ``stream_fusion``); decoding needs them chosen (:meth:`weights`).
     ``proposal_score`` multiplies a two-stage head's unit scores by their proposals' own scores,
     the s_bsn / s_bmn factor of the paper's ActivityNet rows with external video labels (Table 2,
-    s = s_gcm x s_bsn x s_unet; the video labels are ``gcm eval-detections --video-scores``);
-    off by default, as in its other results. A proposal list without scores scores every proposal 1.
+    s = s_gcm x s_bsn x s_unet; the video labels are :class:`VideoLabels`); off by default, as in
+    its other results. A proposal list without scores scores every proposal 1.
     """
 
     candidates_per_video: int = 2000    # a video's best (unit or anchor, class) pairs kept before NMS
@@ -140,10 +140,13 @@ class InferenceConfig:
 
 @dataclass
 class UnitScores:
-    """One video's per-unit, per-class detection scores [N, K] and refined extents [N, K, 2]."""
+    """One video's per-unit, per-class detection scores [N, K] and refined extents [N, K, 2];
+    ``classes`` [K] names the class (0-based) of each column where they are not all of the
+    dataset's in order (:meth:`VideoLabels.restrict`)."""
 
     scores: Tensor
     segments: Tensor
+    classes: Tensor | None = None
 
 
 def unit_scores(intervals: Tensor, logits: Tensor, completeness: Tensor | None, offsets: Tensor) -> UnitScores:
@@ -167,7 +170,13 @@ def stream_weights(streams: Iterable[str], weights: dict[str, float] | None) -> 
 
 def with_proposal_scores(units: UnitScores, proposal_scores: Tensor) -> UnitScores:
     """Every unit's class scores times its proposal's score [N]."""
-    return UnitScores(units.scores * proposal_scores.to(units.scores.dtype)[:, None], units.segments)
+    return UnitScores(units.scores * proposal_scores.to(units.scores.dtype)[:, None], units.segments, units.classes)
+
+
+def with_video_labels(units: UnitScores, labels: VideoLabels, video_id: str) -> UnitScores:
+    """A video's units scored for its external top classes only (:meth:`VideoLabels.restrict`)."""
+    scores, classes = labels.restrict(video_id, units.scores)
+    return UnitScores(scores, units.segments[:, classes], classes)
 
 
 def fuse_streams(per_stream: dict[str, UnitScores], weights: dict[str, float]) -> UnitScores:
@@ -184,8 +193,9 @@ def detect(units: UnitScores, duration: float, config: InferenceConfig = Inferen
     n, k = units.scores.shape
     flat = units.scores.reshape(-1)
     keep = torch.argsort(-flat, stable=True)[:config.candidates_per_video]
-    unit, label = keep // k, keep % k
-    segments = units.segments[unit, label].clamp(0, duration)
+    unit, column = keep // k, keep % k
+    segments = units.segments[unit, column].clamp(0, duration)
+    label = column if units.classes is None else units.classes.to(column.device)[column]
     valid = segments[:, 1] > segments[:, 0]
     segments, label, scores = segments[valid], label[valid], flat[keep][valid]
     chosen, kept_scores = suppress(segments, scores, label, config)
@@ -202,21 +212,66 @@ def suppress(segments: Tensor, scores: Tensor, labels: Tensor, config: Inference
     return chosen, decayed.to(scores.dtype)
 
 
+def top_video_classes(video_scores: Tensor, top: int = 2) -> tuple[Tensor, Tensor]:
+    """A video's ``top`` best-scored classes (0-based, best first) and their scores."""
+    best = torch.topk(video_scores, min(top, video_scores.numel()))
+    return best.indices, best.values
+
+
+@dataclass(frozen=True)
+class VideoLabels:
+    """External video-level class scores (UntrimmedNet's in the paper) in place of a detector's own
+    choice of class: the paper's rows "with video labels" (Table 2) give every proposal of a video
+    the video's ``top`` 2 classes, scored s_gcm x s_unet (x s_bsn with ``proposal_score``).
+
+    :meth:`restrict` applies them to a video's unit or anchor scores before decoding, so that
+    duplicate removal and the ``top_k`` cut see only those classes, as when the classifier's
+    classes are replaced; :func:`rescore_with_video_labels` applies them to detections already
+    decoded (another method's result file), where the ``top_k`` cut has spent places on other
+    classes. s_gcm is read as the unit's score of that class (class probability x completeness),
+    where the paper says only "the proposal score predicted by our model".
+
+    ``scores`` are keyed by :func:`~gcm_core.data.model.video_key`, [K] in the dataset's class order.
+    """
+
+    scores: Mapping[str, np.ndarray]
+    top: int = 2
+
+    def __post_init__(self) -> None:
+        check_ranges(self, top=">= 1")
+
+    def of(self, video_id: str) -> tuple[Tensor, Tensor]:
+        """The video's :func:`top_video_classes`; a video the scores lack is an error naming it."""
+        row = self.scores.get(video_key(video_id))
+        if row is None:
+            raise ValueError(f"video {video_id} has no external video-level class scores (the file scores "
+                             f"{len(self.scores)} other videos)")
+        return top_video_classes(torch.as_tensor(row, dtype=torch.float64), self.top)
+
+    def restrict(self, video_id: str, scores: Tensor) -> tuple[Tensor, Tensor]:
+        """A video's per-class scores [N, K] as the scores of its top classes only, each times the
+        video's score of it: ([N, top] scores, the [top] classes of the columns)."""
+        classes, factors = self.of(video_id)
+        classes = classes.to(scores.device)
+        return scores[:, classes] * factors.to(scores), classes
+
+
 def apply_video_labels(labels: Tensor, scores: Tensor, video_scores: Tensor, top: int = 2) -> tuple[Tensor, Tensor]:
-    """External video-level classification (UntrimmedNet-style): keep the detections of the video's
-    ``top`` classes and multiply their scores by the video's score of that class.
+    """External video-level classification of a video's decoded detections: keep those of the
+    video's ``top`` classes and multiply their scores by the video's score of that class.
 
     Returns (kept indices, new scores).
     """
-    best = torch.topk(video_scores, min(top, video_scores.numel())).indices
+    best, _ = top_video_classes(video_scores, top)
     kept = torch.isin(labels, best).nonzero().squeeze(1)
     return kept, scores[kept] * video_scores.to(scores.dtype)[labels[kept]]
 
 
-def rescore_with_video_labels(detections: Detections, video_scores: dict[str, np.ndarray],
+def rescore_with_video_labels(detections: Detections, video_scores: Mapping[str, np.ndarray],
                               classes: list[str] | tuple[str, ...], top: int = 2) -> Detections:
     """:func:`apply_video_labels` on every video of ``detections`` (videos without scores are
-    dropped); ``video_scores`` are keyed by :func:`~gcm_core.data.model.video_key`."""
+    dropped); ``video_scores`` are keyed by :func:`~gcm_core.data.model.video_key`. Decoding
+    with :class:`VideoLabels` is the paper's way for a detector of ours."""
     index = {c: k for k, c in enumerate(classes)}
     by_video: dict[str, list[int]] = {}
     for k, key in enumerate(map(video_key, detections.video)):

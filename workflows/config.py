@@ -200,6 +200,10 @@ class EvaluateConfig:
     # datasets read directly (cards): leave out the test videos whose features fail their checks
     # (listed in ``out``/skipped_videos.json), as gcm train --skip-bad does
     skip_bad: bool = False
+    # external video-level class scores (.json in BSN's layout, or UntrimmedNet's THUMOS'14 .npy):
+    # every test video's detections are of its video_top best classes (the paper's "with video labels")
+    video_scores: str | None = None
+    video_top: int = 2
     use_gpu: bool | None = None          # None: when the cluster has GPUs
     gpus_per_pair: float = 0.25          # with GPUs: each evaluation's share of one (inference is light)
     # no number of workers: every (checkpoint, dataset) pair is a Ray task of one CPU (and, with
@@ -209,7 +213,7 @@ class EvaluateConfig:
     inference: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_ranges(self, tiou="in (0, 1]", gpus_per_pair="in (0, 1]")
+        check_ranges(self, tiou="in (0, 1]", gpus_per_pair="in (0, 1]", video_top=">= 1")
         if self.protocol is not None and self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {list(PROTOCOLS)}, got {self.protocol!r}")
         if self.tiou is not None and not self.tiou:

@@ -26,10 +26,12 @@ from gcm_core.checkpoint import Checkpoint, check_feature_widths
 from gcm_core.data.atomic import atomic_write_text
 from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load_card
 from gcm_core.data.dataset import DatasetSource
+from gcm_core.data.detections import read_video_scores
 from gcm_core.data.formats import write_result_json
-from gcm_core.data.model import Detections, Video
+from gcm_core.data.model import Detections, Video, video_key
 from gcm_core.engine import split_detections
 from gcm_core.evaluation import evaluate_detections
+from gcm_core.postprocess import VideoLabels
 from workflows.config import EvaluateConfig, check_output_folder
 from workflows.detect import Detector
 from workflows.progress import Progress
@@ -109,10 +111,12 @@ def pair_folders(pairs: list[tuple[str, EvalDataset]]) -> list[str]:
 
 
 def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: str | None,
-                  tiou: list[float] | None, inference: dict[str, Any] | None = None) -> dict[str, Any]:
+                  tiou: list[float] | None, inference: dict[str, Any] | None = None,
+                  video_scores: str | None = None, video_top: int = 2) -> dict[str, Any]:
     """Evaluate one checkpoint (a two-stage ``model.pt`` or a D-SSAD ``dssad.pt``) on one
     dataset's test split into ``folder`` (runs as a Ray task, on the GPU Ray gave it if any),
-    post-processed by its own inference settings with ``inference`` in their place."""
+    post-processed by its own inference settings with ``inference`` in their place, and with
+    the external video labels of ``video_scores`` if given (:class:`VideoLabels`)."""
     import ray
 
     from workflows.ray_env import task_device
@@ -121,12 +125,16 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
     gpus = [str(g) for g in ray.get_gpu_ids()]
     device = task_device()
     card, data_root, manifest = dataset.open()
+    labels = None if video_scores is None else VideoLabels(read_video_scores(video_scores, card.classes, card),
+                                                            video_top)
     detector = Detector.load(Path(checkpoint), device, inference)
     if detector.one_stage:
         classes, truth, detections = _one_stage_detections(detector.model, card, data_root,
-                                                           left_out(manifest) | set(dataset.leave_out), device)
+                                                           left_out(manifest) | set(dataset.leave_out), device,
+                                                           labels)
     else:
-        classes, truth, detections = _two_stage_detections(detector.model, dataset.folder, manifest, device)
+        classes, truth, detections = _two_stage_detections(detector.model, dataset.folder, manifest, device,
+                                                           labels)
     if list(card.classes) != classes:
         raise ValueError(f"{checkpoint} was trained on other classes than dataset {dataset.name} "
                          f"({len(classes)} vs {card.num_classes})")
@@ -141,8 +149,8 @@ def evaluate_pair(checkpoint: str, dataset: EvalDataset, folder: str, protocol: 
             "detections": str(Path(folder) / "detections.json"), "device": str(device), "gpus": gpus}
 
 
-def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any], device: torch.device
-                          ) -> tuple[list[str], dict[str, Video], Detections]:
+def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any], device: torch.device,
+                          video_labels: VideoLabels | None) -> tuple[list[str], dict[str, Video], Detections]:
     """Classes, test ground truth and fused detections of a two-stage head on the prepared units,
     scored a shard at a time (a split's units at once would need a host's memory per pair), in
     the order of the videos' ids."""
@@ -153,15 +161,16 @@ def _two_stage_detections(ckpt: Checkpoint, data: str, manifest: dict[str, Any],
     check_caps(data, manifest, ckpt.graph)
     classes = list(ckpt.classes)
     truth, detections = split_detections(shard_videos(data, "test", manifest), ckpt.heads, ckpt.graph, comp,
-                                         ckpt.stats, classes, ckpt.inference, device)
+                                         ckpt.stats, classes, ckpt.inference, device, video_labels=video_labels)
     return classes, truth, detections["fused"]
 
 
 def _one_stage_detections(run: OneStageCheckpoint, card: DatasetCard, data_root: str | None, leave_out: set[str],
-                          device: torch.device) -> tuple[list[str], dict[str, Video], Detections]:
+                          device: torch.device, video_labels: VideoLabels | None
+                          ) -> tuple[list[str], dict[str, Video], Detections]:
     """The same for D-SSAD, which reads the dataset's snippet features, less the videos to
     ``leave_out`` (those its preprocessing, or this evaluation's skip_bad, left out)."""
-    truth, detections = detect_test_split(run.models, run.stage, card, data_root, leave_out, device)
+    truth, detections = detect_test_split(run.models, run.stage, card, data_root, leave_out, device, video_labels)
     return run.classes, truth, detections["fused"]
 
 
@@ -175,7 +184,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     if not config.checkpoints or not datasets:
         raise ValueError("give at least one --checkpoint and one dataset: --data (a preprocessed dataset), or for "
                          "D-SSAD checkpoints --card (and --data-root)")
-    skipped = _check_inputs(config.checkpoints, datasets, config.skip_bad)
+    skipped = _check_inputs(config.checkpoints, datasets, config.skip_bad, config.video_scores)
     datasets = [replace(d, leave_out=tuple(entry["video"] for entry in skipped.get(d.name, []))) for d in datasets]
     out = Path(config.out)
     check_output_folder(out, EvaluateConfig)
@@ -193,7 +202,8 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     tiou = list(config.tiou) if config.tiou else None
     # tasks get absolute paths (workers need not share our directory); the table keeps the ones given
     pending = {task.remote(str(Path(c).resolve()), d.absolute(), str((Path(config.out) / folder).resolve()),
-                           config.protocol, tiou, config.inference): (c, d.name)
+                           config.protocol, tiou, config.inference, _absolute(config.video_scores),
+                           config.video_top): (c, d.name)
                for (c, d), folder in zip(pairs, pair_folders(pairs))}
     total = len(pending)
     progress = Progress(total, "evaluations", "evaluate: ", quiet)
@@ -208,7 +218,7 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
         progress.update()
     progress.close()
     rows.sort(key=lambda r: (r["data"], r["checkpoint"]))
-    atomic_write_text(out / "summary.md", summary_markdown(rows))
+    atomic_write_text(out / "summary.md", summary_markdown(rows, config))
     atomic_write_text(out / "summary.csv", summary_csv(rows))
     atomic_write_text(out / "config.yaml", dump(config))
     if failures:
@@ -217,14 +227,19 @@ def run_evaluate(config: EvaluateConfig, quiet: bool = False) -> list[dict[str, 
     return rows
 
 
-def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], skip_bad: bool = False
-                  ) -> dict[str, list[dict[str, str]]]:
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).resolve())
+
+
+def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], skip_bad: bool = False,
+                  video_scores: str | None = None) -> dict[str, list[dict[str, str]]]:
     """Fail before any task starts, in one line: a missing checkpoint, a dataset that cannot be
     read (where a D-SSAD checkpoint reads its snippet features: a video's missing feature file
     too), a two-stage head paired with a dataset read directly (it scores prepared proposals) or
-    with a preprocessed one without a test split. With ``skip_bad``, the datasets read directly
-    have every test video's features read and checked instead; returns, by dataset name, those
-    failing ({video, error})."""
+    with a preprocessed one without a test split, video scores that cannot be read by a dataset's
+    classes or lack one of its test videos. With ``skip_bad``, the datasets read directly have
+    every test video's features read and checked instead; returns, by dataset name, those failing
+    ({video, error})."""
     if skip_bad and not any(d.card for d in datasets):
         raise ConfigError("skip_bad leaves out the bad test videos of datasets read directly (--card): a "
                           "preprocessed --data holds what its gcm preprocess kept (--skip-bad there leaves them out)")
@@ -245,6 +260,10 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
                                          for video, error in source.failing_videos().items()]
         if dataset.folder and two_stage:
             check_split(dataset.folder, manifest, "test")
+        if video_scores is not None:
+            left = {entry["video"] for entry in skipped.get(dataset.name, [])}
+            _check_video_scores(video_scores, card, [v for v in _test_videos(card, data_root, manifest) if v not in left],
+                                dataset.name)
     direct = [d.name for d in datasets if d.card]
     if direct and two_stage:
         raise ValueError(f"{two_stage[0]} is not a D-SSAD checkpoint (dssad.pt): a two-stage head scores the units of "
@@ -253,8 +272,29 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
     return skipped
 
 
-def summary_markdown(rows: list[dict[str, Any]]) -> str:
+def _test_videos(card: DatasetCard, data_root: str | None, manifest: dict[str, Any] | None) -> list[str]:
+    """The ids of the test videos a dataset's evaluation scores."""
+    if manifest is not None:
+        return [v for shard in manifest["shards"] if shard["role"] == "test" for v in shard["videos"]]
+    return list(DatasetSource(card, data_root, "test").videos)
+
+
+def _check_video_scores(path: str, card: DatasetCard, videos: list[str], dataset: str) -> None:
+    """External video scores readable by the dataset's classes, with a row for each test video."""
+    scores = read_video_scores(path, card.classes, card)
+    lacking = [v for v in videos if video_key(v) not in scores]
+    if lacking:
+        raise ValueError(f"{path} has no class scores of {len(lacking)} of the {len(videos)} test videos of "
+                         f"{dataset}, e.g. {lacking[0]}: video labels need every video's")
+
+
+def summary_markdown(rows: list[dict[str, Any]], config: EvaluateConfig) -> str:
+    """One table per dataset, protocol and thresholds; a line first says how the detections were
+    labelled where ``config`` gives external video labels."""
     blocks = []
+    if config.video_scores is not None:
+        blocks.append(f"With external video labels: every video's detections are of its {config.video_top} best "
+                      f"classes in {config.video_scores}, scores times the video's score of the class.\n")
     for key in sorted({(r["data"], r["protocol"], tuple(r["tiou"])) for r in rows}):
         data, protocol, tiou = key
         mine = [r for r in rows if (r["data"], r["protocol"], tuple(r["tiou"])) == key]

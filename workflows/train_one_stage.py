@@ -26,6 +26,7 @@ from gcm_core.data.model import Detections, Video
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import make_optimizer, seed_everything
 from gcm_core.one_stage import anchor_scores, dataset_clips, fuse_detections, train_one_epoch
+from gcm_core.postprocess import VideoLabels
 from workflows.config import TrainStageConfig, stage_settings
 from workflows.settings import from_dict
 from workflows.shards import left_out
@@ -86,11 +87,11 @@ def load_one_stage(path: str | Path) -> OneStageCheckpoint:
 
 
 def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: DatasetCard, data_root: str | None,
-                      leave_out: Iterable[str] = (), device: torch.device | str = "cpu"
-                      ) -> tuple[dict[str, Video], dict[str, Detections]]:
+                      leave_out: Iterable[str] = (), device: torch.device | str = "cpu",
+                      video_labels: VideoLabels | None = None) -> tuple[dict[str, Video], dict[str, Detections]]:
     """Every test video's ground truth, and detections per stream and ``fused`` (all streams; each
-    model runs once over the clips), less the videos to ``leave_out`` (those a preprocessing or
-    the run left out as bad)."""
+    model runs once over the clips; with ``video_labels`` if given), less the videos to
+    ``leave_out`` (those a preprocessing or the run left out as bad)."""
     source = DatasetSource(card, data_root, "test", leave_out)
     tests, durations = dataset_clips(source, stage.streams, stage.one_stage.model.clip_snippets,
                                      stage.one_stage.model.stride)
@@ -102,7 +103,7 @@ def detect_test_split(models: OneStageModels, stage: TrainStageConfig, card: Dat
     anchors = models[stage.streams[0]].anchors
     groups = [(s, [s]) for s in stage.streams] + [("fused", list(stage.streams))]
     detections = {name: fuse_detections({s: scores[s] for s in streams}, tests[stage.streams[0]], anchors, durations,
-                                        card.classes, stage.inference.weights(), stage.inference)
+                                        card.classes, stage.inference.weights(), stage.inference, video_labels)
                   for name, streams in groups}
     return dict(source.videos), detections
 

@@ -10,7 +10,7 @@ import torch
 
 from gcm_core.checkpoint import Checkpoint, detect_video, load_checkpoint, save_checkpoint, video_layout
 from gcm_core.data.dataset import DatasetSource
-from gcm_core.data.model import Proposals
+from gcm_core.data.model import Detections, Proposals
 from gcm_core.data.prepared import prepare_video
 from gcm_core.data.sampling import RegressionStats, SamplingConfig
 from gcm_core.detectors import ModelConfig
@@ -18,7 +18,7 @@ from gcm_core.engine import (
     TrainConfig, UnitDataset, build_heads, detections_of, evaluate, fit, predict, split_detections,
 )
 from gcm_core.graph import GraphSpec
-from gcm_core.postprocess import InferenceConfig, UnitScores
+from gcm_core.postprocess import InferenceConfig, UnitScores, VideoLabels, rescore_with_video_labels
 
 FAST = TrainConfig(epochs=4, lr=0.05, batch_videos=8, sampling=SamplingConfig(per_video=16), seed=3)
 
@@ -119,6 +119,61 @@ def test_proposal_scores_weigh_the_unit_scores_as_in_the_papers_activitynet_rows
     with pytest.raises(ValueError, match=f"video {prepared.video_id} has no proposal scores"):
         detections_of([dataclasses.replace(prepared, proposal_scores=None)], per_stream, card.classes,
                       dataclasses.replace(config, proposal_score=True))
+
+
+def _zeroed_but_top(scores: torch.Tensor, video_scores: np.ndarray, top: int) -> torch.Tensor:
+    """The paper's definition of decoding with video labels, by hand: every class but the video's
+    ``top`` best zeroed, those scaled by their video scores."""
+    factor = np.zeros_like(video_scores)
+    best = np.argsort(-video_scores)[:top]
+    factor[best] = video_scores[best]
+    return scores * torch.as_tensor(factor)
+
+
+def _positive(dets: Detections) -> Detections:
+    keep = np.flatnonzero(dets.score > 0)
+    return Detections([dets.video[k] for k in keep], [dets.label[k] for k in keep], dets.start[keep],
+                      dets.end[keep], dets.score[keep])
+
+
+def test_video_labels_decode_each_video_as_its_top_classes_before_duplicates_and_the_top_k_cut(small_prepared):
+    """External video labels (the paper's Table 2 rows "with video labels"): every unit of a video
+    takes the video's top 2 classes, scored times their video scores, before NMS and the top_k
+    cut: the same as decoding scores whose other classes are zeroed (the zero-scored detections
+    left out); video_top of every class at score 1 changes nothing; a video without scores is named."""
+    card = small_prepared["card"]
+    videos = small_prepared["test"][:4]
+    torch.manual_seed(0)
+    dims = {"flow": videos[0].features["flow"]["body"].shape[1]}
+    heads = build_heads(ModelConfig(), ["flow"], dims, card.num_classes).eval()
+    stats = RegressionStats(torch.zeros(2), torch.ones(2))
+    units = predict(heads["flow"], UnitDataset(videos, "flow", GraphSpec(), "three_part"), stats)
+    rng = np.random.default_rng(2)
+    scores = {v.video_id: rng.uniform(0.05, 1.0, card.num_classes) for v in videos}
+    config = InferenceConfig(top_k=15)
+
+    got = detections_of(videos, {"flow": units}, card.classes, config, VideoLabels(scores, top=2))
+    zeroed = [UnitScores(_zeroed_but_top(u.scores, scores[v.video_id], 2), u.segments) for u, v in zip(units, videos)]
+    want = _positive(detections_of(videos, {"flow": zeroed}, card.classes, config))
+    assert got.video == want.video and got.label == want.label
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-12)   # fusion's weight: x * 3 / 3
+    np.testing.assert_array_equal(got.start, want.start)
+    for v in videos:   # the cut is spent on the video's 2 classes: all 15 places filled
+        labels = {got.label[k] for k in range(len(got)) if got.video[k] == v.video_id}
+        assert labels <= {card.classes[c] for c in np.argsort(-scores[v.video_id])[:2]}
+        assert got.video.count(v.video_id) == config.top_k
+    # rescoring decoded detections (another method's results) keeps fewer: other classes took places
+    rescored = rescore_with_video_labels(detections_of(videos, {"flow": units}, card.classes, config), scores,
+                                         card.classes, top=2)
+    assert len(rescored) < len(got)
+
+    every = VideoLabels({v: np.ones(card.num_classes) for v in scores}, top=card.num_classes)
+    plain = detections_of(videos, {"flow": units}, card.classes, config)
+    same = detections_of(videos, {"flow": units}, card.classes, config, every)
+    assert same.label == plain.label
+    np.testing.assert_array_equal(same.score, plain.score)
+    with pytest.raises(ValueError, match=f"video {videos[0].video_id} has no external video-level class scores"):
+        detections_of(videos, {"flow": units}, card.classes, config, VideoLabels({}, top=2))
 
 
 def test_checkpoint_round_trip_and_detect_one_video(small_prepared, small_dataset, tmp_path, capsys):

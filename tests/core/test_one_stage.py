@@ -17,7 +17,7 @@ from gcm_core.engine import TrainConfig
 from gcm_core.evaluation import evaluate_detections
 from gcm_core.graph import GraphSpec
 from gcm_core.losses import match_anchors
-from gcm_core.postprocess import InferenceConfig
+from gcm_core.postprocess import InferenceConfig, VideoLabels
 from gcm_core.units import tiou
 
 SNIPPET_SECONDS = 0.5
@@ -285,3 +285,36 @@ def test_data_parallel_workers_keep_equal_weights(tmp_path):
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=1e-6, msg=key)
     assert any(not torch.allclose(first[k], initial[k]) for k in initial)   # and they trained
+
+
+def test_video_labels_give_each_anchor_the_best_of_its_videos_top_classes(small_dataset):
+    """D-SSAD with external video labels: an anchor is its best class among the video's top 2,
+    scored times the video score, before windows merge: the same as decoding anchor scores whose
+    other classes are zeroed (the zero-scored detections left out)."""
+    card = load_card(small_dataset / "card.yaml")
+    source = DatasetSource(card, small_dataset, "test")
+    clips, durations = one_stage.dataset_clips(source, ["flow"], 128, 64)
+    torch.manual_seed(0)
+    model = DSSAD(DSSADConfig(hidden=32, clip_snippets=128, window_stride=64), clips["flow"][0].features.shape[1],
+                  card.num_classes)
+    scores = one_stage.anchor_scores(model, clips["flow"])
+    rng = np.random.default_rng(4)
+    video_scores = {v: rng.uniform(0.05, 1.0, card.num_classes) for v in durations}
+    config = InferenceConfig(top_k=20)
+
+    got = one_stage.fuse_detections({"flow": scores}, clips["flow"], model.anchors, durations, card.classes,
+                                    config=config, video_labels=VideoLabels(video_scores, top=2))
+    zeroed = []
+    for clip, (probs, offsets) in zip(clips["flow"], scores):
+        factor = np.zeros(card.num_classes)
+        best = np.argsort(-video_scores[clip.video_id])[:2]
+        factor[best] = video_scores[clip.video_id][best]
+        zeroed.append((probs * torch.as_tensor(factor), offsets))
+    want = one_stage.fuse_detections({"flow": zeroed}, clips["flow"], model.anchors, durations, card.classes,
+                                     config=config)
+    keep = np.flatnonzero(want.score > 0)
+    assert got.video == [want.video[k] for k in keep] and got.label == [want.label[k] for k in keep]
+    np.testing.assert_array_equal(got.score, want.score[keep])
+    np.testing.assert_array_equal(got.start, want.start[keep])
+    for video in durations:   # every place of the top_k cut goes to the video's 2 classes
+        assert got.video.count(video) == config.top_k

@@ -25,6 +25,7 @@ from gcm_core.engine import build_heads
 from gcm_core.data.cards import load_card
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.model import FormatError
+from gcm_core.postprocess import VideoLabels
 from workflows.config import EvaluateConfig, PreprocessConfig, RayConfig, TrainStageConfig, TuneStageConfig
 from workflows.evaluate import EvalDataset, EvaluationError, datasets_of, pair_folders, run_evaluate
 from workflows.preprocess import run_preprocess
@@ -265,6 +266,27 @@ def test_evaluation_post_processes_as_asked_instead_of_as_the_checkpoint_says(pr
     with pytest.raises(ConfigError, match=r"unknown key \['topk'\] in inference"):
         EvaluateConfig(inference={"topk": 20})
 
+    # --video-scores: a file in BSN's layout (its classes in another order), matched by name
+    rng = np.random.default_rng(5)
+    scores = {v.video_id: rng.uniform(0.05, 1.0, len(checkpoint.classes)) for v in videos}
+    path = tmp_path / "video_scores.json"
+    path.write_text(json.dumps({"class": checkpoint.classes[::-1],
+                                "results": {v: row[::-1].tolist() for v, row in scores.items()}}))
+    labelled = run_evaluate(EvaluateConfig(checkpoints=(str(gcm),), data=(str(prepared),), out=str(tmp_path / "labels"),
+                                           inference=asked, video_scores=str(path), video_top=1), quiet=True)
+    expected = detections_of(videos, per_stream, checkpoint.classes, dataclasses.replace(checkpoint.inference, **asked),
+                             VideoLabels(scores, top=1))
+    written = json.loads(Path(labelled[0]["detections"]).read_text())["results"]
+    assert written == json.loads(json.dumps(result_json(expected)))["results"]
+    assert all(len({d["label"] for d in found}) == 1 for found in written.values())
+    assert "With external video labels" in (tmp_path / "labels" / "summary.md").read_text()
+    path.write_text(json.dumps({"class": checkpoint.classes, "results": {v: row.tolist() for v, row in
+                                                                          list(scores.items())[1:]}}))
+    with pytest.raises(ValueError, match=f"no class scores of 1 of the {len(videos)} test videos of .*{videos[0].video_id}"):
+        run_evaluate(EvaluateConfig(checkpoints=(str(gcm),), data=(str(prepared),), out=str(tmp_path / "lacking"),
+                                    video_scores=str(path)), quiet=True)
+    assert not (tmp_path / "lacking").exists()   # refused before any task ran
+
 
 def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, tmp_path, monkeypatch, capsys):
     """gcm detect --features-dir --workers 2 (Ray tasks over chunks of the folder) writes what the
@@ -342,6 +364,19 @@ def test_one_stage_training_runs_on_two_workers_and_evaluates(prepared, small_da
                                 inference={"top_k": 3}), quiet=True)
     three = json.loads(Path("eval3/dssad-gcm__prep/detections.json").read_text())["results"]
     assert three == {video: found[:3] for video, found in detections.items()}
+    # with a video label (the one class a file scores above 0), every detection is of it and
+    # scored by it, through the CLI
+    classes = saved["classes"]
+    tests = [v.video_id for v in read_videos(prepared, "test")]
+    given = {video: k % len(classes) for k, video in enumerate(tests)}
+    Path("labels.json").write_text(json.dumps({"class": classes, "results": {
+        video: [0.5 if c == given[video] else 0.0 for c in range(len(classes))] for video in tests}}))
+    assert cli_main(["evaluate", "--checkpoint", str(run / "dssad.pt"), "--data", "prep", "--out", "eval-labels",
+                     "--video-scores", "labels.json", "--video-top", "1", "--quiet"]) == 0
+    labelled = json.loads(Path("eval-labels/dssad-gcm__prep/detections.json").read_text())["results"]
+    assert set(labelled) == set(tests)
+    assert all({d["label"] for d in found} == {classes[given[video]]} and max(d["score"] for d in found) <= 0.5
+               for video, found in labelled.items())
     # gcm detect finds the same actions in one test video from its features alone
     video = next(v for v in read_videos(prepared, "test") if v.video_id in detections)
     features = [str(small_dataset / f"features/{s}/{video.video_id}.npy") for s in ("rgb", "flow")]

@@ -84,6 +84,13 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="with --card: leave out test videos whose features fail their checks (listed in --out's "
                         "skipped_videos.json) instead of stopping")
+    p.add_argument("--video-scores", metavar="FILE",
+                   help="external video-level class scores, the paper's 'with video labels': every test video's "
+                        "units are decoded as its --video-top best classes only, scores times the video's score of "
+                        "the class. FILE: .json {\"class\": [names], \"results\": {video: [scores]}} (BSN/BMN's "
+                        "ActivityNet layout) or UntrimmedNet's THUMOS'14 .npy")
+    p.add_argument("--video-top", type=at_least(int, 1),
+                   help="with --video-scores: the classes each video is given (default: 2, as the paper)")
     add_stage_options(p, "inference.nms=soft-nms: post-processing other than the checkpoints' own")
 
 
@@ -93,7 +100,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     config = stage_config(EvaluateConfig, args, checkpoints=args.checkpoint, data=args.data, cards=args.card,
                           data_roots=args.data_root, out=args.out, protocol=args.protocol, tiou=args.tiou,
-                          overwrite=args.overwrite, skip_bad=args.skip_bad)
+                          overwrite=args.overwrite, skip_bad=args.skip_bad, video_scores=args.video_scores,
+                          video_top=args.video_top)
     with ray_session_of(args):
         rows = run_evaluate(config, args.quiet)
     print((Path(config.out) / "summary.md").read_text())

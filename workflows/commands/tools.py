@@ -44,7 +44,8 @@ def add_eval_detections(p: argparse.ArgumentParser) -> None:
                         "(ActivityNet's, as BSN and BMN read them) or as UntrimmedNet's THUMOS'14 .npy ([videos, "
                         "101], row i video_test_{i+1:07d}; read by the thumos14 card's class indices); each "
                         "video keeps the detections of its --video-top best classes, their scores multiplied by "
-                        "the class's video score")
+                        "the class's video score (for a gcm-tal checkpoint, gcm evaluate --video-scores labels "
+                        "the units before NMS and the top_k cut, as the paper)")
     p.add_argument("--video-top", type=at_least(int, 1), default=2,
                    help="with --video-scores: the classes each video keeps (default: 2, as the paper)")
     p.add_argument("--per-class", action="store_true",
