@@ -24,7 +24,7 @@ from gcm_core.detectors.base import ModelConfig
 from gcm_core.engine import StreamHeads, UnitDataset, build_heads, detections_of, predict
 from gcm_core.candidates import CandidateCaps
 from gcm_core.graph import GraphSpec
-from gcm_core.postprocess import InferenceConfig
+from gcm_core.postprocess import InferenceConfig, VideoLabels
 
 FORMAT = "gcm-tal/checkpoint/1"
 
@@ -144,10 +144,12 @@ def detect_video(checkpoint: Checkpoint, features: dict[str, np.ndarray], interv
 
 
 def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], proposals: Proposals, video: Video,
-                    grid: SnippetGrid, device: torch.device | str = "cpu") -> Detections:
+                    grid: SnippetGrid, device: torch.device | str = "cpu",
+                    video_labels: VideoLabels | None = None) -> Detections:
     """:func:`detect_video` of a video already laid out (its :func:`video_layout`), pooled and
     scored on ``device``, where the checkpoint's heads must be; of its proposals, the
-    checkpoint's number of test units, best-scored first, as its test split was prepared."""
+    checkpoint's number of test units, best-scored first, as its test split was prepared; with
+    external ``video_labels`` if given."""
     missing = set(checkpoint.streams) - set(features)
     if missing:
         raise ValueError(f"the checkpoint was trained on streams {sorted(checkpoint.streams)}; "
@@ -160,4 +162,4 @@ def detect_laid_out(checkpoint: Checkpoint, features: dict[str, np.ndarray], pro
                              max_units=checkpoint.units_per_video, device=device)
     per_stream = {s: predict(head, UnitDataset([prepared], s, spec, comp), checkpoint.stats, device)
                   for s, head in checkpoint.heads.items()}
-    return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference)
+    return detections_of([prepared], per_stream, checkpoint.classes, checkpoint.inference, video_labels)

@@ -193,26 +193,29 @@ def fuse_detections(scores: dict[str, list[tuple[Tensor, Tensor]]], clips: Seque
 
 def detect_video(models: dict[str, DSSAD], features: dict[str, np.ndarray], grid: SnippetGrid, video_id: str,
                  classes: Sequence[str], weights: dict[str, float] | None = None,
-                 config: InferenceConfig = InferenceConfig(), device: torch.device | str = "cpu") -> Detections:
+                 config: InferenceConfig = InferenceConfig(), device: torch.device | str = "cpu",
+                 video_labels: VideoLabels | None = None) -> Detections:
     """Detections of one new video from its snippet features per stream: its windows as in
-    :func:`dataset_clips`, every stream's model once over them, fused late."""
+    :func:`dataset_clips`, every stream's model once over them, fused late (with external
+    ``video_labels`` if given)."""
     seconds, offset = snippet_timing(grid)
     layout = next(iter(models.values())).config
     no_gt = torch.zeros(0, 2, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     clips = {s: clips_of(video_id, features[s], seconds, *no_gt, layout.clip_snippets, layout.stride,
                          train=False, time_offset=offset) for s in models}
-    return predict_fused(models, clips, {video_id: grid.duration}, classes, weights, config, device=device)
+    return predict_fused(models, clips, {video_id: grid.duration}, classes, weights, config, device=device,
+                         video_labels=video_labels)
 
 
 def predict_fused(models: dict[str, DSSAD], clips: dict[str, Sequence[Clip]], durations: dict[str, float],
                   classes: Sequence[str], weights: dict[str, float] | None = None,
                   config: InferenceConfig = InferenceConfig(), batch: int = 16,
-                  device: torch.device | str = "cpu") -> Detections:
+                  device: torch.device | str = "cpu", video_labels: VideoLabels | None = None) -> Detections:
     """:func:`fuse_detections` of the given streams' models on their clips."""
     streams = list(models)
     scores = {s: anchor_scores(models[s], clips[s], batch, device) for s in streams}
     return fuse_detections(scores, clips[streams[0]], models[streams[0]].anchors, durations, classes, weights,
-                           config)
+                           config, video_labels)
 
 
 def _merge(per_video: dict[str, list[tuple[Tensor, Tensor, Tensor]]], durations: dict[str, float],

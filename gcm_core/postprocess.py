@@ -240,6 +240,10 @@ class VideoLabels:
     def __post_init__(self) -> None:
         check_ranges(self, top=">= 1")
 
+    def lacking(self, video_ids: Iterable[str]) -> list[str]:
+        """Those of ``video_ids`` the scores do not cover."""
+        return [v for v in video_ids if video_key(v) not in self.scores]
+
     def of(self, video_id: str) -> tuple[Tensor, Tensor]:
         """The video's :func:`top_video_classes`; a video the scores lack is an error naming it."""
         row = self.scores.get(video_key(video_id))

@@ -26,7 +26,7 @@ from gcm_core.data.formats import (
 )
 from gcm_core.data.model import video_key
 from gcm_core.one_stage import detect_video as detect_video_one_stage
-from gcm_core.postprocess import stream_weights
+from gcm_core.postprocess import VideoLabels, stream_weights
 from workflows.config import check_fusion_streams, overridden
 from workflows.progress import Progress
 from workflows.train_one_stage import OneStageCheckpoint, is_one_stage_checkpoint, load_one_stage
@@ -75,12 +75,14 @@ class Detector:
     streams: list[str]
     columns: dict[str, list[int]] | None   # where one feature file holds every stream
     device: torch.device                   # where its weights are and its videos are computed
+    video_labels: VideoLabels | None = None   # external video-level classes, given to every video's units
 
     @classmethod
-    def load(cls, path: Path, device: torch.device | str = "cpu", inference: dict[str, Any] | None = None
-             ) -> "Detector":
+    def load(cls, path: Path, device: torch.device | str = "cpu", inference: dict[str, Any] | None = None,
+             video_labels: VideoLabels | None = None) -> "Detector":
         """The checkpoint at ``path`` on ``device``, post-processing with ``inference`` (settings
-        of :class:`InferenceConfig`) in place of its own (fusion weights: of its streams only)."""
+        of :class:`InferenceConfig`) in place of its own (fusion weights: of its streams only) and
+        with ``video_labels`` if given."""
         device = torch.device(device)
         inference = inference or {}
         if is_one_stage_checkpoint(path):
@@ -88,14 +90,15 @@ class Detector:
             model.models.to(device)
             # a run's config checks its fusion weights when built (0 in all, streams it does not have)
             model.stage = replace(model.stage, inference=overridden(model.stage.inference, inference))
-            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device)
+            return cls(model, True, list(model.stage.streams), model.snippets.get("stream_columns"), device,
+                       video_labels)
         model = load_checkpoint(path)
         model.heads.to(device)
         model.inference = overridden(model.inference, inference)
         stream_weights(model.streams, model.inference.weights())   # 0 in all: refused before any video
         if "fusion" in inference:   # the checkpoint's own weights were checked when its run was configured
             check_fusion_streams(model.inference.weights(), model.streams, str(path))
-        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device)
+        return cls(model, False, list(model.streams), model.snippets.get("stream_columns"), device, video_labels)
 
 
 def video_features(paths: list[Path], streams: list[str], columns: dict[str, list[int]] | None,
@@ -183,8 +186,9 @@ def _detect_one(detector: Detector, video_id: str, paths: list[Path], fps: float
         raise FormatError(files, grid.misfit(), video=video_id)
     if detector.one_stage:
         return detect_video_one_stage(dict(model.models), features, grid, video_id, model.classes,
-                                      model.stage.inference.weights(), model.stage.inference, detector.device)
-    return detect_laid_out(model, features, proposals_of(video), video, grid, detector.device)
+                                      model.stage.inference.weights(), model.stage.inference, detector.device,
+                                      detector.video_labels)
+    return detect_laid_out(model, features, proposals_of(video), video, grid, detector.device, detector.video_labels)
 
 
 def task_gpus(device: str) -> float:
@@ -202,12 +206,13 @@ def task_gpus(device: str) -> float:
 def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None = None,
                        fps: float | None = None, facts: VideoFacts | None = None, skip_bad: bool = False,
                        workers: int | None = None, progress: Progress | None = None, gpus: float = 0.0,
-                       inference: dict[str, Any] | None = None) -> tuple[Detections, dict[str, str]]:
+                       inference: dict[str, Any] | None = None, video_labels: VideoLabels | None = None
+                       ) -> tuple[Detections, dict[str, str]]:
     """:func:`detect_videos` as Ray tasks (one CPU and one thread each, and ``gpus`` of a GPU, on
     which the task then runs) over consecutive chunks of ``videos``, joined in their order;
     ``workers`` defaults to the CPUs of the Ray session (which must be running). The checkpoint,
     feature and proposal paths must be readable on every node; each task loads the checkpoint
-    as :meth:`Detector.load` with ``inference``."""
+    as :meth:`Detector.load` with ``inference`` and ``video_labels``."""
     import ray
 
     # Ray's workers do not run where the command was typed: they get absolute paths
@@ -217,8 +222,8 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
     count = min(len(videos), workers * CHUNKS_PER_WORKER)
     bounds = [len(videos) * k // count for k in range(count + 1)]
     task = ray.remote(num_cpus=1, num_gpus=gpus)(_detect_chunk)
-    facts = ray.put(facts)  # once in the object store, not once per task
-    chunks = {task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad, inference): b - a
+    facts, video_labels = ray.put(facts), ray.put(video_labels)  # once in the object store, not once per task
+    chunks = {task.remote(checkpoint, videos[a:b], proposals, fps, facts, skip_bad, inference, video_labels): b - a
               for a, b in zip(bounds, bounds[1:])}
     pending = list(chunks)
     while pending:  # count each chunk's videos as it finishes
@@ -231,10 +236,10 @@ def detect_in_parallel(checkpoint: Path, videos: list[VideoFiles], proposals: Pa
 
 
 def _detect_chunk(checkpoint: Path, videos: list[VideoFiles], proposals: Path | None, fps: float | None,
-                  facts: VideoFacts | None, skip_bad: bool, inference: dict[str, Any] | None
-                  ) -> tuple[Detections, dict[str, str]]:
+                  facts: VideoFacts | None, skip_bad: bool, inference: dict[str, Any] | None,
+                  video_labels: VideoLabels | None) -> tuple[Detections, dict[str, str]]:
     from workflows.ray_env import task_device
 
     torch.set_num_threads(1)  # the tasks share the node's cores
-    return detect_videos(Detector.load(checkpoint, task_device(), inference), videos, proposals, fps, facts=facts,
-                         skip_bad=skip_bad)
+    return detect_videos(Detector.load(checkpoint, task_device(), inference, video_labels), videos, proposals, fps,
+                         facts=facts, skip_bad=skip_bad)

@@ -28,7 +28,7 @@ from gcm_core.data.cards import DatasetCard, absolute_card, data_root_path, load
 from gcm_core.data.dataset import DatasetSource
 from gcm_core.data.detections import read_video_scores
 from gcm_core.data.formats import write_result_json
-from gcm_core.data.model import Detections, Video, video_key
+from gcm_core.data.model import Detections, Video
 from gcm_core.engine import split_detections
 from gcm_core.evaluation import evaluate_detections
 from gcm_core.postprocess import VideoLabels
@@ -281,8 +281,7 @@ def _test_videos(card: DatasetCard, data_root: str | None, manifest: dict[str, A
 
 def _check_video_scores(path: str, card: DatasetCard, videos: list[str], dataset: str) -> None:
     """External video scores readable by the dataset's classes, with a row for each test video."""
-    scores = read_video_scores(path, card.classes, card)
-    lacking = [v for v in videos if video_key(v) not in scores]
+    lacking = VideoLabels(read_video_scores(path, card.classes, card)).lacking(videos)
     if lacking:
         raise ValueError(f"{path} has no class scores of {len(lacking)} of the {len(videos)} test videos of "
                          f"{dataset}, e.g. {lacking[0]}: video labels need every video's")

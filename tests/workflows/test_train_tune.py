@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import ROOT, run_two_workers
+from helpers import ROOT, SHARED_DATA, run_two_workers
 from gcm_core.checkpoint import load_checkpoint, save_checkpoint
 from gcm_core.detectors.dssad import DSSAD
 from gcm_core.engine import build_heads
@@ -315,6 +315,33 @@ def test_detect_shares_a_folder_of_videos_out_to_ray_tasks(runs, small_dataset, 
                      "--set", "inference.top_k=2", "--out", "top2.json"]) == 0
     assert json.loads(Path("top2.json").read_text())["results"] == {
         video: found[:2] for video, found in written["1"]["results"].items()}
+    # --video-scores: each video's detections are all of the one class its file scores above 0,
+    # in the tasks as in one process; a file lacking a video is refused before any is detected
+    classes = load_checkpoint(checkpoint).classes
+    given = {video: k % len(classes) for k, video in enumerate([*listed, "unlisted"])}
+    Path("labels.json").write_text(json.dumps({"class": classes, "results": {
+        video: [0.5 if c == k else 0.0 for c in range(len(classes))] for video, k in given.items()}}))
+    for workers in ("1", "2"):
+        assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                         str(small_dataset / "proposals/test_proposal_list.txt"), "--workers", workers, "--skip-bad",
+                         "--video-scores", "labels.json", "--video-top", "1", "--out", f"labels{workers}.json"]) == 0
+        labelled = json.loads(Path(f"labels{workers}.json").read_text())["results"]
+        assert list(labelled) == listed
+        assert all({d["label"] for d in found} == {classes[given[video]]} for video, found in labelled.items())
+    assert labelled == json.loads(Path("labels1.json").read_text())["results"]
+    Path("labels.json").write_text(json.dumps({"class": classes, "results": {"unlisted": [1.0] * len(classes)}}))
+    capsys.readouterr()
+    assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                     str(small_dataset / "proposals/test_proposal_list.txt"), "--video-scores", "labels.json",
+                     "--out", "lacking.json"]) == 2
+    assert f"has no class scores of {len(listed)} of the {len(listed) + 1} videos to detect, e.g. {listed[0]}" in \
+        capsys.readouterr().err
+    assert not Path("lacking.json").exists()
+    # UntrimmedNet's .npy is read by a card's class indices: another dataset's card is refused
+    assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",
+                     str(small_dataset / "proposals/test_proposal_list.txt"), "--video-scores",
+                     str(SHARED_DATA / "thumos14/untrimmednet_test_scores.npy"), "--card", "thumos14"]) == 2
+    assert "card thumos14's classes are not the checkpoint's" in capsys.readouterr().err
     # without --skip-bad the video stops the run, named in one paragraph as in one process
     capsys.readouterr()
     assert cli_main(["detect", "--checkpoint", str(checkpoint), "--features-dir", str(folder), "--proposals",

@@ -16,6 +16,7 @@ from workflows.tables import markdown_table
 if TYPE_CHECKING:   # the commands import the library where they run, so that `gcm --help` starts fast
     from gcm_core.data.cards import DatasetCard
     from gcm_core.data.model import Detections
+    from gcm_core.postprocess import VideoLabels
 
 
 def add_eval_detections(p: argparse.ArgumentParser) -> None:
@@ -230,9 +231,19 @@ def add_detect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="inference.KEY=VALUE",
                    help="post-process with this setting in place of the checkpoint's own (nms=soft-nms, top_k, "
                         "nms_threshold, soft_nms_sigma, candidates_per_video, fusion); repeatable")
+    p.add_argument("--video-scores", type=Path, metavar="FILE",
+                   help="external video-level class scores (as gcm evaluate --video-scores): every video's units are "
+                        "decoded as its --video-top best classes only, scores times the video's score of the class; "
+                        "FILE must score every video detected")
+    p.add_argument("--video-top", type=at_least(int, 1), default=2,
+                   help="with --video-scores: the classes each video is given (default: 2, as the paper)")
+    p.add_argument("--card", help="with --video-scores in UntrimmedNet's THUMOS'14 .npy layout: the dataset card "
+                                  "whose official class indices select its columns (thumos14)")
 
 
 def run_detect(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from gcm_core.data.formats import holds_many_videos, result_json, write_result_json
     from workflows.detect import (
         Detector, detect_in_parallel, detect_videos, folder_videos, read_video_facts, resolve_device, task_gpus,
@@ -259,6 +270,8 @@ def run_detect(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out} exists: pass --overwrite to replace it, or another --out")
     videos = (folder_videos(args.features_dir, detector.streams, detector.columns) if args.features_dir
               else [(args.video_id or args.features[0].stem, args.features)])
+    labels = video_labels_of(args, detector.model.classes, [video for video, _ in videos])
+    detector = replace(detector, video_labels=labels)
     facts = read_video_facts(args.video_info) if args.video_info else None
     progress = Progress(len(videos), "videos", "detect: ", stream=sys.stderr) if args.features_dir else None
     if parallel:
@@ -267,7 +280,7 @@ def run_detect(args: argparse.Namespace) -> int:
             print(f"detect: {len(videos)} videos as Ray tasks on "
                   + (f"GPUs ({gpus:g} of one each)" if gpus else "CPUs"), file=sys.stderr)
             detections, skipped = detect_in_parallel(args.checkpoint, videos, args.proposals, args.fps, facts,
-                                                     args.skip_bad, args.workers, progress, gpus, inference)
+                                                     args.skip_bad, args.workers, progress, gpus, inference, labels)
     else:
         if progress:
             print(f"detect: {len(videos)} videos in this process on {detector.device}", file=sys.stderr)
@@ -288,6 +301,29 @@ def run_detect(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(result_json(detections)))
     return 0
+
+
+def video_labels_of(args: argparse.Namespace, classes: Sequence[str], videos: list[str]) -> VideoLabels | None:
+    """``gcm detect``'s external video labels (None without ``--video-scores``), read by the
+    checkpoint's classes; a video they do not score is an error before any is detected."""
+    from gcm_core.data.cards import load_card
+    from gcm_core.data.detections import read_video_scores
+    from gcm_core.postprocess import VideoLabels
+
+    if args.card and not args.video_scores:
+        raise ValueError("--card selects the columns of --video-scores in UntrimmedNet's .npy layout: give both")
+    if not args.video_scores:
+        return None
+    card = load_card(args.card) if args.card else None
+    if card is not None and list(card.classes) != list(classes):
+        raise ValueError(f"card {card.name}'s classes are not the checkpoint's ({card.num_classes} vs {len(classes)} "
+                         "or in another order): give the card of the dataset the checkpoint was trained on")
+    labels = VideoLabels(read_video_scores(args.video_scores, classes, card), args.video_top)
+    lacking = labels.lacking(videos)
+    if lacking:
+        raise ValueError(f"{args.video_scores} has no class scores of {len(lacking)} of the {len(videos)} videos to "
+                         f"detect, e.g. {lacking[0]}: video labels need every video's")
+    return labels
 
 
 def inference_overrides(pairs: list[str]) -> dict[str, Any]:
