@@ -103,7 +103,7 @@ def run_ssn(data: dict, model: ModelConfig, spec: GraphSpec, seed: int, streams:
 
 
 def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str], epochs: int,
-              semantic_disjoint: str) -> Detections:
+              semantic_disjoint: str, weighting: str) -> Detections:
     """D-SSAD (+ GCM at ``scales``) trained ``epochs`` epochs, the default recipe's schedule scaled
     to them (lr / 10 after 70% of them)."""
     card = data["card"]
@@ -115,7 +115,7 @@ def run_dssad(data: dict, scales: tuple[int, ...], seed: int, streams: list[str]
     models = {}
     for stream in streams:
         seed_everything(seed)
-        models[stream] = DSSAD(DSSADConfig(gcm_scales=scales, semantic_disjoint=semantic_disjoint),
+        models[stream] = DSSAD(DSSADConfig(gcm_scales=scales, semantic_disjoint=semantic_disjoint, weighting=weighting),
                                train[stream][0].features.shape[1], card.num_classes)
         one_stage.fit(models[stream], train[stream], config)
     return one_stage.predict_fused(models, tests, durations, card.classes, dict(card.stream_fusion))
@@ -187,6 +187,8 @@ def main() -> None:
                              "gcm-tal's one-stage default trains 20)")
     parser.add_argument("--dssad-semantic", default="extent", choices=["extent", "receptive-field"],
                         help="where D-SSAD's GCMs take a cell's semantic neighbours (DSSADConfig.semantic_disjoint)")
+    parser.add_argument("--dssad-weighting", default="cos", choices=["cos", "embed-cos", "binary"],
+                        help="D-SSAD's GCMs' edge weights (DSSADConfig.weighting; Table 7's variants)")
     parser.add_argument("--class-agnostic", action="store_true",
                         help="add a column: the AP@0.5 with every class merged (what finding and delimiting "
                              "actions alone achieves)")
@@ -211,7 +213,7 @@ def main() -> None:
                 dets = run_ssn(data, *SSN[setting], seed, args.streams)
             else:
                 dets = run_dssad(data, DSSAD_SETTINGS[setting], seed, args.streams, args.dssad_epochs,
-                                 args.dssad_semantic)
+                                 args.dssad_semantic, args.dssad_weighting)
             maps = score(data, dets, args.class_agnostic)
             results[setting].append(maps)
             print(f"seed {seed} {setting:24s} mAP@0.5 {maps[AT_05]:6.2f} ({time.perf_counter() - t0:.0f} s)",

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from gcm_core.checks import check_ranges
 from gcm_core.graph import Graph, GraphSpec, build_graph
-from gcm_core.module import GCM
+from gcm_core.module import GCM, EdgeWeighting
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class DSSADConfig:
     graph: GraphSpec = field(default_factory=lambda: GraphSpec(edge_types=("surrounding", "semantic")))
     semantic_disjoint: Literal["extent", "receptive-field"] = "extent"   # see DSSAD.cell_graph
     num_samples: int | None = 4
+    weighting: EdgeWeighting = "cos"      # the GCMs' edge weights A_ij (Table 7's variants)
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -87,7 +88,8 @@ class DSSAD(nn.Module):
         self.loc_branch = nn.ModuleList(nn.Sequential(_conv(h, h), nn.Conv1d(h, a * 2, 3, padding=1))
                                         for _ in range(config.num_scales))
         # created last, so that the detector's other layers start alike with and without GCMs
-        self.gcms = nn.ModuleDict({str(s): GCM(h, num_samples=config.num_samples) for s in config.gcm_scales})
+        self.gcms = nn.ModuleDict({str(s): GCM(h, num_samples=config.num_samples, weighting=config.weighting)
+                                   for s in config.gcm_scales})
         for gcm in self.gcms.values():  # start as the identity (Y = X^(K) + X^(0) with X^(K) = 0)
             nn.init.zeros_(gcm.layers[-1].weight)
 

@@ -118,13 +118,16 @@ def test_anchors_and_outputs_follow_the_multiscale_maps():
     assert logits.shape == (2, len(expected), 4) and offsets.shape == (2, len(expected), 2)
 
 
-def test_inserted_gcms_start_as_the_identity_and_learn():
+@pytest.mark.parametrize("weighting", ["cos", "embed-cos"])
+def test_inserted_gcms_start_as_the_identity_and_learn(weighting):
     config = DSSADConfig(hidden=16, clip_snippets=64)
     torch.manual_seed(0)
     plain = DSSAD(config, dim=8, num_classes=3).eval()
     torch.manual_seed(0)
-    related = DSSAD(DSSADConfig(hidden=16, clip_snippets=64, gcm_scales=(0, 1, 2)), dim=8, num_classes=3).eval()
+    related = DSSAD(DSSADConfig(hidden=16, clip_snippets=64, gcm_scales=(0, 1, 2), weighting=weighting), dim=8,
+                    num_classes=3).eval()
     assert sorted(related.gcms) == ["0", "1", "2"] and len(plain.gcms) == 0
+    assert all((g.embed is not None) == (weighting == "embed-cos") for g in related.gcms.values())
     clips = torch.randn(2, 64, 8)
     for a, b in zip(plain(clips), related(clips)):
         torch.testing.assert_close(a, b)
