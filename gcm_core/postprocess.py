@@ -248,7 +248,7 @@ class VideoLabels:
         """The video's :func:`top_video_classes`; a video the scores lack is an error naming it."""
         row = self.scores.get(video_key(video_id))
         if row is None:
-            raise ValueError(f"video {video_id} has no external video-level class scores (the file scores "
+            raise ValueError(f"video {video_id} has no external video-level class scores (they cover "
                              f"{len(self.scores)} other videos)")
         return top_video_classes(torch.as_tensor(row, dtype=torch.float64), self.top)
 
