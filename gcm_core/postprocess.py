@@ -189,7 +189,13 @@ def fuse_streams(per_stream: dict[str, UnitScores], weights: dict[str, float]) -
 
 
 def detect(units: UnitScores, duration: float, config: InferenceConfig = InferenceConfig()) -> tuple[Tensor, Tensor, Tensor]:
-    """Detections of one video: (segments [D, 2], labels [D] 0-based, scores [D]), best first."""
+    """Detections of one video: (segments [D, 2], labels [D] 0-based, scores [D]), best first.
+
+    Duplicates are removed among the regressed extents, those the detections report, as
+    ActionFormer-style decoders do; the paper does not say, and the authors' code suppresses on
+    the proposals' own extents and regresses the survivors after, which can keep two proposals
+    that regress onto one action.
+    """
     n, k = units.scores.shape
     flat = units.scores.reshape(-1)
     keep = torch.argsort(-flat, stable=True)[:config.candidates_per_video]
