@@ -162,11 +162,18 @@ def read_untrimmednet_scores(path: str | Path, card: DatasetCard) -> dict[str, n
     """
     if card.official_index is None:
         raise CardError(f"card {card.name!r} has no official class indices to select UntrimmedNet columns")
-    scores = np.load(path, allow_pickle=False)
-    if scores.ndim != 2 or scores.shape[1] < max(card.official_index):
-        raise FormatError(path, f"expected [videos, 101] scores, got shape {scores.shape}")
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except ValueError as err:   # an object array (pickled) or a file that is no .npy
+        raise FormatError(path, f"not a numeric .npy array ({err})") from None
+    if scores.ndim != 2 or scores.shape[1] < max(card.official_index) or not np.issubdtype(scores.dtype, np.number):
+        raise FormatError(path, f"expected [videos, 101] numeric scores, got {scores.dtype} of shape {scores.shape}")
     columns = np.array(card.official_index) - 1
-    return {f"video_test_{i + 1:07d}": scores[i, columns].astype(np.float64) for i in range(scores.shape[0])}
+    rows = {f"video_test_{i + 1:07d}": scores[i, columns].astype(np.float64) for i in range(scores.shape[0])}
+    for video, row in rows.items():
+        if not np.isfinite(row).all():
+            raise FormatError(path, "a score that is not finite", video=video)
+    return rows
 
 
 def read_video_scores(path: str | Path, classes: Sequence[str], card: DatasetCard | None = None

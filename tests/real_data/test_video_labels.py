@@ -82,6 +82,17 @@ def test_eval_detections_with_video_labels(shared_data, capsys, tmp_path):
     assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
                  str(results), "--video-scores", str(tmp_path / "three.npy")]) == 2
     assert f"{tmp_path / 'three.npy'} scores none of the detections' videos" in capsys.readouterr().err
+    # a row that is not finite, named by its video; a pickled array is refused, not loaded
+    spoilt = raw.copy()
+    spoilt[6, 0] = np.nan   # column 0 is UCF101 class 1, which is no THUMOS'14 class: not read
+    spoilt[4, card.official_index[0] - 1] = np.nan
+    np.save(tmp_path / "nan.npy", spoilt)
+    np.save(tmp_path / "pickled.npy", np.array([{"video": 1}], dtype=object), allow_pickle=True)
+    for name, message in (("nan.npy", "video video_test_0000005: a score that is not finite"),
+                          ("pickled.npy", "not a numeric .npy array")):
+        assert main(["eval-detections", "--protocol", "thumos14", "--ground-truth", str(folder), "--detections",
+                     str(results), "--video-scores", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_eval_detections_with_activitynet_class_scores(shared_data, capsys, tmp_path):
