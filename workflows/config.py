@@ -230,10 +230,13 @@ class TuneStageConfig:
     cpus_per_trial: float = 0.1         # the trial's own process; its TorchTrainer workers ask for theirs
     gpus_per_trial: float = 0.0
     max_concurrent: int = 2
+    # each setting trained with this many seeds (the recipe's seed, then +1, ...): the table gives
+    # their mean and standard deviation, as a single run can move by the size of an ablation's effect
+    seeds: int = 1
     resume: bool = False
 
     def __post_init__(self) -> None:   # Ray Tune wants a non-zero CPU for a trial's own process
-        check_ranges(self, cpus_per_trial="> 0", gpus_per_trial=">= 0", max_concurrent=">= 1")
+        check_ranges(self, cpus_per_trial="> 0", gpus_per_trial=">= 0", max_concurrent=">= 1", seeds=">= 1")
         # what the experiment sets for every trial itself (the data: as it records it, or unset)
         owned = {"data": ("the trials train on the experiment's data (--data)", (self.data, TrainStageConfig.data)),
                  "name": ("each trial is named by its grid values", (TrainStageConfig.name,)),

@@ -142,13 +142,19 @@ def read_grid(table: Path) -> tuple[list[str], list[list[str]]]:
 
 
 def plot_ablation(table: Path) -> Figure:
+    """Bars of the table's last metric, one per trial (with several seeds: the mean, the standard
+    deviation as an error bar), the first trial marked as the baseline."""
     header, rows = read_grid(table)
-    metric_cols = [k for k, h in enumerate(header) if "/" in h or h.startswith("seconds")]
+    number = lambda text: float(text) if text not in ("", "nan") else 0.0  # noqa: E731
+    metric_cols = [k for k, h in enumerate(header) if ("/" in h or h.startswith("seconds")) and not h.startswith("std ")]
     metric = metric_cols[-1] if metric_cols else len(header) - 2
     names = [" / ".join(r[:min(metric_cols or [1])]) for r in rows]
-    values = [float(r[metric]) if r[metric] not in ("", "nan") else 0.0 for r in rows]
+    values = [number(r[metric]) for r in rows]
+    spread = f"std {header[metric]}"
+    errors = [number(r[header.index(spread)]) for r in rows] if spread in header else None
     fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(rows) + 2), 4.2))
-    bars = ax.bar(range(len(rows)), values, color=[PALETTE(1)] + [PALETTE(0)] * (len(rows) - 1))
+    bars = ax.bar(range(len(rows)), values, yerr=errors, capsize=3,
+                  color=[PALETTE(1)] + [PALETTE(0)] * (len(rows) - 1))
     ax.axhline(values[0], color="black", linestyle="--", linewidth=1, label=f"baseline: {names[0]}")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(rows)), names, rotation=25, ha="right", fontsize=8)

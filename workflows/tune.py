@@ -12,7 +12,10 @@ Ray Train's ``TuneReportCallback``. Thresholds are applied to the stored candida
 trial preprocesses anything. An interrupted experiment resumes with ``resume`` without re-running
 finished trials, and only with the trials it started with (``trials.json``: a changed grid file,
 base or dataset is refused rather than mixed into one table). The result is the grid's table
-shaped like the paper's (``<grid>.md`` and ``<grid>.csv`` in the experiment folder).
+shaped like the paper's (``<grid>.md`` and ``<grid>.csv`` in the experiment folder). With
+``seeds`` N > 1 every setting is trained N times, at the recipe's seed and the N - 1 after it
+(trials ``<name>_seed=S``), and the table gives each metric's mean and standard deviation over
+the seeds that finished (the CSV: ``std <metric>`` columns and ``seeds``).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import csv
 import io
 import itertools
 import json
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -204,7 +208,9 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
     config = replace(config, data=base.data, base=base)   # recorded so: --resume may run from elsewhere
     folder = experiment_dir(config)
     trials = grid.trials()
-    trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder)) for t in trials]
+    _check_seed_axes(grid, config.seeds)
+    repeats = [(t, k if config.seeds > 1 else None) for t in trials for k in range(config.seeds)]
+    trial_stages = [absolute_inputs(_trial_stage(base, grid, t, folder, k)) for t, k in repeats]
     card, skipped = _check_dataset(trial_stages, grid.metrics)
     stages = [to_dict(with_card_fusion(s, card)) for s in trial_stages]   # each trial as its run resolves it
     resources = {"cpu": max(config.cpus_per_trial, 0.1), "gpu": config.gpus_per_trial}
@@ -227,14 +233,14 @@ def run_tune(config: TuneStageConfig, quiet: bool = False) -> list[dict[str, Any
             trainable, param_space={"stage": tune.grid_search(stages)},
             tune_config=tune.TuneConfig(max_concurrent_trials=config.max_concurrent),
             run_config=tune.RunConfig(name=grid.name, storage_path=str(folder.parent), verbose=0,
-                                      callbacks=[TrialProgress(len(trials), quiet)]))
+                                      callbacks=[TrialProgress(len(stages), quiet)]))
     results = tuner.fit()
-    rows = []
+    runs = []   # (the index of its stage, its metrics, its error) of every trial run
     for result in results:
         stage = result.config["stage"] if result.config else None
-        trial = next(t for t, s in zip(trials, stages) if s == stage) if stage in stages else {}
-        rows.append({"trial": trial, "metrics": dict(result.metrics or {}), "error": str(result.error or "")})
-    rows.sort(key=lambda r: trials.index(r["trial"]) if r["trial"] in trials else len(trials))
+        runs.append((stages.index(stage) if stage in stages else None, dict(result.metrics or {}),
+                     str(result.error or "")))
+    rows = setting_rows(grid, trials, config.seeds, runs)
     atomic_write_text(folder / f"{grid.name}.md", grid_markdown(grid, rows))
     atomic_write_text(folder / f"{grid.name}.csv", grid_csv(grid, rows))
     atomic_write_text(folder / "config.yaml", dump(config))
@@ -295,10 +301,57 @@ def _check_dataset(stages: list[TrainStageConfig], metrics: list[str]
     return card, skipped
 
 
-def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path) -> TrainStageConfig:
+def _trial_stage(base: TrainStageConfig, grid: Grid, trial: dict[str, Any], folder: Path,
+                 repeat: int | None = None) -> TrainStageConfig:
+    """A trial's training stage; its ``repeat``-th seed after the recipe's, where settings are
+    trained with several (named so)."""
     stage = trial_config(base, grid, trial)
-    return from_dict(TrainStageConfig, {**to_dict(stage), "out": str(folder / "trials"),
-                                        "name": trial_name(grid, trial), "evaluate": True, "resume": True})
+    settings = {**to_dict(stage), "out": str(folder / "trials"), "name": trial_name(grid, trial), "evaluate": True,
+                "resume": True}
+    if repeat is not None:
+        key, recipe = stage.recipe
+        node = settings
+        for part in key.split("."):
+            node = node[part]
+        node["seed"] = recipe.seed + repeat
+        settings["name"] += f"_seed={node['seed']}"
+    return from_dict(TrainStageConfig, settings)
+
+
+def _check_seed_axes(grid: Grid, seeds: int) -> None:
+    """Several seeds per setting, and a grid that varies the seed itself, would train some runs twice."""
+    varied = [key for key in grid.axes if key.endswith("train.seed")]
+    if seeds > 1 and varied:
+        raise ConfigError(f"the grid {grid.name} varies {varied[0]} and seeds={seeds} gives each setting its own "
+                          "seeds: use one or the other")
+
+
+def setting_rows(grid: Grid, trials: list[dict[str, Any]], seeds: int,
+                 runs: list[tuple[int | None, dict[str, Any], str]]) -> list[dict[str, Any]]:
+    """One row per setting of the grid, in the grid's order, from its trials' runs (stage index
+    ``setting * seeds + repeat``, metrics, error): the run's metrics and error where each setting
+    has one seed; with several, each table metric's mean (``metrics``) and sample standard
+    deviation (``std``) over the seeds that finished, their number (``seeds``) and the errors."""
+    by_setting: dict[int, list[tuple[dict[str, Any], str]]] = {k: [] for k in range(len(trials))}
+    strays = []   # a result Tune gives for no stage of the experiment
+    for index, metrics, error in runs:
+        if index is None:
+            strays.append({"trial": {}, "metrics": metrics, "error": error})
+        else:
+            by_setting[index // seeds].append((metrics, error))
+    rows = []
+    for k, trial in enumerate(trials):
+        if seeds == 1:
+            metrics, error = by_setting[k][0] if by_setting[k] else ({}, "")
+            rows.append({"trial": trial, "metrics": metrics, "error": error})
+            continue
+        done = [metrics for metrics, error in by_setting[k] if not error]
+        errors = "; ".join(error for _, error in by_setting[k] if error)
+        values = {m: [run[m] for run in done if isinstance(run.get(m), (int, float))] for m in grid.metrics}
+        rows.append({"trial": trial, "metrics": {m: statistics.mean(v) for m, v in values.items() if v},
+                     "std": {m: statistics.stdev(v) if len(v) > 1 else float("nan") for m, v in values.items() if v},
+                     "seeds": len(done), "error": errors})
+    return rows + strays
 
 
 def unreported_metrics(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
@@ -308,19 +361,32 @@ def unreported_metrics(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
     return [m for m in grid.metrics if m not in reported] if reported else []
 
 
+def _with_std(row: dict[str, Any], metric: str) -> Any:
+    """A table cell: the metric, as mean +- std where the row has several seeds."""
+    mean = row["metrics"].get(metric, float("nan"))
+    std = row.get("std", {}).get(metric)
+    return mean if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
 def grid_markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
-    headers = [*(k.split(".")[-1] for k in grid.axes), *grid.metrics]
+    seeded = any("seeds" in r for r in rows)
+    headers = [*(k.split(".")[-1] for k in grid.axes), *grid.metrics, *(["seeds"] if seeded else [])]
     body = [[*(grid.label(k, r["trial"].get(k)) for k in grid.axes if k in r["trial"]),
-             *(r["metrics"].get(m, float("nan")) for m in grid.metrics)] for r in rows]
+             *(_with_std(r, m) for m in grid.metrics), *([r.get("seeds", 0)] if seeded else [])] for r in rows]
     note = f"\n{grid.note}\n" if grid.note else ""
+    if seeded:
+        note += "\nEach cell: mean ± standard deviation over the seeds that finished (column seeds).\n"
     return f"## {grid.title}\n{note}\n{markdown_table(headers, body)}\n"
 
 
 def grid_csv(grid: Grid, rows: list[dict[str, Any]]) -> str:
+    seeded = any("seeds" in r for r in rows)
+    spread = [f"std {m}" for m in grid.metrics] + ["seeds"] if seeded else []
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([*grid.axes, *grid.metrics, "error"])
+    writer.writerow([*grid.axes, *grid.metrics, *spread, "error"])
     for r in rows:
+        std = [r.get("std", {}).get(m, "") for m in grid.metrics] + [r.get("seeds", 0)] if seeded else []
         writer.writerow([*(grid.label(k, r["trial"].get(k)) for k in grid.axes),
-                         *(r["metrics"].get(m, "") for m in grid.metrics), r["error"]])
+                         *(r["metrics"].get(m, "") for m in grid.metrics), *std, r["error"]])
     return buffer.getvalue()

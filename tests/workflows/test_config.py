@@ -85,6 +85,7 @@ def test_bad_settings_are_named(override, message):
     (TrainStageConfig, "name=''", r"name must be a folder name \(a folder inside --out\), got ''$"),
     (PreprocessConfig, "videos_per_shard=0", r"videos_per_shard must be >= 1, got 0$"),
     (TuneStageConfig, "cpus_per_trial=0", r"cpus_per_trial must be > 0, got 0\.0$"),
+    (TuneStageConfig, "seeds=0", r"seeds must be >= 1, got 0$"),
     (EvaluateConfig, "tiou=[0.5, 1.5]", r"tiou must be in \(0, 1\], got \(0\.5, 1\.5\)$"),
     (EvaluateConfig, "tiou=[]", r"tiou must give one or more thresholds"),
     (EvaluateConfig, "protocol=thumos", r"protocol must be one of \['thumos14', 'activitynet'\], got 'thumos'$"),

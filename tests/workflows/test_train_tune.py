@@ -709,10 +709,44 @@ def test_an_interrupted_grid_resumes_and_runs_only_the_missing_trials(prepared, 
     assert "num_samples" in table and table.count("\n|") >= 4
 
 
+def test_a_grid_with_several_seeds_gives_each_setting_its_mean_and_spread(prepared, tmp_path):
+    """seeds=2: each setting trains at the recipe's seed and the next, in trials of their own, and
+    its table cell is the mean and sample standard deviation of its two runs' own test mAP; a grid
+    that varies the seed itself is refused."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("name: seeded\ngrid:\n  model.num_samples: [1, 4]\nmetrics: [fused/mAP@0.5]\n")
+    config = from_dict(TuneStageConfig, {"grid": str(grid), "data": str(prepared), "out": str(tmp_path), "seeds": 2,
+                                         "base": {"num_workers": 1, "streams": ["flow"], "stream_lr": {},
+                                                  "train": {**FAST, "epochs": 1}}})
+    run_tune(config, quiet=True)
+    folder = tmp_path / "seeded"
+    with open(folder / "seeded.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model.num_samples"] for r in rows] == ["1", "4"] and [r["seeds"] for r in rows] == ["2", "2"]
+    first = config.base.train.seed
+    for row in rows:
+        runs = [folder / "trials" / f"num_samples={row['model.num_samples']}_seed={seed}" for seed in (first, first + 1)]
+        assert [yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] for run in runs] == [first, first + 1]
+        found = [json.loads((run / "metrics.json").read_text())["metrics"]["fused/mAP@0.5"] for run in runs]
+        assert found[0] != found[1]   # the seed reached the run
+        assert float(row["fused/mAP@0.5"]) == pytest.approx((found[0] + found[1]) / 2, abs=1e-9)
+        assert float(row["std fused/mAP@0.5"]) == pytest.approx(abs(found[0] - found[1]) / 2 ** 0.5, abs=1e-9)
+    assert "± " in (folder / "seeded.md").read_text()
+    grid.write_text("name: reseeded\ngrid:\n  train.seed: [0, 1]\n")
+    with pytest.raises(ConfigError, match=r"varies train\.seed and seeds=2"):
+        run_tune(dataclasses.replace(config, grid=str(grid)), quiet=True)
+
+
 def png_size(path: Path) -> tuple[int, int]:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def bars_of(fig):
+    from matplotlib.container import BarContainer
+
+    return next(c for c in fig.axes[0].containers if isinstance(c, BarContainer))
 
 
 def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
@@ -748,7 +782,14 @@ def test_report_renders_every_figure_and_links_it(prepared, runs, tmp_path):
     assert len(fig.axes[0].lines) == 2
     plt.close(fig)
     fig = report.plot_ablation(tmp_path / "tune" / "edges.csv")
-    assert len(fig.axes[0].patches) == 2
+    assert len(fig.axes[0].patches) == 2 and bars_of(fig).errorbar is None
+    plt.close(fig)
+    seeded = [{**r, "std": {"fused/mAP@0.5": 0.5}, "seeds": 3} for r in rows]   # a grid run with seeds=3
+    (tmp_path / "seeded.csv").write_text(grid_csv(grid, seeded))
+    fig = report.plot_ablation(tmp_path / "seeded.csv")
+    assert [p.get_height() for p in fig.axes[0].patches] == [12.5, 10.0]   # the means, not the spread
+    (_, low), (_, high) = bars_of(fig).errorbar.lines[2][0].get_segments()[0]
+    assert (low, high) == pytest.approx((12.0, 13.0))   # the first bar's error bar: mean +- std
     plt.close(fig)
     videos = read_videos(prepared, "test")
     truth = videos[0].as_video(load_card(prepared / "card.yaml").classes)
