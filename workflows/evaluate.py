@@ -262,8 +262,8 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
             check_split(dataset.folder, manifest, "test")
         if video_scores is not None:
             left = {entry["video"] for entry in skipped.get(dataset.name, [])}
-            _check_video_scores(video_scores, card, [v for v in _test_videos(card, data_root, manifest) if v not in left],
-                                dataset.name)
+            tests = source.videos if dataset.card else _prepared_test_videos(manifest)
+            _check_video_scores(video_scores, card, [v for v in tests if v not in left], dataset.name)
     direct = [d.name for d in datasets if d.card]
     if direct and two_stage:
         raise ValueError(f"{two_stage[0]} is not a D-SSAD checkpoint (dssad.pt): a two-stage head scores the units of "
@@ -272,11 +272,9 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
     return skipped
 
 
-def _test_videos(card: DatasetCard, data_root: str | None, manifest: dict[str, Any] | None) -> list[str]:
-    """The ids of the test videos a dataset's evaluation scores."""
-    if manifest is not None:
-        return [v for shard in manifest["shards"] if shard["role"] == "test" for v in shard["videos"]]
-    return list(DatasetSource(card, data_root, "test").videos)
+def _prepared_test_videos(manifest: dict[str, Any]) -> list[str]:
+    """The ids of a preprocessed dataset's test videos, as its shards list them."""
+    return [v for shard in manifest["shards"] if shard["role"] == "test" for v in shard["videos"]]
 
 
 def _check_video_scores(path: str, card: DatasetCard, videos: list[str], dataset: str) -> None:

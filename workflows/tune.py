@@ -365,7 +365,9 @@ def _with_std(row: dict[str, Any], metric: str) -> Any:
     """A table cell: the metric, as mean +- std where the row has several seeds."""
     mean = row["metrics"].get(metric, float("nan"))
     std = row.get("std", {}).get(metric)
-    return mean if std is None else f"{mean:.2f} ± {std:.2f}"
+    if std is None:
+        return mean
+    return f"{mean:.2f} ± " + ("-" if std != std else f"{std:.2f}")   # NaN: one seed finished
 
 
 def grid_markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
