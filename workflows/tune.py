@@ -330,8 +330,9 @@ def setting_rows(grid: Grid, trials: list[dict[str, Any]], seeds: int,
                  runs: list[tuple[int | None, dict[str, Any], str]]) -> list[dict[str, Any]]:
     """One row per setting of the grid, in the grid's order, from its trials' runs (stage index
     ``setting * seeds + repeat``, metrics, error): the run's metrics and error where each setting
-    has one seed; with several, each table metric's mean (``metrics``) and sample standard
-    deviation (``std``) over the seeds that finished, their number (``seeds``) and the errors."""
+    has one seed; with several, each numeric metric's mean (``metrics``) and sample standard
+    deviation (``std``) over the seeds that finished and reported it, their number (``seeds``)
+    and the errors."""
     by_setting: dict[int, list[tuple[dict[str, Any], str]]] = {k: [] for k in range(len(trials))}
     strays = []   # a result Tune gives for no stage of the experiment
     for index, metrics, error in runs:
@@ -347,7 +348,9 @@ def setting_rows(grid: Grid, trials: list[dict[str, Any]], seeds: int,
             continue
         done = [metrics for metrics, error in by_setting[k] if not error]
         errors = "; ".join(error for _, error in by_setting[k] if error)
-        values = {m: [run[m] for run in done if isinstance(run.get(m), (int, float))] for m in grid.metrics}
+        numeric = sorted({m for run in done for m, v in run.items() if isinstance(v, (int, float))
+                          and not isinstance(v, bool)})
+        values = {m: [run[m] for run in done if m in run] for m in numeric}
         rows.append({"trial": trial, "metrics": {m: statistics.mean(v) for m, v in values.items() if v},
                      "std": {m: statistics.stdev(v) if len(v) > 1 else float("nan") for m, v in values.items() if v},
                      "seeds": len(done), "error": errors})

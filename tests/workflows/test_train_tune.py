@@ -715,15 +715,14 @@ def test_a_grid_with_several_seeds_gives_each_setting_its_mean_and_spread(prepar
     that varies the seed itself is refused."""
     grid = tmp_path / "grid.yaml"
     grid.write_text("name: seeded\ngrid:\n  model.num_samples: [1, 4]\nmetrics: [fused/mAP@0.5]\n")
-    config = from_dict(TuneStageConfig, {"grid": str(grid), "data": str(prepared), "out": str(tmp_path), "seeds": 2,
-                                         "base": {"num_workers": 1, "streams": ["flow"], "stream_lr": {},
-                                                  "train": {**FAST, "epochs": 1}}})
-    run_tune(config, quiet=True)
+    assert cli_main(["tune", str(grid), "--data", str(prepared), "--out", str(tmp_path), "--seeds", "2", "--quiet",
+                     "--set", "base.num_workers=1", "--set", "base.streams=[flow]", "--set", "base.stream_lr={}",
+                     "--set", f"base.train={json.dumps({**FAST, 'epochs': 1})}"]) == 0
     folder = tmp_path / "seeded"
     with open(folder / "seeded.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["model.num_samples"] for r in rows] == ["1", "4"] and [r["seeds"] for r in rows] == ["2", "2"]
-    first = config.base.train.seed
+    first = TrainStageConfig().train.seed
     for row in rows:
         runs = [folder / "trials" / f"num_samples={row['model.num_samples']}_seed={seed}" for seed in (first, first + 1)]
         assert [yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] for run in runs] == [first, first + 1]
@@ -734,7 +733,7 @@ def test_a_grid_with_several_seeds_gives_each_setting_its_mean_and_spread(prepar
     assert "± " in (folder / "seeded.md").read_text()
     grid.write_text("name: reseeded\ngrid:\n  train.seed: [0, 1]\n")
     with pytest.raises(ConfigError, match=r"varies train\.seed and seeds=2"):
-        run_tune(dataclasses.replace(config, grid=str(grid)), quiet=True)
+        run_tune(TuneStageConfig(grid=str(grid), data=str(prepared), out=str(tmp_path), seeds=2), quiet=True)
 
 
 def png_size(path: Path) -> tuple[int, int]:

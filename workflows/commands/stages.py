@@ -122,6 +122,9 @@ def add_tune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", default=None,
                    help="finish an interrupted experiment with the settings it started with (its config.yaml; "
                         "nothing needs repeating but the grid and --out)")
+    p.add_argument("--seeds", type=at_least(int, 1),
+                   help="train every setting with this many seeds (the recipe's and those after it): the table "
+                        "gives each metric's mean ± standard deviation (default: 1)")
     add_stage_options(p, "base.train.epochs=10")
 
 
@@ -131,7 +134,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
     direct = {k: v for k, v in (("card", args.card), ("data_root", args.data_root)) if v is not None}
     config = stage_config(TuneStageConfig, args, experiment_dir, grid=args.grid, data=args.data, out=args.out,
-                          resume=args.resume, base=direct or None)
+                          resume=args.resume, seeds=args.seeds, base=direct or None)
     with ray_session_of(args):
         rows = run_tune(config, args.quiet)
     grid = load_grid(config.grid)
