@@ -6,7 +6,7 @@ its own class's candidates only. Scores are visited in descending order, ties in
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -246,9 +246,13 @@ class VideoLabels:
     def __post_init__(self) -> None:
         check_ranges(self, top=">= 1")
 
-    def lacking(self, video_ids: Iterable[str]) -> list[str]:
-        """Those of ``video_ids`` the scores do not cover."""
-        return [v for v in video_ids if video_key(v) not in self.scores]
+    def check_covers(self, video_ids: Sequence[str], source: str, which: str) -> None:
+        """Refuse scores (from ``source``) that lack one of ``video_ids`` (``which`` videos), naming
+        how many and the first, before any is decoded."""
+        lacking = [v for v in video_ids if video_key(v) not in self.scores]
+        if lacking:
+            raise ValueError(f"{source} has no class scores of {len(lacking)} of the {len(video_ids)} {which}, e.g. "
+                             f"{lacking[0]}: video labels need every video's")
 
     def of(self, video_id: str) -> tuple[Tensor, Tensor]:
         """The video's :func:`top_video_classes`; a video the scores lack is an error naming it."""

@@ -263,7 +263,8 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
         if video_scores is not None:
             left = {entry["video"] for entry in skipped.get(dataset.name, [])}
             tests = source.videos if dataset.card else _prepared_test_videos(manifest)
-            _check_video_scores(video_scores, card, [v for v in tests if v not in left], dataset.name)
+            VideoLabels(read_video_scores(video_scores, card.classes, card)).check_covers(
+                [v for v in tests if v not in left], video_scores, f"test videos of {dataset.name}")
     direct = [d.name for d in datasets if d.card]
     if direct and two_stage:
         raise ValueError(f"{two_stage[0]} is not a D-SSAD checkpoint (dssad.pt): a two-stage head scores the units of "
@@ -275,14 +276,6 @@ def _check_inputs(checkpoints: tuple[str, ...], datasets: list[EvalDataset], ski
 def _prepared_test_videos(manifest: dict[str, Any]) -> list[str]:
     """The ids of a preprocessed dataset's test videos, as its shards list them."""
     return [v for shard in manifest["shards"] if shard["role"] == "test" for v in shard["videos"]]
-
-
-def _check_video_scores(path: str, card: DatasetCard, videos: list[str], dataset: str) -> None:
-    """External video scores readable by the dataset's classes, with a row for each test video."""
-    lacking = VideoLabels(read_video_scores(path, card.classes, card)).lacking(videos)
-    if lacking:
-        raise ValueError(f"{path} has no class scores of {len(lacking)} of the {len(videos)} test videos of "
-                         f"{dataset}, e.g. {lacking[0]}: video labels need every video's")
 
 
 def summary_markdown(rows: list[dict[str, Any]], config: EvaluateConfig) -> str:

@@ -319,10 +319,7 @@ def video_labels_of(args: argparse.Namespace, classes: Sequence[str], videos: li
         raise ValueError(f"card {card.name}'s classes are not the checkpoint's ({card.num_classes} vs {len(classes)} "
                          "or in another order): give the card of the dataset the checkpoint was trained on")
     labels = VideoLabels(read_video_scores(args.video_scores, classes, card), args.video_top)
-    lacking = labels.lacking(videos)
-    if lacking:
-        raise ValueError(f"{args.video_scores} has no class scores of {len(lacking)} of the {len(videos)} videos to "
-                         f"detect, e.g. {lacking[0]}: video labels need every video's")
+    labels.check_covers(videos, str(args.video_scores), "videos to detect")
     return labels
 
 
